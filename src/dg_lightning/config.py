@@ -1,0 +1,56 @@
+"""Config checks that run before any compute: each error names the key and the fix."""
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+SOLVERS = ("heun", "euler")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: which key, what is wrong, how to fix it."""
+
+    def __init__(self, key, problem, fix):
+        super().__init__(f"config key '{key}': {problem}. Fix: {fix}")
+        self.key = key
+
+
+def _require(condition, key, problem, fix):
+    if not condition:
+        raise ConfigError(key, problem, fix)
+
+
+def validate(cfg: DictConfig):
+    """Check the guidance window and weights, the sampler, the data sizes and every configured input path."""
+    missing = sorted(k for k in ("experiment_name", "pipeline") if OmegaConf.is_missing(cfg, k))
+    _require(not missing, missing[0] if missing else "", "is not set", "choose an experiment, e.g. experiment=toy2d")
+    dg = cfg.guidance.dg
+    _require(0.0 <= dg.t_min < dg.t_max <= 1.0, "guidance.dg.t_min",
+             f"the DG window needs 0 <= t_min < t_max <= 1 in VP time, got t_min={dg.t_min}, t_max={dg.t_max}",
+             "set guidance.dg.t_min below guidance.dg.t_max (defaults 0.01 and 1.0)")
+    for key in ("weight", "weight_2nd"):
+        _require(dg[key] >= 0, f"guidance.dg.{key}", f"must be >= 0, got {dg[key]}", "use 0 to switch DG off, 1-2 to guide")
+    _require(dg.clip is None or 0.0 < dg.clip < 0.5, "guidance.dg.clip", f"must be null or in (0, 0.5), got {dg.clip}",
+             "use null (log ratio = logit) or 1e-5 (the authors' clipping)")
+    s = cfg.sampler
+    _require(s.solver in SOLVERS, "sampler.solver", f"unknown solver {s.solver!r}", f"use one of {SOLVERS}")
+    _require(s.num_steps >= 1, "sampler.num_steps", f"must be >= 1, got {s.num_steps}", "EDM uses 18 (NFE 35)")
+    _require(0 < s.sigma_min < s.sigma_max, "sampler.sigma_min", f"needs 0 < sigma_min < sigma_max, got {s.sigma_min}, {s.sigma_max}",
+             "EDM uses sigma_min=0.002, sigma_max=80")
+    _require(cfg.data.batch_size >= 2 and cfg.data.batch_size % 2 == 0, "data.batch_size",
+             f"must be even and >= 2 (half real, half fake), got {cfg.data.batch_size}", "e.g. data.batch_size=128")
+    _require(0.0 < cfg.data.t_min < 1.0, "data.t_min", f"training times live on [t_min, 1], got t_min={cfg.data.t_min}",
+             "the paper uses 1e-5")
+    for key, value in _paths(cfg.data, "data"):
+        _require(Path(value).exists(), key, f"the data source {value} does not exist",
+                 "point it at the real data (an .npz, an image folder, or a shard folder)")
+
+
+def _paths(node, prefix):
+    """(key, value) of every config entry named *path or *_dir under node (the inputs a stage will read)."""
+    for key, value in node.items():
+        full = f"{prefix}.{key}"
+        if isinstance(value, DictConfig):
+            yield from _paths(value, full)
+        elif isinstance(key, str) and (key.endswith("path") or key.endswith("_dir")) and value is not None:
+            yield full, value

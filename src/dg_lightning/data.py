@@ -1,0 +1,113 @@
+"""Real and fake sources, and the RealFakeDataModule that diffuses both on the fly (SPEC §3).
+
+A source holds clean samples x0 (float vectors, or uint8 NHWC images mapped to [-1, 1] NCHW) and
+optional int64 class labels. The data module pairs real and fake samples into balanced batches and,
+after the batch reaches the device, draws a new VP time t and new noise z for every sample:
+x_t = alpha(t) x0 + sigma_vp(t) z. Nothing diffused is cached: every draw is fresh (augmentation).
+"""
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dg_lightning.sde import LinearVP
+
+
+class ArraySource(Dataset):
+    """Clean samples x0 with optional class labels; uint8 NHWC images become float NCHW in [-1, 1]."""
+
+    def __init__(self, samples, labels=None, name="source"):
+        if len(samples) == 0:
+            raise ValueError(f"{name} is empty: it needs at least one sample")
+        if labels is not None and len(labels) != len(samples):
+            raise ValueError(f"{name} has {len(samples)} samples but {len(labels)} labels")
+        self.samples, self.name = samples, name
+        self.labels = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        self.is_image = isinstance(samples, np.ndarray) and samples.dtype == np.uint8
+
+    def __len__(self):
+        return len(self.samples)
+
+    def fetch(self, indices):
+        """(x0, labels or None) for a batch of sample indices: float32, images as NCHW in [-1, 1]."""
+        x = self.samples[np.asarray(indices)]
+        if self.is_image:
+            x0 = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        else:
+            x0 = torch.as_tensor(x, dtype=torch.float32)
+        return x0, (self.labels[indices] if self.labels is not None else None)
+
+    def __getitem__(self, i):
+        """(x0, label or None) for sample i."""
+        x0, labels = self.fetch([i])
+        return x0[0], (labels[0] if labels is not None else None)
+
+
+class RealFakePairs(Dataset):
+    """Item i pairs real[i mod n_real] with fake[perm(i) mod n_fake]; length max(n_real, n_fake).
+
+    A batch of indices is fetched at once (DataLoader's __getitems__) into one dict: the real half first
+    (is_real = True), then the fake half, with class_labels when both sources have them.
+    """
+
+    def __init__(self, real: ArraySource, fake: ArraySource, seed=0):
+        self.real, self.fake = real, fake
+        self.fake_order = torch.randperm(max(len(real), len(fake)), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.fake_order)
+
+    def __getitems__(self, indices):
+        indices = torch.as_tensor(indices)
+        x_real, y_real = self.real.fetch(indices % len(self.real))
+        x_fake, y_fake = self.fake.fetch(self.fake_order[indices] % len(self.fake))
+        batch = {"x0": torch.cat([x_real, x_fake]), "is_real": torch.arange(2 * len(indices)) < len(indices)}
+        if y_real is not None and y_fake is not None:
+            batch["class_labels"] = torch.cat([y_real, y_fake])
+        return batch
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])
+
+
+def keep_batch(batch):
+    """The collate function for batches that __getitems__ already built."""
+    return batch
+
+
+class RealFakeDataModule(L.LightningDataModule):
+    """Balanced real/fake batches (batch_size/2 each), diffused on the fly with importance-sampled (or uniform) t."""
+
+    def __init__(self, real: ArraySource, fake: ArraySource, batch_size=128, t_min=1e-5, importance=True,
+                 vp: LinearVP = LinearVP(), num_workers=0, seed=0, conditional=False):
+        super().__init__()
+        if batch_size < 2 or batch_size % 2:
+            raise ValueError(f"data.batch_size must be an even number >= 2 (half real, half fake), got {batch_size}")
+        if conditional and (real.labels is None or fake.labels is None):
+            missing = [s.name for s in (real, fake) if s.labels is None]
+            raise ValueError(f"a conditional discriminator needs class labels, but {missing} has none")
+        self.real, self.fake = real, fake
+        self.batch_size, self.t_min, self.importance, self.vp = batch_size, t_min, importance, vp
+        self.num_workers, self.seed, self.conditional = num_workers, seed, conditional
+
+    def train_dataloader(self):
+        return DataLoader(
+            RealFakePairs(self.real, self.fake, self.seed),
+            batch_size=self.batch_size // 2, shuffle=True, drop_last=True, collate_fn=keep_batch,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def diffuse(self, batch):
+        """Add a fresh VP time t and x_t = alpha(t) x0 + sigma_vp(t) z to a batch of clean samples."""
+        x0 = batch["x0"]
+        t = self.vp.sample_time(x0.shape[0], self.t_min, self.importance, device=x0.device)
+        batch["t"] = t
+        batch["x_t"] = self.vp.diffuse(x0, t, torch.randn_like(x0))
+        if not self.conditional:
+            batch.pop("class_labels", None)
+        return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        """Diffuse on the device, after the transfer (cheap on a GPU, no CPU worker needed)."""
+        return self.diffuse(batch)

@@ -1,0 +1,343 @@
+"""Sharded, resumable sample generation: sample i has seed (base_seed, i) (DESIGN.md, Principles).
+
+A run folder holds `manifest.json`, written before anything else, and shards `shard-000000.npz`, ...
+Shard k holds samples [k * shard_size, (k + 1) * shard_size) (the last one may be shorter) with keys
+- `samples`: uint8 NHWC images quantised as clip(x * 127.5 + 128, 0, 255) (EDM's and the DG authors'
+  convention), or float32 arrays stored as returned (toy 2-D points, latents);
+- `indices`: int64 sample indices;
+- `labels`: int64 class labels, only when the run is conditional.
+Each file is written to a temp file in the same folder, fsynced, then renamed, so a killed run leaves
+only complete shards; rerunning the same call makes the missing ones, whatever the batch size or the
+number of ranks.
+"""
+
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "dg-lightning-shards-v1"
+DTYPES = ("uint8", "float32")
+
+
+class ShardError(ValueError):
+    """A shard file that is not what the run's manifest promises."""
+
+
+def sample_seed(base_seed, index):
+    """The 64-bit seed of sample `index` in run `base_seed`: a hash of the pair, so runs with different base seeds share no sample."""
+    if base_seed < 0 or index < 0:
+        raise ValueError(f"sample_seed needs base_seed >= 0 and index >= 0, got ({base_seed}, {index})")
+    return int(np.random.SeedSequence((base_seed, index)).generate_state(1, np.uint64)[0])
+
+
+class SampleNoise:
+    """Per-sample random streams (like EDM's StackedRandomGenerator): row b of every draw comes from sample b's own CPU generator.
+
+    A sample's draws therefore depend only on its seed and on the order of the draws, not on the batch it
+    is in; generators live on the CPU so the numbers are the same on any device.
+    """
+
+    def __init__(self, seeds, device="cpu"):
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.device = torch.device(device)
+
+    def randn(self, size, dtype=torch.float32, device=None):
+        """N(0, I) noise of `size`, where size[0] is the number of samples."""
+        return self._stack(lambda g: torch.randn(size[1:], generator=g, dtype=dtype), size, device)
+
+    def randn_like(self, x):
+        """N(0, I) noise with the shape, dtype and device of x."""
+        return self.randn(x.shape, dtype=x.dtype, device=x.device)
+
+    def randint(self, high, size=()):
+        """int64 integers uniform in [0, high) of shape (number of samples, *size)."""
+        return self._stack(lambda g: torch.randint(high, size, generator=g), (len(self.generators), *size), None)
+
+    def _stack(self, draw, size, device):
+        """Stack one draw per generator into a batch of `size` on `device` (default: the source's device)."""
+        if len(size) == 0 or size[0] != len(self.generators):
+            raise ValueError(
+                f"SampleNoise holds {len(self.generators)} samples but was asked for size {tuple(size)}; "
+                f"the first dimension must be the number of samples"
+            )
+        return torch.stack([draw(g) for g in self.generators]).to(device or self.device)
+
+
+def shard_name(k):
+    """The file name of shard k."""
+    return f"shard-{k:06d}.npz"
+
+
+def generate(
+    sample_fn,
+    out_dir,
+    num_samples,
+    shape,
+    *,
+    base_seed=0,
+    batch_size=64,
+    shard_size=1000,
+    num_classes=None,
+    out_shape=None,
+    dtype="uint8",
+    fingerprint=None,
+    device="cpu",
+    rank=0,
+    world_size=1,
+    progress=True,
+):
+    """Write this rank's missing shards (k % world_size == rank) of the run in `out_dir`.
+
+    For each batch of indices, latents N(0, I) of (B, *shape) are drawn from the samples' own generators,
+    then the labels (uniform in [0, num_classes), when given), and
+    `sample_fn(latents, labels or None, noise)` returns (B, *out_shape) floats (out_shape defaults to
+    shape), in [-1, 1] NCHW for dtype "uint8". The sampler takes any later noise from `noise`
+    (a SampleNoise) so that sample i is the same for any batch size, rank count or resume. Gradients
+    stay enabled (guidance needs them). `fingerprint` (e.g. a hash of the config) goes into the
+    manifest: a folder made by different settings raises instead of mixing runs. Finished shards are
+    checked and kept; a damaged one is made again.
+    """
+    out_dir = Path(out_dir)
+    out_shape = tuple(int(s) for s in (shape if out_shape is None else out_shape))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"generate needs 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if min(num_samples, batch_size, shard_size) < 1:
+        raise ValueError(
+            f"generate needs num_samples, batch_size and shard_size >= 1, "
+            f"got {num_samples}, {batch_size}, {shard_size}"
+        )
+    if base_seed < 0:
+        raise ValueError(f"generate: base_seed must be >= 0, got {base_seed}")
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"generate: num_classes must be None (unconditional) or >= 1, got {num_classes}")
+    if dtype not in DTYPES:
+        raise ValueError(f"generate: dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype == "uint8" and len(out_shape) != 3:
+        raise ValueError(f"generate: dtype 'uint8' stores images, so out_shape must be (C, H, W), got {out_shape}")
+    sample_shape = (*out_shape[1:], out_shape[0]) if dtype == "uint8" else out_shape
+    manifest = {
+        "format": FORMAT,
+        "num_samples": num_samples,
+        "shape": [int(s) for s in shape],
+        "sample_shape": list(sample_shape),
+        "shard_size": shard_size,
+        "base_seed": base_seed,
+        "num_classes": num_classes,
+        "dtype": dtype,
+        "fingerprint": fingerprint,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _claim(out_dir, manifest)
+
+    mine = range(rank, _num_shards(manifest), world_size)
+    _remove_stale_temps(out_dir, {shard_name(k) for k in mine})
+    todo = [k for k in mine if not _is_finished(out_dir / shard_name(k), manifest, k)]
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress) as bar:
+        total = sum(len(_shard_indices(manifest, k)) for k in mine)
+        done = total - sum(len(_shard_indices(manifest, k)) for k in todo)
+        task = bar.add_task(f"generate {out_dir.name} [rank {rank}/{world_size}]", total=total, completed=done)
+        for k in todo:
+            arrays = _make_shard(sample_fn, manifest, out_shape, k, batch_size, device, lambda n: bar.advance(task, n))
+            _write_atomic(out_dir / shard_name(k), lambda f: np.savez(f, **arrays))
+
+
+def load_shards(folder, expect_shape=None, expect_labels=None):
+    """All samples of a finished run in index order: (samples (N, *sample_shape), int64 labels (N,) or None).
+
+    `expect_shape` is the stored per-sample shape ((H, W, C) for images); `expect_labels` True/False
+    requires a conditional/unconditional run. Every shard is checked against the manifest.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder; generate the samples first (dg_lightning.generate.generate)")
+    if not any(folder.iterdir()):
+        raise FileNotFoundError(f"{folder}: the folder is empty; generate the samples first (dg_lightning.generate.generate)")
+    manifest = _read_manifest(folder / MANIFEST)
+    if expect_shape is not None and tuple(expect_shape) != tuple(manifest["sample_shape"]):
+        raise ValueError(
+            f"{folder / MANIFEST}: the samples have per-sample shape {tuple(manifest['sample_shape'])}, "
+            f"expected {tuple(expect_shape)}; point to a run made for this data"
+        )
+    if expect_labels is not None and expect_labels != (manifest["num_classes"] is not None):
+        found = f"conditional ({manifest['num_classes']} classes)" if manifest["num_classes"] else "unconditional (no labels)"
+        raise ValueError(f"{folder / MANIFEST}: the run is {found}, expected {'labels' if expect_labels else 'no labels'}")
+
+    num_shards = _num_shards(manifest)
+    missing = [shard_name(k) for k in range(num_shards) if not (folder / shard_name(k)).is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise FileNotFoundError(
+            f"{folder}: {len(missing)} of {num_shards} shards are missing ({shown}): the generation did not finish. "
+            f"Rerun it with the same settings to resume; finished shards are kept."
+        )
+    samples = np.empty((manifest["num_samples"], *manifest["sample_shape"]), manifest["dtype"])
+    labels = np.empty(manifest["num_samples"], np.int64) if manifest["num_classes"] else None
+    for k in range(num_shards):
+        try:
+            arrays = _read_shard(folder / shard_name(k), manifest, k)
+        except ShardError as e:
+            raise ShardError(f"{e}. Rerun the generation with the same settings to make this shard again.") from e
+        rows = slice(k * manifest["shard_size"], k * manifest["shard_size"] + len(arrays["indices"]))
+        samples[rows] = arrays["samples"]
+        if labels is not None:
+            labels[rows] = arrays["labels"]
+    return samples, labels
+
+
+def _num_shards(manifest):
+    """ceil(num_samples / shard_size)."""
+    return -(-manifest["num_samples"] // manifest["shard_size"])
+
+
+def _shard_indices(manifest, k):
+    """The sample indices of shard k."""
+    size = manifest["shard_size"]
+    return range(k * size, min((k + 1) * size, manifest["num_samples"]))
+
+
+def _read_manifest(path):
+    """The manifest dict at `path`, with a clear error when it is absent or not valid JSON."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no manifest; {path.parent} was not written by dg_lightning.generate.generate "
+            f"(or its run died before starting). Generate into an empty folder."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); delete {path.parent} and generate again") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} manifest; delete {path.parent} and generate again")
+    return manifest
+
+
+def _claim(out_dir, manifest):
+    """Write the manifest if the folder has none, then check that the folder's manifest is this run's."""
+    path = out_dir / MANIFEST
+    if not path.exists():
+        _write_atomic(path, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    found = _read_manifest(path)
+    diffs = [
+        f"{key}: folder has {found.get(key)!r}, this run has {value!r}"
+        for key, value in manifest.items()
+        if found.get(key) != value
+    ]
+    if diffs:
+        raise ValueError(
+            f"{path}: {out_dir} holds another run's samples ({'; '.join(diffs)}). "
+            f"Generate into another folder, or delete {out_dir} to start over."
+        )
+
+
+def _remove_stale_temps(out_dir, names):
+    """Delete temp files that a killed run left for the shards in `names` (this rank's shards)."""
+    for path in out_dir.glob(".shard-*.tmp"):
+        if path.name.split(".")[1] + ".npz" in names:
+            path.unlink(missing_ok=True)
+
+
+def _is_finished(path, manifest, k):
+    """Whether shard k exists and is valid; a damaged shard is logged and counts as not finished."""
+    if not path.exists():
+        return False
+    try:
+        _read_shard(path, manifest, k)
+    except ShardError as e:
+        log.warning("%s; making it again", e)
+        return False
+    return True
+
+
+def _read_shard(path, manifest, k):
+    """The arrays of shard k, checked against the manifest; ShardError naming the file, the problem and the expected form."""
+    indices = _shard_indices(manifest, k)
+    n, classes = len(indices), manifest["num_classes"]
+    expected = (
+        f"expected an .npz with 'samples' {manifest['dtype']} {(n, *manifest['sample_shape'])}, "
+        f"'indices' int64 {indices.start}..{indices.stop - 1}"
+        + (f", 'labels' int64 ({n},) in [0, {classes})" if classes else "")
+    )
+
+    def fail(problem):
+        return ShardError(f"{path}: {problem}; {expected}")
+
+    try:
+        with np.load(path) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise fail(f"unreadable, truncated or corrupt ({type(e).__name__}: {e})") from e
+    keys = {"samples", "indices"} | ({"labels"} if classes else set())
+    if set(arrays) != keys:
+        raise fail(f"has keys {sorted(arrays)}")
+    samples, idx = arrays["samples"], arrays["indices"]
+    if samples.dtype != manifest["dtype"] or samples.shape != (n, *manifest["sample_shape"]):
+        raise fail(f"'samples' is {samples.dtype} {samples.shape}")
+    if idx.dtype != np.int64 or not np.array_equal(idx, np.arange(indices.start, indices.stop)):
+        raise fail(f"'indices' is {idx.dtype} {idx.shape} and not the shard's range")
+    if classes:
+        labels = arrays["labels"]
+        if labels.dtype != np.int64 or labels.shape != (n,) or labels.min() < 0 or labels.max() >= classes:
+            raise fail(f"'labels' is {labels.dtype} {labels.shape} with values out of range or of the wrong form")
+    return arrays
+
+
+def _make_shard(sample_fn, manifest, out_shape, k, batch_size, device, advance):
+    """Run sample_fn over shard k in batches; returns the shard's arrays and calls advance(n) after each batch."""
+    indices = _shard_indices(manifest, k)
+    classes = manifest["num_classes"]
+    samples = np.empty((len(indices), *manifest["sample_shape"]), manifest["dtype"])
+    labels = np.empty(len(indices), np.int64) if classes else None
+    for start in range(0, len(indices), batch_size):
+        batch = indices[start : start + batch_size]
+        rows = slice(start, start + len(batch))
+        noise = SampleNoise([sample_seed(manifest["base_seed"], i) for i in batch], device)
+        latents = noise.randn((len(batch), *manifest["shape"]))
+        class_labels = noise.randint(classes) if classes else None
+        x = sample_fn(latents, class_labels, noise)
+        if not torch.is_tensor(x) or not x.is_floating_point() or tuple(x.shape) != (len(batch), *out_shape):
+            found = f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(
+                f"sample_fn returned {found} for samples {batch.start}..{batch.stop - 1}; "
+                f"expected floats {(len(batch), *out_shape)}"
+            )
+        if not torch.isfinite(x).all():
+            raise ValueError(f"sample_fn returned NaN or inf for samples {batch.start}..{batch.stop - 1}")
+        x = x.detach()
+        if manifest["dtype"] == "uint8":
+            x = (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        samples[rows] = x.cpu().numpy()
+        if classes:
+            labels[rows] = class_labels.cpu().numpy()
+        advance(len(batch))
+    arrays = {"samples": samples, "indices": np.arange(indices.start, indices.stop, dtype=np.int64)}
+    return arrays if labels is None else {**arrays, "labels": labels}
+
+
+def _write_atomic(path, write):
+    """Write a file through a temp file in the same folder, fsync and rename, so no reader sees a partial file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,113 @@
+"""Guidance terms (SPEC §5): gradients of per-sample log densities w.r.t. the sampler's input.
+
+A guidance term has a per-sample log density L(x_vp, tau, y) in VP coordinates:
+- Discriminator Guidance: L = log(d / (1 - d)), the discriminator's log density ratio;
+- classifier guidance: L = log p(y | x_vp, tau).
+It is evaluated in the sampler's own coordinates: EDM's x (x_vp = x / sqrt(1 + sigma^2), tau = tau(sigma))
+or DDPM's x_k (already VP). Autograd through the scaling gives grad_x = grad_{x_vp} / sqrt(1 + sigma^2).
+Only the input is differentiated; the networks are frozen.
+"""
+
+import torch
+
+from dg_lightning.sde import LinearVP
+
+
+def log_ratio_from_logit(logit, clip=None):
+    """log(d / (1 - d)) from the discriminator logit: exactly the logit, or (clip=eps) the authors' sigmoid + clip to [eps, 1 - eps]."""
+    if clip is None:
+        return logit
+    d = torch.sigmoid(logit).clamp(clip, 1.0 - clip)
+    return torch.log(d) - torch.log1p(-d)
+
+
+def value_and_input_grad(log_density, x):
+    """Per-sample values L(x) of shape (B,) and grad_x of sum_b L, without differentiating any parameter."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        value = log_density(x)
+        (grad,) = torch.autograd.grad(value.sum(), x)
+    return value.detach(), grad
+
+
+class GradientGuidance:
+    """A log density in VP coordinates, active per sample on the VP-time window [t_min, t_max]."""
+
+    def __init__(self, t_min=0.0, t_max=1.0, vp: LinearVP = LinearVP()):
+        if not 0.0 <= t_min < t_max:
+            raise ValueError(f"guidance window needs 0 <= t_min < t_max, got t_min={t_min}, t_max={t_max}")
+        self.t_min, self.t_max, self.vp = t_min, t_max, vp
+
+    def log_density(self, x_vp, tau, class_labels):
+        """Per-sample log density L(x_vp, tau, y) of shape (B,)."""
+        raise NotImplementedError
+
+    def in_window(self, tau):
+        """Per-sample mask: is tau inside [t_min, t_max]?"""
+        return (tau >= self.t_min) & (tau <= self.t_max)
+
+    def _masked(self, value, grad, tau):
+        """Zero the gradient and set L = +inf outside the window (so 'L < 0' tests stay false there)."""
+        inside = self.in_window(tau)
+        value = torch.where(inside, value, torch.full_like(value, float("inf")))
+        return value, grad * inside.view((-1,) + (1,) * (grad.ndim - 1)).to(grad.dtype)
+
+    def edm(self, x, sigma, class_labels=None):
+        """(L, grad_x L) at EDM coordinates x with per-sample sigma (B,)."""
+        sigma = sigma.to(torch.float32).expand(x.shape[0])
+        tau = self.vp.tau_from_edm_sigma(sigma)
+        if not self.in_window(tau).any():
+            return torch.full_like(sigma, float("inf")), torch.zeros_like(x)
+        scale = self.vp.edm_to_vp_scale(sigma).view((-1,) + (1,) * (x.ndim - 1))
+        value, grad = value_and_input_grad(lambda x_: self.log_density(x_ * scale, tau, class_labels), x.float())
+        return self._masked(value, grad.to(x.dtype), tau)
+
+    def vp_coordinates(self, x_vp, tau, class_labels=None):
+        """(L, grad L) at VP coordinates x_vp with per-sample VP time tau (B,) (the DDPM samplers)."""
+        tau = tau.to(torch.float32).expand(x_vp.shape[0])
+        if not self.in_window(tau).any():
+            return torch.full_like(tau, float("inf")), torch.zeros_like(x_vp)
+        value, grad = value_and_input_grad(lambda x_: self.log_density(x_, tau, class_labels), x_vp.float())
+        return self._masked(value, grad.to(x_vp.dtype), tau)
+
+
+class DiscriminatorGuidance(GradientGuidance):
+    """Discriminator Guidance: L = log(d / (1 - d)) of a discriminator returning logits (x_vp, tau, y) -> (B,)."""
+
+    def __init__(self, discriminator, t_min=0.01, t_max=1.0, clip=None, vp: LinearVP = LinearVP()):
+        super().__init__(t_min, t_max, vp)
+        self.discriminator = discriminator.eval().requires_grad_(False) if isinstance(discriminator, torch.nn.Module) else discriminator
+        self.clip = clip
+
+    def log_density(self, x_vp, tau, class_labels):
+        """The log density ratio log(d / (1 - d)) = log(p_tau / q_tau) at the optimum."""
+        return log_ratio_from_logit(self.discriminator(x_vp, tau, class_labels).reshape(-1), self.clip)
+
+
+class ClassifierGuidance(GradientGuidance):
+    """Classifier guidance: L = log softmax(classifier(x_vp, tau))[y] for a noise-aware classifier."""
+
+    def __init__(self, classifier, t_min=0.0, t_max=1.0, vp: LinearVP = LinearVP()):
+        super().__init__(t_min, t_max, vp)
+        self.classifier = classifier.eval().requires_grad_(False) if isinstance(classifier, torch.nn.Module) else classifier
+
+    def log_density(self, x_vp, tau, class_labels):
+        """log p(y | x_vp, tau) for the given int64 class labels."""
+        if class_labels is None:
+            raise ValueError("classifier guidance needs class labels; sample with a conditional setting (num_classes > 0)")
+        log_probs = torch.log_softmax(self.classifier(x_vp, tau), dim=-1)
+        return log_probs.gather(1, class_labels.view(-1, 1)).squeeze(1)
+
+
+def shifted_mean(mean, variance, grads_and_weights):
+    """Guided DDPM posterior mean (paper Eq. 6): mu' = mu + Sigma_t * sum_i w_i grad L_i, with Sigma_t the model variance."""
+    shift = sum(weight * grad for grad, weight in grads_and_weights)
+    return mean + variance * shift
+
+
+def classifier_free_eps(eps_cond, eps_uncond, scale, guided_channels=None):
+    """eps_uncond + scale (eps_cond - eps_uncond), on the first `guided_channels` channels only (DiT guides 3 of 4)."""
+    guided = eps_uncond + scale * (eps_cond - eps_uncond)
+    if guided_channels is None:
+        return guided
+    return torch.cat([guided[:, :guided_channels], eps_cond[:, guided_channels:]], dim=1)

@@ -1,0 +1,337 @@
+"""ADM's noise-aware encoder and DG's discriminator built from it (SPEC §4).
+
+`EncoderUNet` reproduces guided-diffusion's `EncoderUNetModel` module by module: the names and shapes
+of its parameters are those of the released state_dicts (OpenAI's classifiers, DG's
+`32x32_classifier.pt` and `discriminator_*.pt`), so they load with `strict=True`.
+Two attention layouts coexist (reference/checkpoints.md §2.2): the attention blocks pack their qkv
+channels as [head][q|k|v][c] (ADM's "legacy" order), the attention pool as [q|k|v][head][c].
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dg_lightning.nets.embedding import timestep_embedding
+
+POOLS = ("attention", "adaptive")
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm with 32 groups, computed in float32 and cast back to the input dtype."""
+
+    def __init__(self, channels):
+        super().__init__(32, channels)
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def zero_init(module):
+    """Zero every parameter of `module` (ADM starts residual branches as the identity) and return it."""
+    for parameter in module.parameters():
+        nn.init.zeros_(parameter)
+    return module
+
+
+def qkv_attention(qkv, num_heads, heads_first):
+    """Multi-head softmax(q k^T / sqrt(c)) v over the T tokens of a packed qkv tensor [B, 3*H*c, T] -> [B, H*c, T].
+
+    heads_first=True reads the channels as [head][q|k|v][c] (ADM's legacy order, used by the attention
+    blocks); False reads them as [q|k|v][head][c] (the attention pool). The output is head-major.
+    """
+    batch, width, length = qkv.shape
+    head_channels = width // (3 * num_heads)
+    if heads_first:
+        q, k, v = qkv.reshape(batch, num_heads, 3, head_channels, length).unbind(2)
+    else:
+        q, k, v = qkv.reshape(batch, 3, num_heads, head_channels, length).unbind(1)
+    out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+    return out.transpose(-1, -2).reshape(batch, num_heads * head_channels, length)
+
+
+class ResBlock(nn.Module):
+    """ADM's residual block: skip(x) + conv(SiLU(FiLM(GN(conv(SiLU(GN(x)))), emb))), optionally halving H and W.
+
+    With scale-shift norm the time embedding gives (scale, shift) and the second norm becomes
+    GN(h) * (1 + scale) + shift; without it the embedding is added to h before that norm. Down-sampling
+    is a 2x2 average pool of both paths, applied after the first SiLU.
+    """
+
+    def __init__(self, channels, emb_channels, out_channels, use_scale_shift_norm, down=False):
+        super().__init__()
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.down = down
+        self.in_layers = nn.Sequential(
+            GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
+        )
+        self.out_layers = nn.Sequential(
+            GroupNorm32(out_channels),
+            nn.SiLU(),
+            nn.Identity(),  # ADM's dropout slot (p = 0 in every released config); keeps the key out_layers.3
+            zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x, emb):
+        norm, act, conv = self.in_layers
+        h = act(norm(x))
+        if self.down:
+            h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
+        h = conv(h)
+
+        emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        out_norm, out_act, _, out_conv = self.out_layers
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = out_norm(h) * (1 + scale) + shift
+        else:
+            h = out_norm(h + emb_out)
+        return self.skip_connection(x) + out_conv(out_act(h))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution, ADM's down-sampling between levels when resblock_updown is False."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H*W positions with a residual: x + proj_out(attention(qkv(GN(x)))), legacy head layout."""
+
+    def __init__(self, channels, num_head_channels):
+        super().__init__()
+        self.num_heads = channels // num_head_channels
+        self.norm = GroupNorm32(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = zero_init(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x):
+        batch, channels, height, width = x.shape
+        x = x.reshape(batch, channels, height * width)
+        h = qkv_attention(self.qkv(self.norm(x)), self.num_heads, heads_first=True)
+        return (x + self.proj_out(h)).reshape(batch, channels, height, width)
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP-style pooling: the mean token joins the H*W tokens, learned positions are added, all attend, and c_proj of
+    the mean token's output gives [B, out_channels]."""
+
+    def __init__(self, spatial_size, channels, num_head_channels, out_channels):
+        super().__init__()
+        self.num_heads = channels // num_head_channels
+        self.positional_embedding = nn.Parameter(torch.randn(channels, spatial_size**2 + 1) / channels**0.5)
+        self.qkv_proj = nn.Conv1d(channels, 3 * channels, 1)
+        self.c_proj = nn.Conv1d(channels, out_channels, 1)
+
+    def forward(self, x):
+        x = x.flatten(2)
+        x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1) + self.positional_embedding.to(x.dtype)
+        x = qkv_attention(self.qkv_proj(x), self.num_heads, heads_first=False)
+        return self.c_proj(x)[:, :, 0]
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """nn.Sequential that also hands the time embedding to the ResBlocks it holds."""
+
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+class EncoderUNet(nn.Module):
+    """ADM's noise-aware encoder (guided-diffusion `EncoderUNetModel`), the down half of a U-Net plus a pooling head.
+
+    Per level (channel_mult): num_res_blocks ResBlocks to width model_channels * mult, each followed by
+    attention when the down-sampling factor is in attention_resolutions; between levels one 2x down-sampling
+    (a ResBlock with down=True if resblock_updown, else a strided conv). Then the middle block
+    (ResBlock, attention, ResBlock) and the output head: GN, SiLU and an attention pool (or, for
+    pool="adaptive", a global average and a zero-initialised 1x1 conv). Time enters through the sinusoidal
+    embedding of ADM timesteps and a 2-layer MLP of width 4 * model_channels; with num_classes, a learned
+    class embedding is added to it (DG's conditional heads). Defaults are those of every released config.
+    """
+
+    def __init__(
+        self,
+        image_size,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        channel_mult,
+        num_head_channels=64,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        pool="attention",
+        num_classes=None,
+    ):
+        super().__init__()
+        widths = [int(mult * model_channels) for mult in channel_mult]
+        _check_config(image_size, widths, attention_resolutions, num_head_channels, pool)
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_classes = num_classes
+
+        emb_channels = 4 * model_channels
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
+        )
+        self.label_emb = None if num_classes is None else nn.Embedding(num_classes, emb_channels)
+
+        def res_block(channels, out, down=False):
+            return ResBlock(channels, emb_channels, out, use_scale_shift_norm, down)
+
+        channels = widths[0]
+        blocks = [TimestepEmbedSequential(nn.Conv2d(in_channels, channels, 3, padding=1))]
+        factor = 1
+        for level, width in enumerate(widths):
+            for _ in range(num_res_blocks):
+                layers = [res_block(channels, width)]
+                channels = width
+                if factor in attention_resolutions:
+                    layers.append(AttentionBlock(channels, num_head_channels))
+                blocks.append(TimestepEmbedSequential(*layers))
+            if level < len(widths) - 1:
+                down = res_block(channels, channels, down=True) if resblock_updown else Downsample(channels)
+                blocks.append(TimestepEmbedSequential(down))
+                factor *= 2
+        self.input_blocks = nn.ModuleList(blocks)
+        self.middle_block = TimestepEmbedSequential(
+            res_block(channels, channels), AttentionBlock(channels, num_head_channels), res_block(channels, channels)
+        )
+        self.feature_channels = channels
+        self.feature_size = image_size // factor
+
+        if pool == "attention":
+            pool_layer = AttentionPool2d(self.feature_size, channels, num_head_channels, out_channels)
+            self.out = nn.Sequential(GroupNorm32(channels), nn.SiLU(), pool_layer)
+        else:
+            self.out = nn.Sequential(
+                GroupNorm32(channels),
+                nn.SiLU(),
+                nn.AdaptiveAvgPool2d(1),
+                zero_init(nn.Conv2d(channels, out_channels, 1)),
+                nn.Flatten(),
+            )
+
+    def forward(self, x, timesteps, class_labels=None, features=False):
+        """Logits [B, out_channels] of x [B, in_channels, image_size, image_size] at ADM timesteps (B,) (DDPM-index scale,
+        fractional allowed); with features=True, the middle-block map [B, feature_channels, feature_size, feature_size]."""
+        self._check_inputs(x, timesteps, class_labels)
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(class_labels)
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb)
+        h = self.middle_block(h, emb)
+        return h if features else self.out(h)
+
+    def _check_inputs(self, x, timesteps, class_labels):
+        """Raise ValueError unless x, timesteps and class_labels have the shapes this network expects."""
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"x must have shape [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
+        if timesteps.shape != (x.shape[0],):
+            raise ValueError(f"timesteps must have shape ({x.shape[0]},) to match x, got {tuple(timesteps.shape)}")
+        if self.num_classes is None:
+            if class_labels is not None:
+                raise ValueError("class_labels were given but this network is unconditional (num_classes=None)")
+        elif class_labels is None or class_labels.shape != (x.shape[0],) or class_labels.is_floating_point():
+            got = None if class_labels is None else f"{class_labels.dtype} {tuple(class_labels.shape)}"
+            raise ValueError(f"class_labels must be integer class indices of shape ({x.shape[0]},), got {got}")
+
+
+def _check_config(image_size, widths, attention_resolutions, num_head_channels, pool):
+    """Raise ValueError for EncoderUNet hyper-parameters that cannot build a working network."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if any(width % 32 for width in widths):
+        raise ValueError(f"model_channels * channel_mult must be multiples of 32 (GroupNorm32), got widths {widths}")
+    if image_size % 2 ** (len(widths) - 1):
+        raise ValueError(f"image_size must be divisible by 2**(len(channel_mult) - 1), got {image_size} for {len(widths)} levels")
+    attention_widths = [w for level, w in enumerate(widths) if 2**level in attention_resolutions] + widths[-1:]
+    if any(width % num_head_channels for width in attention_widths):
+        raise ValueError(
+            f"num_head_channels must divide every attention width {attention_widths}, got {num_head_channels}"
+        )
+
+
+class Discriminator(nn.Module):
+    """DG's time-dependent discriminator: logit log(d/(1-d)) of a trainable head on a frozen ADM classifier's
+    middle-block features (SPEC §4). Both networks see timesteps 999 * time_map(tau)."""
+
+    def __init__(self, feature_extractor, head, time_map=None):
+        super().__init__()
+        wanted = (feature_extractor.feature_channels, feature_extractor.feature_size, 1)
+        if (head.in_channels, head.image_size, head.out_channels) != wanted:
+            raise ValueError(
+                "head must take the extractor's features and give one logit: (in_channels, image_size, out_channels) "
+                f"= {wanted}, got {(head.in_channels, head.image_size, head.out_channels)}"
+            )
+        self.feature_extractor = feature_extractor.requires_grad_(False).eval()
+        self.head = head
+        self.time_map = time_map
+
+    def train(self, mode=True):
+        """Set the head's training mode; the frozen feature extractor always stays in eval mode."""
+        super().train(mode)
+        self.feature_extractor.eval()
+        return self
+
+    def forward(self, x_vp, tau, class_labels=None):
+        """Logit (B,) for inputs x_vp in VP coordinates at LVP times tau (B,); class_labels are int64 indices (B,)."""
+        if tau.shape != (x_vp.shape[0],):
+            raise ValueError(f"tau must have shape ({x_vp.shape[0]},) to match x_vp, got {tuple(tau.shape)}")
+        timesteps = 999.0 * (tau if self.time_map is None else self.time_map(tau))
+        features = self.feature_extractor(x_vp, timesteps, features=True)
+        return self.head(features, timesteps, class_labels).squeeze(1)
+
+
+def adm_classifier(image_size, channel_mult, num_res_blocks, **overrides):
+    """EncoderUNet with guided-diffusion's create_classifier settings: width 128, 64-channel heads, attention at
+    resolutions 32, 16, 8 (factors image_size // r), scale-shift norm, ResBlock down-sampling, attention pool,
+    1000 classes; `overrides` replace any EncoderUNet argument."""
+    config = dict(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=128,
+        out_channels=1000,
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=tuple(image_size // r for r in (32, 16, 8)),
+        channel_mult=channel_mult,
+    )
+    return EncoderUNet(**{**config, **overrides})
+
+
+def cifar10_classifier(**overrides):
+    """DG's CIFAR-10 feature extractor (`32x32_classifier.pt`): 3x32x32, depth 4, mult (1,2,4); features 512x8x8."""
+    return adm_classifier(32, (1, 2, 4), 4, **overrides)
+
+
+def latent_classifier(**overrides):
+    """DG_imagenet's feature extractor for SD-VAE latents: 4x32x32, depth 2, mult (1,2,3); features 384x8x8."""
+    return adm_classifier(32, (1, 2, 3), 2, **{"in_channels": 4, **overrides})
+
+
+def adm64_classifier(**overrides):
+    """OpenAI's `64x64_classifier.pt` (cosine time: use time_map=cosine_time_from_tau): depth 4, mult (1,2,3,4);
+    features 512x8x8."""
+    return adm_classifier(64, (1, 2, 3, 4), 4, **overrides)
+
+
+def dg_head(in_channels, num_classes=None, **overrides):
+    """DG's trainable head on 8x8 features: one level of width 128, 2 ResBlocks with attention, middle block,
+    attention pool -> 1 logit. The released conditional heads use num_classes=1000 (CIFAR-10 uses rows 0-9)."""
+    return adm_classifier(8, (1,), 2, **{"in_channels": in_channels, "out_channels": 1, "num_classes": num_classes, **overrides})

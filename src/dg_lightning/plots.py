@@ -1,0 +1,29 @@
+"""Figures: the toy 2-D panels (paper Figures 6 and 8) and sweep plots."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def toy2d_figure(reference, samples, taus, curves, metrics, path):
+    """Data, samples without DG, with DG and with the optimal d*, and the mean log ratio over VP time."""
+    panels = [("data", reference, None)] + [(name, x, metrics.get(f"toy/swd_{name}")) for name, x in samples.items()]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 4))
+    lim = reference.abs().max().item() * 1.3
+    for ax, (name, x, swd) in zip(axes, panels):
+        ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.4)
+        ax.set_title(name if swd is None else f"{name} (SWD {swd:.3f})")
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+    for name, values in curves.items():
+        axes[-1].plot(taus, values, label=name)
+    axes[-1].axhline(0.0, color="grey", lw=0.5)
+    axes[-1].set_xscale("log")
+    axes[-1].set_xlabel("VP time t")
+    axes[-1].set_ylabel("mean log d/(1-d)")
+    axes[-1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,276 @@
+"""Tests for dg_lightning.metrics: precision/recall against a brute-force reference, FID against the Gaussian closed form,
+reference statistics, feature extractors and their error messages. CPU only, no network."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch import nn
+
+from dg_lightning.metrics import ClassifierFeatures, GenerativeMetrics, PrecisionRecall, inception_features
+
+
+def brute_force_precision_recall(real, fake, k):
+    """Naive O(N^2) improved precision/recall from full float64 distance matrices."""
+    real, fake = real.double(), fake.double()
+
+    def dists(a, b):
+        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1).sqrt()
+
+    real_radii = dists(real, real).sort(dim=1).values[:, k]
+    fake_radii = dists(fake, fake).sort(dim=1).values[:, k]
+    precision = (dists(fake, real) <= real_radii[None, :]).any(dim=1).double().mean().item()
+    recall = (dists(real, fake) <= fake_radii[None, :]).any(dim=1).double().mean().item()
+    return precision, recall
+
+
+def fed_precision_recall(real, fake, batch=17, **kwargs):
+    """PrecisionRecall fed in uneven batches of `batch` rows."""
+    metric = PrecisionRecall(**kwargs)
+    for chunk in real.split(batch):
+        metric.update(chunk, real=True)
+    for chunk in fake.split(batch):
+        metric.update(chunk, real=False)
+    return {name: value.item() for name, value in metric.compute().items()}
+
+
+class FlattenFeatures(nn.Module):
+    """Test extractor: identity on the flattened input, so the test controls the features."""
+
+    def __init__(self, num_features):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, images):
+        return images.flatten(1)
+
+
+def as_images(features):
+    """(N, D) features as (N, D, 1, 1) 'images' for FlattenFeatures."""
+    return features[:, :, None, None]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("num_real,num_fake,block_size", [(61, 43, 8), (40, 75, 1024)])
+def test_precision_recall_matches_brute_force(k, num_real, num_fake, block_size):
+    generator = torch.Generator().manual_seed(num_real + k)
+    real = torch.randn(num_real, 6, generator=generator)
+    fake = 0.8 * torch.randn(num_fake, 6, generator=generator) + 0.8
+    result = fed_precision_recall(real, fake, k=k, block_size=block_size)
+    precision, recall = brute_force_precision_recall(real, fake, k)
+    assert 0 < precision < 1 and 0 < recall < 1  # non-degenerate case
+    assert result == pytest.approx({"precision": precision, "recall": recall}, abs=1e-12)
+
+
+def test_precision_recall_matches_torch_fidelity():
+    prc = pytest.importorskip("torch_fidelity.metric_prc")
+    generator = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(90, 8, generator=generator), torch.randn(70, 8, generator=generator) + 0.5
+    result = fed_precision_recall(real, fake, block_size=16)
+    precision, recall = prc.calculate_precision_recall_full(fake.double(), real.double(), neighborhood=3)
+    assert result == pytest.approx({"precision": precision, "recall": recall}, abs=1e-6)  # torch-fidelity averages in float32
+
+
+def test_precision_recall_is_one_when_fake_equals_real():
+    real = torch.randn(50, 5, generator=torch.Generator().manual_seed(2))
+    assert fed_precision_recall(real, real.clone()) == {"precision": 1.0, "recall": 1.0}
+
+
+def test_precision_drops_as_fakes_move_away():
+    real = torch.randn(200, 4, generator=torch.Generator().manual_seed(3))
+    shifts = [0.0, 0.5, 1.0, 2.0, 50.0]
+    precisions = [fed_precision_recall(real, real + shift)["precision"] for shift in shifts]
+    assert precisions[0] == 1.0 and precisions[-1] == 0.0
+    assert all(a > b for a, b in zip(precisions, precisions[1:-1]))
+
+
+def test_precision_recall_ball_boundary_counts_as_inside():
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0]])  # 3rd-neighbour radius of 0 is exactly 3
+    fake = torch.tensor([[-3.0], [-3.5], [10.0], [11.0]])  # only -3 is inside, on the boundary of 0's ball
+    assert fed_precision_recall(real, fake)["precision"] == 0.25
+
+
+def test_precision_recall_keeps_real_features_across_reset_when_asked():
+    generator = torch.Generator().manual_seed(4)
+    real, fake = torch.randn(30, 3, generator=generator), torch.randn(30, 3, generator=generator)
+    metric = PrecisionRecall(reset_real_features=False)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    first = {name: value.item() for name, value in metric.compute().items()}
+    metric.reset()
+    metric.update(fake, real=False)
+    assert {name: value.item() for name, value in metric.compute().items()} == first
+    metric.reset_real_features = True
+    metric.reset()
+    metric.update(fake, real=False)
+    with pytest.raises(ValueError, match="more than k=3 real and fake feature vectors, got 0 real and 30 fake"):
+        metric.compute()
+
+
+def test_precision_recall_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        PrecisionRecall(k=0)
+    with pytest.raises(ValueError, match=r"expects features of shape \(B, D\), got \(2, 3, 4\)"):
+        PrecisionRecall().update(torch.zeros(2, 3, 4), real=True)
+
+
+def gaussian_fid(mu1, sigma1, mu2, sigma2):
+    """Closed-form Fréchet distance between two Gaussians (scipy sqrtm)."""
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1 + sigma2 - 2 * covmean))
+
+
+def gaussian_samples(mu, sigma, n, seed):
+    """n float64 samples of N(mu, sigma)."""
+    generator = torch.Generator().manual_seed(seed)
+    chol = torch.linalg.cholesky(torch.as_tensor(sigma))
+    return torch.as_tensor(mu) + torch.randn(n, len(mu), generator=generator, dtype=torch.float64) @ chol.T
+
+
+MU_REAL, MU_FAKE = np.array([0.0, 0.0, 0.0, 0.0]), np.array([1.0, 0.5, 0.0, -0.5])
+SIGMA_REAL = np.array([[2.0, 0.5, 0.0, 0.0], [0.5, 1.0, 0.3, 0.0], [0.0, 0.3, 1.5, 0.2], [0.0, 0.0, 0.2, 0.8]])
+SIGMA_FAKE = np.diag([1.0, 2.0, 0.5, 1.2])
+
+
+def fed_metrics(metrics, real, fake, batch=1000):
+    """Feeds (N, D) features as images in batches and returns compute()."""
+    for chunk in real.split(batch):
+        metrics.update(as_images(chunk), real=True)
+    for chunk in fake.split(batch):
+        metrics.update(as_images(chunk), real=False)
+    return metrics.compute()
+
+
+def test_fid_matches_gaussian_closed_form():
+    real = gaussian_samples(MU_REAL, SIGMA_REAL, 20000, seed=5)
+    fake = gaussian_samples(MU_FAKE, SIGMA_FAKE, 20000, seed=6)
+    result = fed_metrics(GenerativeMetrics(FlattenFeatures(4), precision_recall=False), real, fake)
+    assert set(result) == {"fid"}
+    exact = gaussian_fid(MU_REAL, SIGMA_REAL, MU_FAKE, SIGMA_FAKE)
+    assert exact > 2.0
+    assert result["fid"] == pytest.approx(exact, abs=0.1)
+    real_np, fake_np = real.numpy(), fake.numpy()
+    sample = gaussian_fid(real_np.mean(0), np.cov(real_np, rowvar=False), fake_np.mean(0), np.cov(fake_np, rowvar=False))
+    assert result["fid"] == pytest.approx(sample, rel=1e-9)
+
+
+def test_fid_reference_npz_equals_feeding_the_real_images(tmp_path):
+    real = gaussian_samples(MU_REAL, SIGMA_REAL, 1200, seed=7)
+    fake = gaussian_samples(MU_FAKE, SIGMA_FAKE, 900, seed=8)
+    path = tmp_path / "ref.npz"
+    np.savez(path, mu=real.mean(0).numpy(), sigma=np.cov(real.numpy(), rowvar=False))
+    from_images = fed_metrics(GenerativeMetrics(FlattenFeatures(4)), real, fake)
+    from_reference = fed_metrics(GenerativeMetrics(FlattenFeatures(4), fid_reference=path), real, fake)
+    assert from_reference == pytest.approx(from_images, rel=1e-9)
+    assert set(from_reference) == {"fid", "precision", "recall"}
+    fid_only = GenerativeMetrics(FlattenFeatures(4), fid_reference=path, precision_recall=False)
+    for chunk in fake.split(500):
+        fid_only.update(as_images(chunk), real=False)
+    assert fid_only.compute() == pytest.approx({"fid": from_images["fid"]}, rel=1e-9)
+    with pytest.raises(ValueError, match="got real images but uses none"):
+        fid_only.update(as_images(real[:4]), real=True)
+
+
+def test_fid_reference_errors_name_the_file_and_expected_arrays(tmp_path):
+    missing = tmp_path / "missing.npz"
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        GenerativeMetrics(FlattenFeatures(4), fid_reference=missing)
+    no_sigma = tmp_path / "no_sigma.npz"
+    np.savez(no_sigma, mu=np.zeros(4))
+    with pytest.raises(KeyError, match=r"must hold arrays 'mu' and 'sigma', found \['mu'\]"):
+        GenerativeMetrics(FlattenFeatures(4), fid_reference=no_sigma)
+    wrong_dim = tmp_path / "wrong_dim.npz"
+    np.savez(wrong_dim, mu=np.zeros(3), sigma=np.eye(3))
+    expected = r"mu of shape \(4,\) and sigma of shape \(4, 4\) for 4-d features, got \(3,\) and \(3, 3\)"
+    with pytest.raises(ValueError, match=expected):
+        GenerativeMetrics(FlattenFeatures(4), fid_reference=wrong_dim)
+
+
+def test_generative_metrics_precision_recall_and_reset():
+    real = torch.randn(120, 5, generator=torch.Generator().manual_seed(9))
+    metrics = GenerativeMetrics(FlattenFeatures(5), reset_real_features=False)
+    result = fed_metrics(metrics, real, real.clone(), batch=50)
+    assert result["precision"] == 1.0 and result["recall"] == 1.0
+    assert result["fid"] == pytest.approx(0.0, abs=1e-8)
+    metrics.reset()  # reals kept, fakes dropped
+    moved = real + 100.0
+    for chunk in moved.split(50):
+        metrics.update(as_images(chunk), real=False)
+    result = metrics.compute()
+    assert result["precision"] == 0.0 and result["recall"] == 0.0
+    assert result["fid"] == pytest.approx(5 * 100.0**2, rel=1e-6)
+
+
+def test_generative_metrics_updates_run_without_autocast():
+    generator = torch.Generator().manual_seed(10)
+    extractor = nn.Sequential(nn.Flatten(), nn.Linear(6, 6))
+    extractor.num_features = 6
+    real, fake = torch.randn(64, 6, generator=generator), torch.randn(64, 6, generator=generator) + 0.3
+    plain = fed_metrics(GenerativeMetrics(extractor), real, fake)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert extractor(as_images(real)).dtype == torch.bfloat16  # autocast would change the features
+        under_autocast = fed_metrics(GenerativeMetrics(extractor), real, fake)
+    assert under_autocast == plain
+
+
+def test_generative_metrics_requires_num_features():
+    with pytest.raises(TypeError, match="needs an int attribute num_features"):
+        GenerativeMetrics(nn.Flatten())
+
+
+class TinyClassifier(nn.Module):
+    """Digits-sized classifier with BatchNorm and Dropout, so train mode would change its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5))
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def test_classifier_features_are_penultimate_activations_in_eval_mode():
+    classifier = TinyClassifier()
+    with torch.no_grad():
+        classifier.body[1].running_mean.uniform_(-0.5, 0.5)
+    images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(11))
+    extractor = ClassifierFeatures(classifier, head="fc").train()
+    assert not extractor.training and not extractor.classifier.body[4].training
+    assert extractor.num_features == 4 * 8 * 8
+    classifier.eval()
+    expected = classifier.body(images.float() / 127.5 - 1)
+    assert torch.equal(extractor(images), expected)
+    assert classifier(images.float()).shape == (5, 10)  # the caller's classifier keeps its head
+    with pytest.raises(TypeError, match="expects uint8 images in 0..255, got dtype torch.float32"):
+        extractor(images.float())
+    with pytest.raises(TypeError, match="head must name the classifier's final nn.Linear, got 'body'"):
+        ClassifierFeatures(classifier, head="body")
+
+
+def test_inception_features_missing_weights_names_path_and_source(tmp_path):
+    missing = tmp_path / "nowhere" / "inception.pth"
+    with pytest.raises(FileNotFoundError) as error:
+        inception_features(missing)
+    message = str(error.value)
+    assert str(missing) in message
+    assert "weights-inception-2015-12-05-6726825d.pth" in message
+    assert "github.com/toshas/torch-fidelity/releases" in message
+
+
+def test_inception_features_loads_local_weights_with_tf_resize(tmp_path, monkeypatch):
+    inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    empty = tmp_path / "empty.pth"
+    torch.save({}, empty)
+    monkeypatch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+    stand_in = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    monkeypatch.undo()
+    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(stand_in.state_dict(), weights)  # randomly initialised weights with the real file's keys
+    net = inception_features(weights)
+    assert torch.equal(net.fc.weight, stand_in.fc.weight)
+    assert net.use_antialias is False and net.num_features == 2048 and not net.train(True).training
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        features = net(images)
+    assert features.shape == (2, 2048) and features.dtype == torch.float32 and torch.isfinite(features).all()
