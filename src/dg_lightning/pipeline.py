@@ -4,10 +4,12 @@ Stages run in order (generate fakes -> train the discriminator -> sample and eva
 stops after that stage. Finished stages are cached by config fingerprint (dg_lightning.stages).
 """
 
+from pathlib import Path
+
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dg_lightning.config import ConfigError, validate
 from dg_lightning.data import ArraySource
@@ -99,4 +101,6 @@ def run(cfg: DictConfig):
     stages = {"toy2d": TOY_STAGES}[cfg.pipeline]
     if cfg.stage != "all" and cfg.stage not in stages:
         raise ConfigError("stage", f"unknown stage {cfg.stage!r} for pipeline {cfg.pipeline}", f"use all or one of {list(stages)}")
+    Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.paths.output_dir) / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return PIPELINES[cfg.pipeline](cfg)

@@ -27,3 +27,17 @@ def toy2d_figure(reference, samples, taus, curves, metrics, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def sweep_figure(rows, metric, path):
+    """A metric against the DG weight, one line per t_min, from (weight, t_min, value) rows."""
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for t_min in sorted({t for _, t, _ in rows}):
+        points = sorted((w, v) for w, t, v in rows if t == t_min)
+        ax.plot([w for w, _ in points], [v for _, v in points], marker="o", label=f"t_min={t_min}")
+    ax.set_xlabel("DG weight")
+    ax.set_ylabel(metric)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,273 @@
+"""Loaders for the released checkpoints DG builds on (reference/checkpoints.md §1.6, §2 and §4).
+
+- EDM network pickles (`edm-*.pkl`) are read by a whitelisting unpickler that never runs code from the
+  file: each `torch_utils.persistence` object becomes an inert record (class name and `__dict__`), the
+  constructor arguments it recorded build our own `dg_lightning.nets.edm` module, and the weights load
+  into it with strict=True. The Python source embedded in the pickle is ignored.
+- ADM classifiers and DG's discriminator heads are plain state dicts, read with
+  `torch.load(weights_only=True)` and loaded strictly into `dg_lightning.nets.adm` modules.
+
+Every loader returns its network on the CPU, in eval mode, with requires_grad False. A state dict that
+does not fit the expected network raises a CheckpointError naming the file and the first differing keys.
+"""
+
+import collections
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from dg_lightning.nets import adm, edm
+from dg_lightning.sde import cosine_time_from_tau
+
+EDM_SOURCE = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/ (e.g. edm-cifar10-32x32-uncond-vp.pkl)"
+DG_SOURCE = "the Google Drive folders listed in the README of github.com/alsdudrla10/DG"
+DG_IMAGENET_SOURCE = "the Google Drive folders listed in the README of github.com/alsdudrla10/DG_imagenet"
+ADM_SOURCE = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/64x64_classifier.pt"
+
+# The preconditioned networks an EDM pickle may hold under "ema" (reference/checkpoints.md §1.1).
+PRECONDITIONERS = {cls.__name__: cls for cls in (edm.VPPrecond, edm.VEPrecond, edm.iDDPMPrecond, edm.EDMPrecond)}
+PERSISTENCE_VERSION = 6  # torch_utils.persistence format of every released EDM (and StyleGAN3) pickle
+MAX_LISTED_KEYS = 5
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, truncated, or not holding the expected network."""
+
+
+class ForbiddenGlobalError(pickle.UnpicklingError):
+    """A pickle referenced a global outside the loader's whitelist; nothing from it was called."""
+
+
+@dataclass(frozen=True)
+class _PersistentObject:
+    """Inert stand-in for an object pickled by EDM's torch_utils.persistence: its class name and `__dict__`."""
+
+    class_name: str
+    state: dict
+
+
+class _ModuleDict:
+    """Inert stand-in for torch.nn.ModuleDict (pickled as a stock class): keeps the state pickle hands over."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _persistent_object(meta):
+    """Our replacement for torch_utils.persistence._reconstruct_persistent_obj: records, never executes, `meta`."""
+    if not (isinstance(meta, dict) and meta.get("type") == "class" and meta.get("version") == PERSISTENCE_VERSION
+            and isinstance(meta.get("class_name"), str) and isinstance(meta.get("state"), dict)):
+        summary = {k: meta.get(k) for k in ("type", "version")} if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"unsupported torch_utils.persistence record {summary}; expected a class record of "
+                         f"version {PERSISTENCE_VERSION} with a class_name and a state dict")
+    return _PersistentObject(meta["class_name"], meta["state"])
+
+
+def _load_storage(data):
+    """torch.storage._load_from_bytes through torch's own weights-only loader (the nested legacy torch.save blob)."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+_NUMPY_SCALAR = np.float64(0).__reduce__()[0]  # numpy's multiarray.scalar, whatever this numpy calls its module
+
+# The closed set of globals an EDM network pickle references (reference/checkpoints.md §1.4).
+_EDM_GLOBALS = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_object,
+    ("torch.nn.modules.container", "ModuleDict"): _ModuleDict,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _load_storage,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    # numpy scalars in the blocks' recorded kwargs; numpy 1.x writers (the released files) spell the module
+    # numpy.core, numpy 2 writers numpy._core.
+    ("numpy.core.multiarray", "scalar"): _NUMPY_SCALAR,
+    ("numpy._core.multiarray", "scalar"): _NUMPY_SCALAR,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class _EDMUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only _EDM_GLOBALS and refuses every other global."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.path = file.name
+
+    def find_class(self, module, name):
+        """The whitelisted stand-in for module.name, or ForbiddenGlobalError."""
+        try:
+            return _EDM_GLOBALS[module, name]
+        except KeyError:
+            raise ForbiddenGlobalError(
+                f"{self.path}: refused to load global {module}.{name}: it is not one of the names an EDM network "
+                "pickle uses, so the file may be malicious or is not an EDM network pickle; nothing was executed"
+            ) from None
+
+
+def _existing(path, source):
+    """path as a Path; FileNotFoundError saying where the released file comes from if it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found; the released file is available from {source}")
+    return path
+
+
+def _flat_state_dict(obj, prefix=""):
+    """The state dict of a reconstructed module tree, keyed and ordered as nn.Module.state_dict() would be."""
+    state = obj.state
+    skip = state.get("_non_persistent_buffers_set", ())
+    tensors = [*state["_parameters"].items(), *((k, v) for k, v in state["_buffers"].items() if k not in skip)]
+    flat = {prefix + name: tensor for name, tensor in tensors if tensor is not None}
+    for name, child in state["_modules"].items():
+        if child is not None:
+            flat.update(_flat_state_dict(child, f"{prefix}{name}."))
+    return flat
+
+
+def _key_report(keys, label):
+    """'label: k1, k2, ... (and N more)' for a non-empty key list, else None."""
+    if not keys:
+        return None
+    more = f" (and {len(keys) - MAX_LISTED_KEYS} more)" if len(keys) > MAX_LISTED_KEYS else ""
+    return f"{label} ({len(keys)}): {', '.join(keys[:MAX_LISTED_KEYS])}{more}"
+
+
+def _build_and_load(build: Callable[[], torch.nn.Module], state, path, architecture):
+    """Build a network, strict-load `state` into it (its tensors replace the fresh ones), return it frozen in eval mode.
+
+    A mismatch raises CheckpointError naming the file, the architecture and the first missing, unexpected and
+    wrongly shaped keys.
+    """
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{path}: {_key_report(not_tensors, 'entries that are not tensors')}")
+    net = build()
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [f"{k} {list(state[k].shape)} in file vs {list(v.shape)} in model"
+                for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = [r for r in (_key_report(missing, "missing keys"), _key_report(unexpected, "unexpected keys"),
+                            _key_report(reshaped, "shape mismatches")) if r]
+    if problems:
+        raise CheckpointError(f"{path} does not match {architecture}:\n  " + "\n  ".join(problems)
+                              + "\nCheck that the file is the checkpoint of this architecture.")
+    net.load_state_dict(state, strict=True, assign=True)
+    return net.eval().requires_grad_(False)
+
+
+def load_edm(path, key="ema") -> torch.nn.Module:
+    """EDM's network `key` from a released network pickle, rebuilt as our dg_lightning.nets.edm preconditioner
+    without executing anything from the file."""
+    path = _existing(path, EDM_SOURCE)
+    with open(path, "rb") as file:
+        try:
+            data = _EDMUnpickler(file).load()
+        except ForbiddenGlobalError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(
+                f"cannot read {path} as an EDM network pickle ({type(exc).__name__}: {exc}); the file may be "
+                f"truncated or corrupt (download it again from {EDM_SOURCE}) or be another format"
+            ) from exc
+    if not isinstance(data, dict) or key not in data:
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(f"{path} has no network under key {key!r} (found {found}); EDM pickles keep it "
+                              "under 'ema'")
+    record = data[key]
+    if not isinstance(record, _PersistentObject):
+        raise CheckpointError(f"{path}: {key!r} holds a {type(record).__name__}, not a persistent EDM network")
+    cls = PRECONDITIONERS.get(record.class_name)
+    if cls is None:
+        raise CheckpointError(f"{path}: {key!r} holds a {record.class_name}, which is not one of the supported "
+                              f"networks {sorted(PRECONDITIONERS)}")
+    args, kwargs = record.state.get("_init_args") or (), record.state.get("_init_kwargs")
+    if kwargs is None:
+        raise CheckpointError(f"{path}: the {record.class_name} under {key!r} did not record its constructor "
+                              "arguments (_init_kwargs), so it cannot be rebuilt")
+    architecture = f"{record.class_name}(**{kwargs})"
+
+    def build():
+        try:
+            return cls(*args, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: cannot build {architecture} from the pickle's recorded arguments: "
+                                  f"{exc}") from exc
+
+    try:
+        state = _flat_state_dict(record)
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: the {record.class_name} under {key!r} is not laid out like a torch module "
+                              f"({type(exc).__name__}: {exc})") from exc
+    return _build_and_load(build, state, path, architecture)
+
+
+@dataclass(frozen=True)
+class AdmConfig:
+    """A released ADM classifier: its builder, the LVP-time map its training schedule needs, where it and
+    the DG heads trained on its features are published."""
+
+    build: Callable[[], adm.EncoderUNet]
+    time_map: Optional[Callable[[torch.Tensor], torch.Tensor]]
+    source: str
+    head_source: str
+
+
+ADM_CLASSIFIERS = {
+    # DG's CIFAR-10 32x32_classifier.pt; heads discriminator_60.pt (uncond), discriminator_250.pt (cond).
+    "cifar10": AdmConfig(adm.cifar10_classifier, None, DG_SOURCE, DG_SOURCE),
+    # DG_imagenet's 32x32_classifier.pt on SD-VAE latents; head discriminator_7.pt (cond).
+    "latent": AdmConfig(adm.latent_classifier, None, DG_IMAGENET_SOURCE, DG_IMAGENET_SOURCE),
+    # OpenAI's 64x64_classifier.pt, trained on the cosine schedule; no DG head was released for it.
+    "adm64": AdmConfig(adm.adm64_classifier, cosine_time_from_tau, ADM_SOURCE,
+                       "nowhere (no head was released for it: train your own)"),
+}
+
+
+def _read_state_dict(path, source):
+    """The tensors of a torch.save'd state dict, read with weights_only=True onto the CPU."""
+    path = _existing(path, source)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read {path} as a torch state dict ({type(exc).__name__}: {exc}); the file may be truncated, "
+            f"not written by torch.save, or hold objects other than tensors (download it again from {source})"
+        ) from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _adm_config(config):
+    """ADM_CLASSIFIERS[config], or a ValueError listing the names."""
+    if config not in ADM_CLASSIFIERS:
+        raise ValueError(f"ADM classifier config must be one of {sorted(ADM_CLASSIFIERS)}, got {config!r}")
+    return ADM_CLASSIFIERS[config]
+
+
+def load_adm_classifier(path, config) -> adm.EncoderUNet:
+    """A released ADM noise-aware classifier (config: a name in ADM_CLASSIFIERS) strictly loaded from `path`."""
+    spec = _adm_config(config)
+    state = _read_state_dict(path, spec.source)
+    return _build_and_load(spec.build, state, path, f"the {config!r} ADM classifier ({spec.build.__name__})")
+
+
+def load_dg_discriminator(classifier_path, head_path, classifier="cifar10", num_classes=None) -> adm.Discriminator:
+    """DG's discriminator: the `classifier` feature extractor from classifier_path and a DG head from head_path
+    (num_classes=1000 for the released conditional heads), with the classifier's time map."""
+    spec = _adm_config(classifier)
+    extractor = load_adm_classifier(classifier_path, classifier)
+    state = _read_state_dict(head_path, spec.head_source)
+
+    def build():
+        return adm.dg_head(extractor.feature_channels, num_classes)
+
+    architecture = f"a DG head dg_head(in_channels={extractor.feature_channels}, num_classes={num_classes})"
+    head = _build_and_load(build, state, head_path, architecture)
+    return adm.Discriminator(extractor, head, time_map=spec.time_map).eval().requires_grad_(False)

@@ -1,0 +1,341 @@
+"""Checkpoint loaders (reference/checkpoints.md §1.2-1.6, §2, §4): EDM network pickles read without running code
+from the file; ADM classifiers and DG heads as strict state dicts. Every file is written here, in tmp_path."""
+
+import builtins
+import os
+import pickle
+import re
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from dg_lightning.checkpoints import (
+    CheckpointError,
+    ForbiddenGlobalError,
+    load_adm_classifier,
+    load_dg_discriminator,
+    load_edm,
+)
+from dg_lightning.nets import adm, edm
+from dg_lightning.score_loss import EDMLoss
+from dg_lightning.sde import cosine_time_from_tau
+
+# --- writing EDM-format pickles ---
+
+PERSISTENCE = "torch_utils.persistence"
+# EDM embeds the defining module's source in every record; a loader that executed it would fail loudly.
+MODULE_SRC = "raise RuntimeError('the module_src embedded in the pickle was executed')\n"
+
+
+class PersistencePickler(pickle.Pickler):
+    """Pickles like EDM's torch_utils.persistence (version 6): every EDM object (network modules, the loss) reduces to
+    reconstruct(meta), meta = {type, version, module_src, class_name, state=its __dict__ plus _init_args and
+    _init_kwargs}; ModuleDict, tensors and parameters are pickled by torch's own reductions (checkpoints.md §1.3)."""
+
+    def __init__(self, file, reconstruct, top, init_kwargs, version):
+        super().__init__(file, protocol=4)
+        self.reconstruct, self.top, self.init_kwargs, self.version = reconstruct, top, init_kwargs, version
+
+    def reducer_override(self, obj):
+        if not isinstance(obj, (torch.nn.Module, EDMLoss)) or isinstance(obj, torch.nn.ModuleDict):
+            return NotImplemented
+        # Like EDM's blocks (skip_scale=np.sqrt(0.5), ...), inner records carry numpy floats in their kwargs.
+        kwargs = self.init_kwargs if obj is self.top else {
+            k: np.float64(v) for k, v in vars(obj).items() if isinstance(v, float)}
+        state = dict(vars(obj), _init_args=(), _init_kwargs=kwargs)
+        meta = dict(type="class", version=self.version, module_src=MODULE_SRC, class_name=type(obj).__name__,
+                    state=state)
+        return self.reconstruct, (meta,)
+
+
+@pytest.fixture
+def write_edm_pickle(monkeypatch):
+    """write(path, net, init_kwargs, **entries): an EDM network pickle {ema, loss_fn, augment_pipe, dataset_kwargs}
+    (checkpoints.md §1.2) whose 'ema' is `net` recorded with constructor kwargs `init_kwargs`.
+
+    Its reconstruct global resolves, while the test runs, to a tripwire that fails if anything calls it."""
+
+    def reconstruct(meta):
+        raise AssertionError("the pickle's own torch_utils.persistence reconstruct function was called")
+
+    reconstruct.__module__, reconstruct.__qualname__ = PERSISTENCE, "_reconstruct_persistent_obj"
+    module = types.ModuleType(PERSISTENCE)
+    module._reconstruct_persistent_obj = reconstruct
+    monkeypatch.setitem(sys.modules, "torch_utils", types.ModuleType("torch_utils"))
+    monkeypatch.setitem(sys.modules, PERSISTENCE, module)
+
+    def write(path, net, init_kwargs, version=6, **entries):
+        data = dict(ema=net, loss_fn=EDMLoss(), augment_pipe=None,
+                    dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="cifar10-32x32.zip"))
+        with open(path, "wb") as file:
+            PersistencePickler(file, reconstruct, net, init_kwargs, version).dump({**data, **entries})
+        return path
+
+    return write
+
+
+def randomized(net, seed=0):
+    """Overwrite every parameter with Gaussian noise, so that zero-initialised output layers do not hide anything."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+    return net
+
+
+# Tiny networks for 8x8 grey images; the arguments differ from the constructors' defaults, so a loader that
+# ignored the recorded kwargs would build another network.
+TINY = dict(img_resolution=8, img_channels=1, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+            attn_resolutions=[4], dropout=0.0)
+NCSNPP = dict(embedding_type="fourier", channel_mult_noise=2, encoder_type="residual", resample_filter=[1, 3, 3, 1])
+EDM_CASES = {
+    "vp-ddpm++-cond": (edm.VPPrecond, dict(TINY, model_type="SongUNet", label_dim=3, augment_dim=9)),
+    "ve-ncsn++": (edm.VEPrecond, dict(TINY, model_type="SongUNet", **NCSNPP)),
+    "edm-ddpm++": (edm.EDMPrecond, dict(TINY, model_type="SongUNet", sigma_data=0.25)),
+    "edm-adm-cond-fp16": (edm.EDMPrecond, dict(TINY, model_type="DhariwalUNet", label_dim=3, use_fp16=True)),
+    "iddpm-adm": (edm.iDDPMPrecond, dict(TINY, model_type="DhariwalUNet")),
+}
+
+
+def tiny_edm(case="vp-ddpm++-cond"):
+    """(network, its constructor kwargs) of EDM_CASES[case], with random weights."""
+    cls, kwargs = EDM_CASES[case]
+    return randomized(cls(**kwargs)), kwargs
+
+
+class Exploit:
+    """Unpickles as func(arg): what a malicious pickle does."""
+
+    def __init__(self, func, arg):
+        self.func, self.arg = func, arg
+
+    def __reduce__(self):
+        return self.func, (self.arg,)
+
+
+EXPLOITS = [(os.system, "touch {marker}"), (builtins.exec, "open({marker!r}, 'w').close()")]
+
+
+# --- EDM network pickles ---
+
+@pytest.mark.parametrize("case", EDM_CASES)
+def test_load_edm_rebuilds_the_network_with_equal_state_and_outputs(tmp_path, write_edm_pickle, case):
+    net, kwargs = tiny_edm(case)
+    path = write_edm_pickle(tmp_path / "network.pkl", net, kwargs)
+
+    loaded = load_edm(path)
+
+    assert type(loaded) is type(net) and loaded is not net
+    source_state, loaded_state = net.state_dict(), loaded.state_dict()
+    assert list(loaded_state) == list(source_state)
+    assert all(torch.equal(loaded_state[k], v) for k, v in source_state.items())
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.05, 3.0])
+    labels = torch.eye(3)[[0, 2]] if kwargs.get("label_dim") else None
+    with torch.no_grad():
+        assert torch.equal(loaded(x, sigma, labels), net.eval()(x, sigma, labels))
+
+
+@pytest.mark.parametrize("func, code", EXPLOITS)
+def test_load_edm_refuses_a_foreign_global_without_running_it(tmp_path, write_edm_pickle, func, code):
+    marker = tmp_path / "executed"
+    net, kwargs = tiny_edm()
+    path = write_edm_pickle(tmp_path / "evil.pkl", net, kwargs, augment_pipe=Exploit(func, code.format(marker=str(marker))))
+
+    with pytest.raises(ForbiddenGlobalError, match=re.escape(f"{func.__module__}.{func.__name__}")) as info:
+        load_edm(path)
+    assert isinstance(info.value, pickle.UnpicklingError)
+    assert str(path) in str(info.value) and "malicious" in str(info.value)
+    assert not marker.exists()
+    # The payload is live: a plain unpickler does run it (then trips on the reconstruct function).
+    with pytest.raises(AssertionError, match="reconstruct"):
+        pickle.loads(path.read_bytes())
+    assert marker.exists()
+
+
+def test_load_edm_names_a_missing_file_and_where_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"absent\.pkl.*nvlabs-fi-cdn\.nvidia\.com/edm/pretrained"):
+        load_edm(tmp_path / "absent.pkl")
+
+
+@pytest.mark.parametrize("corruption", ["truncated", "torch_zip", "text"])
+def test_load_edm_rejects_unreadable_files(tmp_path, write_edm_pickle, corruption):
+    net, kwargs = tiny_edm()
+    path = write_edm_pickle(tmp_path / "network.pkl", net, kwargs)
+    if corruption == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif corruption == "torch_zip":
+        torch.save(net.state_dict(), path)
+    else:
+        path.write_text("not a pickle\n")
+
+    with pytest.raises(CheckpointError, match="cannot read .* as an EDM network pickle") as info:
+        load_edm(path)
+    assert str(path) in str(info.value) and "truncated" in str(info.value)
+
+
+def test_load_edm_rejects_another_persistence_version(tmp_path, write_edm_pickle):
+    net, kwargs = tiny_edm()
+    path = write_edm_pickle(tmp_path / "network.pkl", net, kwargs, version=5)
+    with pytest.raises(CheckpointError, match=r"unsupported torch_utils.persistence record .*'version': 5"):
+        load_edm(path)
+
+
+@pytest.mark.parametrize("key, match", [
+    ("model", r"no network under key 'model' \(found \['augment_pipe', 'dataset_kwargs', 'ema', 'loss_fn'\]\)"),
+    ("loss_fn", r"'loss_fn' holds a EDMLoss, which is not one of the supported networks \['EDMPrecond'"),
+    ("augment_pipe", r"'augment_pipe' holds a NoneType, not a persistent EDM network"),
+    ("dataset_kwargs", r"'dataset_kwargs' holds a dict, not a persistent EDM network"),
+])
+def test_load_edm_rejects_keys_that_hold_no_network(tmp_path, write_edm_pickle, key, match):
+    net, kwargs = tiny_edm()
+    path = write_edm_pickle(tmp_path / "network.pkl", net, kwargs)
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_edm(path, key=key)
+    assert str(path) in str(info.value)
+
+
+def test_load_edm_reports_a_state_that_does_not_fit_the_recorded_arguments(tmp_path, write_edm_pickle):
+    net, kwargs = tiny_edm()
+    path = write_edm_pickle(tmp_path / "network.pkl", net, dict(kwargs, model_channels=32))
+    with pytest.raises(CheckpointError) as info:
+        load_edm(path)
+    message = str(info.value)
+    assert f"{path} does not match VPPrecond(" in message and "'model_channels': 32" in message
+    assert "model.enc.8x8_conv.weight [16, 1, 3, 3] in file vs [32, 1, 3, 3] in model" in message
+    assert re.search(r"shape mismatches \(\d+\): .*\(and \d+ more\)", message)
+    assert len(message.splitlines()) <= 5
+
+
+def test_load_edm_rejects_arguments_its_class_does_not_take(tmp_path, write_edm_pickle):
+    net, kwargs = tiny_edm()
+    path = write_edm_pickle(tmp_path / "network.pkl", net, dict(kwargs, model_type="ConvNeXt"))
+    with pytest.raises(CheckpointError, match=r"cannot build VPPrecond\(.*'ConvNeXt'.*recorded arguments"):
+        load_edm(path)
+
+
+# --- ADM classifiers and DG heads (released layouts, random weights) ---
+
+def randomized_adm(net, seed):
+    """Fill the zero-initialised parameters (residual branch outputs) with noise, so every branch acts."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            if not parameter.any():
+                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    return net
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """name -> (module, path of its torch.save'd state dict), in the layouts of the released files (§4)."""
+    folder = tmp_path_factory.mktemp("released")
+    nets = {
+        "cifar10": adm.cifar10_classifier(),  # DG's 32x32_classifier.pt
+        "latent": adm.latent_classifier(),  # DG_imagenet's 32x32_classifier.pt
+        "adm64": adm.adm64_classifier(),  # OpenAI's 64x64_classifier.pt
+        "head_60": adm.dg_head(512),  # DG's discriminator_60.pt (CIFAR-10 uncond)
+        "head_250": adm.dg_head(512, num_classes=1000),  # DG's discriminator_250.pt (CIFAR-10 cond)
+        "head_7": adm.dg_head(384, num_classes=1000),  # DG_imagenet's discriminator_7.pt
+    }
+    files = {}
+    for seed, (name, net) in enumerate(nets.items()):
+        files[name] = randomized_adm(net, seed).eval(), folder / f"{name}.pt"
+        torch.save(net.state_dict(), files[name][1])
+    return files
+
+
+@pytest.mark.parametrize("config, num_keys", [("cifar10", 255), ("latent", 159), ("adm64", 307)])
+def test_load_adm_classifier_loads_the_released_layout_strictly(released, config, num_keys):
+    source, path = released[config]
+    loaded = load_adm_classifier(path, config)
+
+    state = loaded.state_dict()
+    assert len(state) == num_keys
+    assert all(torch.equal(state[k], v) for k, v in source.state_dict().items())
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    x = torch.randn(1, source.in_channels, source.image_size, source.image_size)
+    t = torch.tensor([250.0])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, features=True), source(x, t, features=True))
+
+
+@pytest.mark.parametrize("classifier, head, num_classes", [
+    ("cifar10", "head_60", None), ("cifar10", "head_250", 1000), ("latent", "head_7", 1000), ("adm64", "head_60", None),
+])
+def test_load_dg_discriminator_matches_the_source_networks_and_time_map(released, classifier, head, num_classes):
+    (extractor, classifier_path), (head_net, head_path) = released[classifier], released[head]
+    time_map = cosine_time_from_tau if classifier == "adm64" else None
+    reference = adm.Discriminator(extractor, head_net, time_map)
+
+    loaded = load_dg_discriminator(classifier_path, head_path, classifier=classifier, num_classes=num_classes)
+
+    assert loaded.time_map is time_map
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    x = torch.randn(2, extractor.in_channels, extractor.image_size, extractor.image_size)
+    tau = torch.tensor([0.05, 0.7])
+    labels = torch.tensor([3, 999]) if num_classes else None
+    with torch.no_grad():
+        assert torch.equal(loaded(x, tau, labels), reference(x, tau, labels))
+
+
+def test_head_mismatch_names_the_file_the_architecture_and_the_keys(released):
+    _, classifier_path = released["cifar10"]
+    _, head_path = released["head_250"]  # conditional head, loaded as unconditional
+    with pytest.raises(CheckpointError) as info:
+        load_dg_discriminator(classifier_path, head_path)
+    message = str(info.value)
+    assert f"{head_path} does not match a DG head dg_head(in_channels=512, num_classes=None)" in message
+    assert "unexpected keys (1): label_emb.weight" in message and "missing keys" not in message
+
+
+def test_classifier_mismatch_lists_only_the_first_keys(released):
+    _, path = released["latent"]
+    with pytest.raises(CheckpointError) as info:
+        load_adm_classifier(path, "cifar10")
+    message = str(info.value)
+    assert f"{path} does not match the 'cifar10' ADM classifier (cifar10_classifier)" in message
+    assert "input_blocks.0.0.weight [128, 4, 3, 3] in file vs [128, 3, 3, 3] in model" in message
+    assert re.search(r"missing keys \(\d+\): .*\(and \d+ more\)", message)
+    assert len(message.splitlines()) <= 5
+
+
+@pytest.mark.parametrize("func, code", EXPLOITS)
+def test_adm_loader_refuses_pickled_code_without_running_it(tmp_path, func, code):
+    marker = tmp_path / "executed"
+    path = tmp_path / "32x32_classifier.pt"
+    torch.save(Exploit(func, code.format(marker=str(marker))), path)
+
+    with pytest.raises(CheckpointError, match=f"cannot read {re.escape(str(path))} as a torch state dict"):
+        load_adm_classifier(path, "cifar10")
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the payload is live: an unrestricted load runs it
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("content, match", [
+    ([1.0, 2.0], "holds a list, not a state dict"),
+    ({"time_embed.0.weight": 1.0}, r"entries that are not tensors \(1\): time_embed.0.weight"),
+])
+def test_adm_loader_rejects_files_that_are_not_state_dicts_of_tensors(tmp_path, content, match):
+    path = tmp_path / "32x32_classifier.pt"
+    torch.save(content, path)
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_adm_classifier(path, "cifar10")
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("config, source", [("cifar10", "alsdudrla10/DG"), ("latent", "alsdudrla10/DG_imagenet"),
+                                            ("adm64", "openaipublic.blob.core.windows.net")])
+def test_adm_loader_names_a_missing_file_and_where_to_get_it(tmp_path, config, source):
+    with pytest.raises(FileNotFoundError, match=rf"absent\.pt .*{re.escape(source)}"):
+        load_adm_classifier(tmp_path / "absent.pt", config)
+
+
+def test_adm_loader_rejects_an_unknown_config(released):
+    with pytest.raises(ValueError, match=r"must be one of \['adm64', 'cifar10', 'latent'\], got 'imagenet'"):
+        load_adm_classifier(released["cifar10"][1], "imagenet")
