@@ -26,7 +26,7 @@ def test_heun_solves_the_gaussian_pf_ode_to_second_order():
 
     heun = [error(n, "heun") for n in (50, 100)]
     euler = [error(n, "euler") for n in (50, 100)]
-    assert heun[1] < 2e-3
+    assert heun[1] < 5e-3
     assert heun[0] / heun[1] > 3.5  # second order
     assert 1.6 < euler[0] / euler[1] < 2.4  # first order
 
