@@ -113,7 +113,7 @@ def _existing(path, source):
     """path as a Path; FileNotFoundError saying where the released file comes from if it does not exist."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found; the released file is available from {source}")
+        raise FileNotFoundError(f"checkpoint {path} not found; source of the released file: {source}")
     return path
 
 
@@ -130,7 +130,7 @@ def _flat_state_dict(obj, prefix=""):
 
 
 def _key_report(keys, label):
-    """'label: k1, k2, ... (and N more)' for a non-empty key list, else None."""
+    """'label (count): k1, ..., k5 (and N more)' for a non-empty key list, else None."""
     if not keys:
         return None
     more = f" (and {len(keys) - MAX_LISTED_KEYS} more)" if len(keys) > MAX_LISTED_KEYS else ""
@@ -190,6 +190,11 @@ def load_edm(path, key="ema") -> torch.nn.Module:
     if kwargs is None:
         raise CheckpointError(f"{path}: the {record.class_name} under {key!r} did not record its constructor "
                               "arguments (_init_kwargs), so it cannot be rebuilt")
+    try:
+        state = _flat_state_dict(record)
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: the {record.class_name} under {key!r} is not laid out like a torch module "
+                              f"({type(exc).__name__}: {exc})") from exc
     architecture = f"{record.class_name}(**{kwargs})"
 
     def build():
@@ -199,18 +204,13 @@ def load_edm(path, key="ema") -> torch.nn.Module:
             raise CheckpointError(f"{path}: cannot build {architecture} from the pickle's recorded arguments: "
                                   f"{exc}") from exc
 
-    try:
-        state = _flat_state_dict(record)
-    except (AttributeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: the {record.class_name} under {key!r} is not laid out like a torch module "
-                              f"({type(exc).__name__}: {exc})") from exc
     return _build_and_load(build, state, path, architecture)
 
 
 @dataclass(frozen=True)
 class AdmConfig:
-    """A released ADM classifier: its builder, the LVP-time map its training schedule needs, where it and
-    the DG heads trained on its features are published."""
+    """A released ADM classifier: its builder, the map from LVP time its training schedule needs (None: identity),
+    and where the classifier and the DG heads trained on its features are published."""
 
     build: Callable[[], adm.EncoderUNet]
     time_map: Optional[Callable[[torch.Tensor], torch.Tensor]]
@@ -225,7 +225,7 @@ ADM_CLASSIFIERS = {
     "latent": AdmConfig(adm.latent_classifier, None, DG_IMAGENET_SOURCE, DG_IMAGENET_SOURCE),
     # OpenAI's 64x64_classifier.pt, trained on the cosine schedule; no DG head was released for it.
     "adm64": AdmConfig(adm.adm64_classifier, cosine_time_from_tau, ADM_SOURCE,
-                       "nowhere (no head was released for it: train your own)"),
+                       "none, DG released no head for this classifier (train your own)"),
 }
 
 

@@ -73,7 +73,7 @@ class ScoreModule(L.LightningModule):
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0 (0: no warm-up), got {warmup_steps}")
         if ema_halflife_images <= 0:
-            raise ValueError(f"ema_halflife_images must be > 0 (images per halving of the EMA), got {ema_halflife_images}")
+            raise ValueError(f"ema_halflife_images must be > 0 (images per halving), got {ema_halflife_images}")
         if ema_rampup_ratio is not None and ema_rampup_ratio <= 0:
             raise ValueError(f"ema_rampup_ratio must be > 0 or None (no ramp-up), got {ema_rampup_ratio}")
         self.save_hyperparameters(ignore=["net", "loss"])
@@ -96,7 +96,7 @@ class ScoreModule(L.LightningModule):
         if self.net.label_dim == 0:
             return None
         if "class_labels" not in batch:
-            raise ValueError(f"a conditional score net (label_dim={self.net.label_dim}) needs a source with class labels")
+            raise ValueError(f"a conditional score net (label_dim={self.net.label_dim}) needs a source with labels")
         return F.one_hot(batch["class_labels"], self.net.label_dim).float()
 
     def training_step(self, batch, batch_idx):
@@ -157,4 +157,5 @@ class NoisyClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         """Adam with (L2) weight decay on the classifier's parameters."""
-        return torch.optim.Adam(self.classifier.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.Adam(self.classifier.parameters(), lr=self.hparams.lr,
+                                weight_decay=self.hparams.weight_decay)

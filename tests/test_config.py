@@ -1,0 +1,52 @@
+"""Bad configuration fails before any compute, naming the key and the fix."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, InstantiationException
+
+from dg_lightning.config import ConfigError, validate
+from dg_lightning.pipeline import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("overrides, key, fix", [
+    (["guidance.dg.t_min=0.5", "guidance.dg.t_max=0.1"], "guidance.dg.t_min", "below guidance.dg.t_max"),
+    (["guidance.dg.weight=-1"], "guidance.dg.weight", ">= 0"),
+    (["guidance.dg.weight_2nd=-0.5"], "guidance.dg.weight_2nd", ">= 0"),
+    (["sampler.solver=rk45"], "sampler.solver", "heun"),
+    (["data.batch_size=7"], "data.batch_size", "even"),
+    (["+data.real_path=/nonexistent/true_data.npz"], "data.real_path", "does not exist"),
+    (["stage=evaluate"], "stage", "generate"),
+])
+def test_bad_values_name_the_key_and_the_fix(compose_cfg, overrides, key, fix, tmp_path):
+    cfg = compose_cfg(*overrides)
+    with pytest.raises(ConfigError, match=fix) as error:
+        run(cfg)
+    assert error.value.key == key
+    assert not (tmp_path / "logs" / "cache").exists()  # nothing was computed
+
+
+def test_non_positive_definite_covariance_is_refused_before_compute(compose_cfg, tmp_path):
+    cfg = compose_cfg("data.mixture.covariances.1=[[1.0,2.0],[2.0,1.0]]")
+    with pytest.raises(InstantiationException, match=r"data.mixture.covariances\[1\].*positive definite"):
+        run(cfg)
+    assert not (tmp_path / "logs" / "cache").exists()
+
+
+def test_unknown_keys_and_groups_are_refused_by_composition(compose_cfg):
+    with pytest.raises(ConfigCompositionException, match="guidance.dg.wieght"):
+        compose_cfg("guidance.dg.wieght=1")
+    with pytest.raises(ConfigCompositionException, match="experiment.*nope"):
+        compose_cfg("experiment=nope")
+    validate(compose_cfg())  # the default config is valid
+
+
+def test_entry_point_exits_nonzero_with_the_message(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "guidance.dg.t_min=2", f"paths.log_dir={tmp_path}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "guidance.dg.t_min" in result.stderr and "Fix:" in result.stderr
