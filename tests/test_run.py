@@ -16,17 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["trainer.max_steps=30", "data.num_fake=400", "data.num_real=400", "metrics.num_samples=300"]
 
 
-def run_py(*args, timeout=300):
-    """Run `python run.py ARGS` from the repository root; fail with its output if it fails."""
-    result = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def run_py(cwd, *args, timeout=300):
+    """Run `python run.py ARGS` in folder cwd with the default paths (logs under cwd/logs); fail with its output."""
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
 @pytest.mark.slow
 def test_toy2d_default_run_writes_metrics_and_dg_halves_the_error(tmp_path):
-    run_py(f"paths.log_dir={tmp_path}")
-    (run_dir,) = (tmp_path / "toy2d" / "runs").iterdir()
+    run_py(tmp_path)
+    (run_dir,) = (tmp_path / "logs" / "toy2d" / "runs").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics) == {"toy/swd_no_dg", "toy/swd_dg", "toy/swd_dg_optimal", "toy/swd_floor"}
     assert metrics["toy/swd_dg"] <= 0.5 * metrics["toy/swd_no_dg"]
@@ -48,15 +48,15 @@ def test_toy2d_trained_discriminator_on_another_mixture_pair(compose_cfg, tmp_pa
 
 @pytest.mark.slow
 def test_sweep_reuses_the_discriminator_shares_a_group_and_reports(tmp_path):
-    run_py("-m", "guidance.dg.weight=0,1", "guidance.dg.t_min=0.01,0.1", *SMALL, f"paths.log_dir={tmp_path}")
-    (sweep_dir,) = (tmp_path / "toy2d" / "multiruns").iterdir()
+    run_py(tmp_path, "-m", "guidance.dg.weight=0,1", "guidance.dg.t_min=0.01,0.1", *SMALL)
+    (sweep_dir,) = (tmp_path / "logs" / "toy2d" / "multiruns").iterdir()
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "metrics.json").exists())
     assert len(jobs) == 4
     assert jobs[0].name.startswith("0_") and "guidance.dg.t_min=0.01,guidance.dg.weight=0," in jobs[0].name  # readable
     configs = [OmegaConf.load(j / "resolved_config.yaml") for j in jobs]
     assert len({c.logger.wandb.group for c in configs}) == 1  # one W&B group per sweep
     assert len({c.logger.wandb.name for c in configs}) == 4
-    assert len(list((tmp_path / "cache" / "toy2d").glob("train-*"))) == 1  # trained once, reused by every point
+    assert len(list((tmp_path / "logs" / "cache" / "toy2d").glob("train-*"))) == 1  # trained once, reused by every point
     metrics = {(c.guidance.dg.weight, c.guidance.dg.t_min): json.loads((j / "metrics.json").read_text())
                for c, j in zip(configs, jobs)}
     # DG weight 0 is the unguided sampler, whatever t_min.
