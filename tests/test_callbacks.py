@@ -10,8 +10,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
 
-from dg_lightning.callbacks import GuidedSamplingCallback, frozen, sample_batches, to_uint8
+from dg_lightning.callbacks import GuidedSamplingCallback, frozen
 from dg_lightning.data import ArraySource, RealFakeDataModule
+from dg_lightning.generate import sample_batches, to_uint8
 from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.metrics import GenerativeMetrics
 from dg_lightning.module import DiscriminatorModule
@@ -65,14 +66,12 @@ def make_callback(tmp_path, sample_fn, **kwargs):
     return GuidedSamplingCallback(sample_fn, metrics, **{**defaults, **kwargs})
 
 
-def fit(tmp_path, callbacks, max_epochs=3, logger=False, ckpt_path=None, module=None):
-    """Train a DiscriminatorModule with the given callbacks on CPU; returns the module."""
-    module = module or DiscriminatorModule(TinyDiscriminator())
+def fit(tmp_path, callbacks, max_epochs=3, logger=False, ckpt_path=None):
+    """Train a DiscriminatorModule on TinyDiscriminator with the given callbacks on CPU."""
     trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks,
                         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
                         enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(module, datamodule(), ckpt_path=ckpt_path)
-    return module
+    trainer.fit(DiscriminatorModule(TinyDiscriminator()), datamodule(), ckpt_path=ckpt_path)
 
 
 def plain_sample_fn(discriminator, latents, class_labels, noise):
@@ -82,6 +81,7 @@ def plain_sample_fn(discriminator, latents, class_labels, noise):
 
 @pytest.mark.parametrize("every_n_epochs, expected", [(2, [1]), (1, [0, 1, 2])])
 def test_runs_every_n_epochs_and_logs_through_the_loggers(tmp_path, every_n_epochs, expected):
+    """max_epochs 3: every 2 epochs runs at epoch index 1 only, every 1 at 0, 1, 2; the CSV logger gets the metrics."""
     callback = make_callback(tmp_path, plain_sample_fn, every_n_epochs=every_n_epochs)
     fit(tmp_path, [callback, RichProgressBar()], logger=CSVLogger(tmp_path, name="csv"))
     assert [h["epoch"] for h in callback.history] == expected
@@ -96,12 +96,13 @@ def test_runs_every_n_epochs_and_logs_through_the_loggers(tmp_path, every_n_epoc
 
 
 def test_sample_set_is_independent_of_batch_size_and_rank_split():
+    """Sample i is the same for batch sizes 3, 1 and for a split over two ranks; another base seed changes it."""
     def sample_fn(latents, labels, noise):
         return torch.tanh(latents + noise.randn_like(latents) + labels.view(-1, 1, 1, 1))
 
     def samples(indices, batch_size):
         out = {}
-        for batch, images in sample_batches(sample_fn, indices, SHAPE, base_seed=3, num_classes=5, batch_size=batch_size):
+        for batch, images, _ in sample_batches(sample_fn, indices, SHAPE, base_seed=3, num_classes=5, batch_size=batch_size):
             out.update(zip(batch, images))
         return out
 
@@ -110,11 +111,12 @@ def test_sample_set_is_independent_of_batch_size_and_rank_split():
     assert len({tuple(x.flatten().tolist()) for x in whole.values()}) == 10
     for other in [samples(range(10), 1), {**samples(range(0, 10, 2), 4), **samples(range(1, 10, 2), 1)}]:
         assert sorted(other) == sorted(whole) and all(torch.equal(other[i], whole[i]) for i in whole)
-    (_, other_seed), = sample_batches(sample_fn, range(1), SHAPE, base_seed=4, num_classes=5)
+    (_, other_seed, _), = sample_batches(sample_fn, range(1), SHAPE, base_seed=4, num_classes=5)
     assert not torch.equal(other_seed[0], whole[0])
 
 
 def test_callback_samples_the_same_set_for_batch_size_1_and_3(tmp_path):
+    """Through a Trainer, the grid of all 7 samples and the FID match for batch sizes 1 and 3."""
     grids, fids = [], []
     for batch_size in (1, 3):
         out = tmp_path / f"b{batch_size}"
@@ -130,11 +132,10 @@ def test_callback_samples_the_same_set_for_batch_size_1_and_3(tmp_path):
 @pytest.mark.parametrize("mode, best", [("min", 1), ("max", 2)])
 def test_best_epoch_follows_the_monitored_metric_and_saves_its_weights(tmp_path, mode, best):
     """Samples are shifted by 0.4, 0.0, 0.8 at epochs 0, 1, 2: FID is lowest at epoch 1 and highest at epoch 2."""
-    shifts, weights = [0.4, 0.0, 0.8], []
+    shifts, weights = [0.4, 0.0, 0.8], {}  # weights: the discriminator's state at each evaluation
 
     def sample_fn(discriminator, latents, class_labels, noise):
-        if not weights or weights[-1][0] != len(callback.history):
-            weights.append((len(callback.history), {k: v.clone() for k, v in discriminator.state_dict().items()}))
+        weights.setdefault(len(callback.history), {k: v.clone() for k, v in discriminator.state_dict().items()})
         return (0.3 * latents + shifts[len(callback.history)]).clip(-1, 1)
 
     callback = make_callback(tmp_path, sample_fn, mode=mode)
@@ -143,12 +144,13 @@ def test_best_epoch_follows_the_monitored_metric_and_saves_its_weights(tmp_path,
     assert fids[1] < fids[0] < fids[2]
     assert callback.best_epoch == best and callback.best_score == fids[best]
     saved = torch.load(tmp_path / "sampling" / "best_discriminator.pt", weights_only=True)
-    assert saved.keys() == weights[best][1].keys()
-    assert all(torch.equal(saved[k], weights[best][1][k]) for k in saved)
-    assert not torch.equal(weights[0][1]["head.weight"], weights[2][1]["head.weight"])  # the weights did change
+    assert saved.keys() == weights[best].keys()
+    assert all(torch.equal(saved[k], weights[best][k]) for k in saved)
+    assert not torch.equal(weights[0]["head.weight"], weights[2]["head.weight"])  # the weights did change
 
 
 def test_state_dict_round_trip_and_resume_from_checkpoint(tmp_path):
+    """state_dict/load_state_dict copy the record; a run resumed from last.ckpt continues history and keeps the best."""
     shifts = [0.0, 0.5, 0.3, 0.1]
 
     def sample_fn(discriminator, latents, class_labels, noise):
@@ -175,10 +177,16 @@ def test_state_dict_round_trip_and_resume_from_checkpoint(tmp_path):
 
 
 def test_grid_file_has_the_expected_size_and_goes_to_wandb(tmp_path, monkeypatch):
+    """The PNG grid has make_grid's pixel size and is logged (through the real WandbLogger.log_image) under the prefix."""
     logged = []
     logger = WandbLogger(save_dir=tmp_path, mode="disabled")
     original = logger.log_image
-    monkeypatch.setattr(logger, "log_image", lambda key, images, **kw: (logged.append((key, images, kw)), original(key, images, **kw)))
+
+    def spy(key, images, **kwargs):
+        logged.append((key, images, kwargs))
+        original(key, images, **kwargs)
+
+    monkeypatch.setattr(logger, "log_image", spy)
     callback = make_callback(tmp_path, plain_sample_fn, grid_size=5, prefix="probe", monitor="recall", mode="max")
     fit(tmp_path, [callback], max_epochs=1, logger=logger)
     path = tmp_path / "sampling" / "samples_epoch0.png"
@@ -212,8 +220,7 @@ def test_guided_sampling_leaves_no_parameter_gradients_and_restores_modes(tmp_pa
                                    [m.training for m in d.modules()], [p.requires_grad for p in d.parameters()]))
 
     before, after = Probe(), Probe()
-    module = DiscriminatorModule(TinyDiscriminator())
-    fit(tmp_path, [before, make_callback(tmp_path, sample_fn, num_samples=6), after], max_epochs=1, module=module)
+    fit(tmp_path, [before, make_callback(tmp_path, sample_fn, num_samples=6), after], max_epochs=1)
 
     assert seen and all(not training and not any(flags) and diff > 1e-3 for training, flags, diff in seen)
     (grads_b, modes_b, flags_b), (grads_a, modes_a, flags_a) = before.snapshots[0], after.snapshots[0]
@@ -223,7 +230,8 @@ def test_guided_sampling_leaves_no_parameter_gradients_and_restores_modes(tmp_pa
 
 
 def test_frozen_restores_after_an_error():
-    net = TinyDiscriminator().train()
+    """frozen() restores each submodule's mode and each parameter's flag even when the block raises."""
+    net = TinyDiscriminator()
     with pytest.raises(RuntimeError, match="boom"), frozen(net):
         assert not net.training and not any(p.requires_grad for p in net.parameters())
         raise RuntimeError("boom")
@@ -232,6 +240,7 @@ def test_frozen_restores_after_an_error():
 
 
 def test_argument_errors_name_the_argument(tmp_path):
+    """Bad arguments fail at construction with the argument's name; grid_size is capped at num_samples."""
     with pytest.raises(ValueError, match="monitor"):
         GuidedSamplingCallback(plain_sample_fn, GenerativeMetrics(Flatten(), precision_recall=False, reset_real_features=False),
                                SHAPE, 8, tmp_path, real_images=real_images(), monitor="precision")

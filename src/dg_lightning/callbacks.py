@@ -16,37 +16,12 @@ from lightning.pytorch.loggers import WandbLogger
 from torchmetrics.utilities.distributed import gather_all_tensors
 from torchvision.utils import save_image
 
-from dg_lightning.generate import SampleNoise, _write_atomic, sample_seed
+from dg_lightning.generate import sample_batches, to_uint8, write_atomic
 from dg_lightning.metrics import GenerativeMetrics
 from dg_lightning.progress import track
 
 MODES = ("min", "max")
 BEST_DISCRIMINATOR = "best_discriminator.pt"
-
-
-def to_uint8(images):
-    """Quantise [-1, 1] floats to uint8 as clip(x * 127.5 + 128, 0, 255), the convention of generate.py."""
-    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
-
-
-def sample_batches(sample_fn, indices, shape, base_seed=0, num_classes=None, batch_size=64, device="cpu"):
-    """Yield (batch indices, uint8 NCHW images) over `indices` in batches; sample i depends only on (base_seed, i).
-
-    Per batch: latents N(0, I) of (B, *shape) and labels (uniform in [0, num_classes), when given) come from
-    the samples' own generators (SampleNoise), then sample_fn(latents, labels or None, noise) returns
-    (B, C, H, W) floats in [-1, 1].
-    """
-    for start in range(0, len(indices), batch_size):
-        batch = indices[start : start + batch_size]
-        noise = SampleNoise([sample_seed(base_seed, i) for i in batch], device)
-        latents = noise.randn((len(batch), *shape))
-        images = sample_fn(latents, noise.randint(num_classes) if num_classes else None, noise)
-        if not torch.is_tensor(images) or not images.is_floating_point() or images.ndim != 4 or len(images) != len(batch):
-            found = f"{images.dtype} {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__
-            raise ValueError(f"sample_fn returned {found} for {len(batch)} samples; expected floats (B, C, H, W) in [-1, 1]")
-        if not torch.isfinite(images).all():
-            raise ValueError(f"sample_fn returned NaN or inf for samples {list(batch)}")
-        yield batch, to_uint8(images.detach())
 
 
 @contextlib.contextmanager
@@ -77,8 +52,8 @@ class GuidedSamplingCallback(L.Callback):
     first evaluation, and keeps them: build it with reset_real_features=False. real_images may be None
     only when the metrics need no real images (FID from fid_reference, precision_recall off).
 
-    Each evaluation logs `{prefix}/fid` (and `/precision`, `/recall`) on every rank (the values are
-    already reduced over ranks), and on rank 0 saves a grid of the first grid_size samples to
+    Each evaluation logs `{prefix}/fid` (and `/precision`, `/recall`) on every rank, so ModelCheckpoint
+    can monitor them, and on rank 0 saves a grid of the first grid_size samples to
     out_dir/samples_epoch{E}.png (E: the 0-based epoch index), logs it to any W&B logger as
     `{prefix}/samples`, and, when `monitor` improves (mode "min" or "max"), saves the discriminator's
     state_dict to out_dir/best_discriminator.pt. best_epoch, best_score and history (one dict per
@@ -146,11 +121,16 @@ class GuidedSamplingCallback(L.Callback):
         return self._generate_state_key(prefix=self.prefix)
 
     def setup(self, trainer, pl_module, stage):
-        """Check that the module holds a `discriminator` network."""
+        """Check that the module holds a `discriminator` network and that every rank gets a sample."""
         if not isinstance(getattr(pl_module, "discriminator", None), torch.nn.Module):
             raise TypeError(
                 f"GuidedSamplingCallback needs a LightningModule with a `discriminator` nn.Module "
                 f"(DiscriminatorModule), got {type(pl_module).__name__}"
+            )
+        if self.num_samples < trainer.world_size:
+            raise ValueError(
+                f"GuidedSamplingCallback num_samples={self.num_samples} is below the number of processes "
+                f"({trainer.world_size}): every rank needs at least one sample"
             )
 
     def on_train_epoch_end(self, trainer, pl_module):
@@ -159,7 +139,8 @@ class GuidedSamplingCallback(L.Callback):
         if (epoch + 1) % self.every_n_epochs:
             return
         results, grid = self._evaluate(trainer, pl_module)
-        pl_module.log_dict({f"{self.prefix}/{name}": value for name, value in results.items()}, sync_dist=False)
+        # The values are already reduced over ranks (equal everywhere); sync_dist's mean keeps them and Lightning quiet.
+        pl_module.log_dict({f"{self.prefix}/{name}": value for name, value in results.items()}, sync_dist=True)
         self.history.append({"epoch": epoch, **results})
         score = results[self.monitor]
         improved = self.best_score is None or (score < self.best_score if self.mode == "min" else score > self.best_score)
@@ -170,7 +151,7 @@ class GuidedSamplingCallback(L.Callback):
             self._save_grid(trainer, grid, epoch)
             if improved:
                 state = pl_module.discriminator.state_dict()
-                _write_atomic(self.out_dir / BEST_DISCRIMINATOR, lambda f: torch.save(state, f))
+                write_atomic(self.out_dir / BEST_DISCRIMINATOR, lambda f: torch.save(state, f))
 
     def _evaluate(self, trainer, pl_module):
         """Sample this rank's share, return (metrics over all ranks, the first grid_size samples in index order)."""
@@ -183,10 +164,12 @@ class GuidedSamplingCallback(L.Callback):
             self.real_images = None
         indices = range(rank, self.num_samples, world_size)
         sample_fn = functools.partial(self.sample_fn, pl_module.discriminator)
-        batches = sample_batches(sample_fn, indices, self.shape, self.base_seed, self.num_classes, self.batch_size, device)
+        batches = sample_batches(sample_fn, indices, self.shape, self.base_seed, self.num_classes, self.batch_size, device,
+                                 out_shape=(None, None, None))  # any (B, C, H, W) images
         grid = []
         with frozen(pl_module.discriminator), torch.no_grad():
-            for batch, images in track(batches, f"{self.prefix}: sampling", show, total=math.ceil(len(indices) / self.batch_size)):
+            for batch, images, _ in track(batches, f"{self.prefix}: sampling", show, total=math.ceil(len(indices) / self.batch_size)):
+                images = to_uint8(images)
                 self.metrics.update(images, real=False)
                 grid.append(images[: sum(i < self.grid_size for i in batch)])
         results = self.metrics.compute()

@@ -14,6 +14,24 @@ from torch.utils.data import DataLoader, Dataset
 from dg_lightning.sde import LinearVP
 
 
+def load_digits_split(split, num_held_out=597, seed=0):
+    """sklearn's digits as uint8 NHWC images (N, 8, 8, 1), values 0..16 scaled to 0..255, with int64 labels.
+
+    A fixed permutation (seed) puts num_held_out digits in split "held_out" and the rest in "train".
+    """
+    from sklearn.datasets import load_digits
+
+    if split not in ("train", "held_out"):
+        raise ValueError(f"digits split must be 'train' or 'held_out', got {split!r}")
+    digits = load_digits()
+    if not 0 < num_held_out < len(digits.images):
+        raise ValueError(f"data.num_held_out must be in (0, {len(digits.images)}), got {num_held_out}")
+    order = np.random.default_rng(seed).permutation(len(digits.images))
+    chosen = order[:num_held_out] if split == "held_out" else order[num_held_out:]
+    images = np.rint(digits.images[chosen] * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    return images, digits.target[chosen].astype(np.int64)
+
+
 class ArraySource(Dataset):
     """Clean samples x0 with optional class labels; uint8 NHWC images become float NCHW in [-1, 1]."""
 

@@ -14,7 +14,7 @@ number of ranks.
 import json
 import logging
 import os
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 
@@ -71,6 +71,44 @@ class SampleNoise:
                 f"the first dimension must be the number of samples"
             )
         return torch.stack([draw(g) for g in self.generators]).to(device or self.device)
+
+
+def to_uint8(x):
+    """Quantise [-1, 1] floats to uint8 as clip(x * 127.5 + 128, 0, 255) (EDM's and the DG authors' convention); the layout is kept."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+def sample_batches(sample_fn, indices, shape, base_seed=0, num_classes=None, batch_size=64, device="cpu", out_shape=None):
+    """Yield (batch indices, detached float samples, int64 labels or None) over `indices` in batches of batch_size.
+
+    Per batch: latents N(0, I) of (B, *shape), then the labels (uniform in [0, num_classes), when given),
+    come from the samples' own generators (SampleNoise), and sample_fn(latents, labels or None, noise)
+    must return finite floats of (B, *out_shape) (out_shape defaults to shape; a None entry accepts any
+    size). Sample i therefore depends only on (base_seed, i), not on the batch or the other indices.
+    """
+    out_shape = tuple(shape if out_shape is None else out_shape)
+    for start in range(0, len(indices), batch_size):
+        batch = indices[start : start + batch_size]
+        noise = SampleNoise([sample_seed(base_seed, i) for i in batch], device)
+        latents = noise.randn((len(batch), *shape))
+        labels = noise.randint(num_classes) if num_classes else None
+        x = sample_fn(latents, labels, noise)
+        expected = (len(batch), *out_shape)
+        if (not torch.is_tensor(x) or not x.is_floating_point() or x.ndim != len(expected)
+                or any(e is not None and s != e for s, e in zip(x.shape, expected))):
+            found = f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
+            shown = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+            raise ValueError(f"sample_fn returned {found} for samples {_describe(batch)}; expected floats {shown}")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"sample_fn returned NaN or inf for samples {_describe(batch)}")
+        yield batch, x.detach(), labels
+
+
+def _describe(indices):
+    """'a..b' for a run of consecutive indices, else the list of them (for error messages)."""
+    if isinstance(indices, range) and indices.step == 1:
+        return f"{indices.start}..{indices.stop - 1}"
+    return str(list(indices))
 
 
 def shard_name(k):
@@ -149,7 +187,7 @@ def generate(
         task = bar.add_task(f"generate {out_dir.name} [rank {rank}/{world_size}]", total=total, completed=done)
         for k in todo:
             arrays = _make_shard(sample_fn, manifest, out_shape, k, batch_size, device, lambda n: bar.advance(task, n))
-            _write_atomic(out_dir / shard_name(k), lambda f: np.savez(f, **arrays))
+            write_atomic(out_dir / shard_name(k), lambda f: np.savez(f, **arrays))
 
 
 def load_shards(folder, expect_shape=None, expect_labels=None):
@@ -226,7 +264,7 @@ def _claim(out_dir, manifest):
     """Write the manifest if the folder has none, then check that the folder's manifest is this run's."""
     path = out_dir / MANIFEST
     if not path.exists():
-        _write_atomic(path, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+        write_atomic(path, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
     found = _read_manifest(path)
     diffs = [
         f"{key}: folder has {found.get(key)!r}, this run has {value!r}"
@@ -298,24 +336,11 @@ def _make_shard(sample_fn, manifest, out_shape, k, batch_size, device, advance):
     classes = manifest["num_classes"]
     samples = np.empty((len(indices), *manifest["sample_shape"]), manifest["dtype"])
     labels = np.empty(len(indices), np.int64) if classes else None
-    for start in range(0, len(indices), batch_size):
-        batch = indices[start : start + batch_size]
-        rows = slice(start, start + len(batch))
-        noise = SampleNoise([sample_seed(manifest["base_seed"], i) for i in batch], device)
-        latents = noise.randn((len(batch), *manifest["shape"]))
-        class_labels = noise.randint(classes) if classes else None
-        x = sample_fn(latents, class_labels, noise)
-        if not torch.is_tensor(x) or not x.is_floating_point() or tuple(x.shape) != (len(batch), *out_shape):
-            found = f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(
-                f"sample_fn returned {found} for samples {batch.start}..{batch.stop - 1}; "
-                f"expected floats {(len(batch), *out_shape)}"
-            )
-        if not torch.isfinite(x).all():
-            raise ValueError(f"sample_fn returned NaN or inf for samples {batch.start}..{batch.stop - 1}")
-        x = x.detach()
+    batches = sample_batches(sample_fn, indices, manifest["shape"], manifest["base_seed"], classes, batch_size, device, out_shape)
+    for batch, x, class_labels in batches:
+        rows = slice(batch.start - indices.start, batch.stop - indices.start)
         if manifest["dtype"] == "uint8":
-            x = (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            x = to_uint8(x).permute(0, 2, 3, 1)
         samples[rows] = x.cpu().numpy()
         if classes:
             labels[rows] = class_labels.cpu().numpy()
@@ -324,17 +349,23 @@ def _make_shard(sample_fn, manifest, out_shape, k, batch_size, device, advance):
     return arrays if labels is None else {**arrays, "labels": labels}
 
 
-def _write_atomic(path, write):
-    """Write a file through a temp file in the same folder, fsync and rename, so no reader sees a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+def write_atomic(path, write):
+    """Write the file at `path` with write(binary file object) through a temp file in the same folder, fsync and rename.
+
+    No reader ever sees a partial file, and a failed write leaves neither a temp file nor a changed `path`.
+    The temp file is `.{stem}.{pid}.{random}.tmp`; the file gets the permissions of any new file (0o666 & ~umask).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    f = open(tmp, "xb")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

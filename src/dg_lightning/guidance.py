@@ -5,7 +5,8 @@ A guidance term has a per-sample log density L(x_vp, tau, y) in VP coordinates:
 - classifier guidance: L = log p(y | x_vp, tau).
 It is evaluated in the sampler's own coordinates: EDM's x (x_vp = x / sqrt(1 + sigma^2), tau = tau(sigma))
 or DDPM's x_k (already VP). Autograd through the scaling gives grad_x = grad_{x_vp} / sqrt(1 + sigma^2).
-Only the input is differentiated; the networks are frozen.
+Only the input is differentiated (autograd.grad w.r.t. x): no parameter gradient is accumulated, so a
+discriminator can be used for guidance in the middle of its own training (the sampling callback).
 """
 
 import torch
@@ -76,8 +77,7 @@ class DiscriminatorGuidance(GradientGuidance):
 
     def __init__(self, discriminator, t_min=0.01, t_max=1.0, clip=None, vp: LinearVP = LinearVP()):
         super().__init__(t_min, t_max, vp)
-        self.discriminator = discriminator.eval().requires_grad_(False) if isinstance(discriminator, torch.nn.Module) else discriminator
-        self.clip = clip
+        self.discriminator, self.clip = discriminator, clip
 
     def log_density(self, x_vp, tau, class_labels):
         """The log density ratio log(d / (1 - d)) = log(p_tau / q_tau) at the optimum."""
@@ -89,7 +89,7 @@ class ClassifierGuidance(GradientGuidance):
 
     def __init__(self, classifier, t_min=0.0, t_max=1.0, vp: LinearVP = LinearVP()):
         super().__init__(t_min, t_max, vp)
-        self.classifier = classifier.eval().requires_grad_(False) if isinstance(classifier, torch.nn.Module) else classifier
+        self.classifier = classifier
 
     def log_density(self, x_vp, tau, class_labels):
         """log p(y | x_vp, tau) for the given int64 class labels."""

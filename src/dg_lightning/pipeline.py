@@ -4,21 +4,29 @@ Stages run in order (generate fakes -> train the discriminator -> sample and eva
 stops after that stage. Finished stages are cached by config fingerprint (dg_lightning.stages).
 """
 
+import json
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lightning.pytorch.loggers import CSVLogger
+
+from dg_lightning.callbacks import BEST_DISCRIMINATOR, GuidedSamplingCallback
 from dg_lightning.config import ConfigError, validate
-from dg_lightning.data import ArraySource
-from dg_lightning.metrics import sliced_wasserstein
-from dg_lightning.plots import toy2d_figure
+from dg_lightning.data import ArraySource, load_digits_split
+from dg_lightning.generate import generate, load_shards
+from dg_lightning.metrics import ClassifierFeatures, GenerativeMetrics, sliced_wasserstein
+from dg_lightning.nets.adm import Discriminator
+from dg_lightning.plots import image_grid, toy2d_figure
+from dg_lightning.pretrain import NoisyClassifierModule, ScoreModule, clean_loader, train_feature_classifier
 from dg_lightning.samplers import edm_sampler
 from dg_lightning.sde import LinearVP
-from dg_lightning.stages import (atomic_save, build_loggers, dg_guidance, finish_loggers, sampler_kwargs, stage_dir,
-                                 train_discriminator, write_metrics)
+from dg_lightning.stages import (atomic_save, build_loggers, dg_guidance, fingerprint, finish_loggers, fit, sampler_kwargs,
+                                 stage_dir, train_discriminator, write_metrics)
 from dg_lightning.toy import MixtureDenoiser, OptimalDiscriminator
 
 TOY_STAGES = ("generate", "train", "sample")
@@ -90,7 +98,142 @@ def run_toy2d(cfg: DictConfig):
     return metrics
 
 
-PIPELINES = {"toy2d": run_toy2d}
+DIGITS_STAGES = ("pretrain_score", "pretrain_classifier", "generate", "train", "sample")
+DIGITS_DATA_KEYS = ["data.num_held_out", "data.split_seed"]
+
+
+def _frozen(net, weights):
+    """net with the state dict in `weights` (weights_only), in eval mode, without parameter gradients."""
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return net.eval().requires_grad_(False)
+
+
+def pretrained_score(cfg: DictConfig, train: ArraySource):
+    """Stage pretrain_score: the EDM denoiser (EMA weights) trained with the EDM loss on the training digits."""
+    folder = stage_dir(cfg, "pretrain_score", ["seed", "score", *DIGITS_DATA_KEYS])
+    weights = folder / "score_ema.pt"
+    if not weights.exists():
+        s = cfg.score
+        module = ScoreModule(instantiate(s.net), instantiate(s.loss), lr=s.lr, warmup_steps=s.warmup_steps,
+                             ema_halflife_images=s.ema_halflife_images)
+        fit(cfg, module, clean_loader(train, s.batch_size), folder, [CSVLogger(folder, name="", version="")],
+            max_steps=s.max_steps, max_epochs=-1)
+        atomic_save(module.ema_network().state_dict(), weights)
+    return _frozen(instantiate(cfg.score.net), weights)
+
+
+def pretrained_classifier(cfg: DictConfig, train: ArraySource):
+    """Stage pretrain_classifier: the noise-aware EncoderUNet p(y | x_t, t) on LVP-noised training digits."""
+    c = cfg.discriminator.classifier
+    folder = stage_dir(cfg, "pretrain_classifier", ["seed", "discriminator.classifier", "data.t_min", *DIGITS_DATA_KEYS])
+    weights = folder / "classifier.pt"
+    if not weights.exists():
+        module = NoisyClassifierModule(instantiate(c.net), lr=c.lr, weight_decay=c.weight_decay, t_min=cfg.data.t_min)
+        fit(cfg, module, clean_loader(train, c.batch_size), folder, [CSVLogger(folder, name="", version="")],
+            max_steps=c.max_steps, max_epochs=-1)
+        atomic_save(module.classifier.state_dict(), weights)
+    return _frozen(instantiate(c.net), weights)
+
+
+def sample_images(cfg: DictConfig, denoiser, folder, num_samples, base_seed, discriminator=None):
+    """Images from the EDM sampler (with DG when a discriminator is given) through the sharded, resumable generator."""
+    guided = discriminator is not None
+    kwargs = sampler_kwargs(cfg) if guided else {k: v for k, v in sampler_kwargs(cfg).items() if k not in ("w1", "w2", "boosting")}
+    guidance = dg_guidance(cfg, discriminator) if guided else None
+
+    def sample_fn(latents, class_labels, noise):
+        return edm_sampler(denoiser, latents, None, guidance, randn_like=noise.randn_like, **kwargs)
+
+    shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
+    generate(sample_fn, folder, num_samples, shape, base_seed=base_seed, batch_size=cfg.metrics.batch_size,
+             fingerprint=fingerprint(cfg, ["sampler", "guidance"] if guided else ["sampler"]))
+    return load_shards(folder)[0]
+
+
+def digits_metrics(features, reference, images):
+    """FID / precision / recall of uint8 NHWC images against the reference images in a feature space."""
+    metrics = GenerativeMetrics(features)
+    nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)  # noqa: E731
+    metrics.update(nchw(reference), real=True)
+    metrics.update(nchw(images), real=False)
+    return metrics.compute()
+
+
+def feature_network(cfg: DictConfig, images, labels):
+    """Stage feature_net: the metrics' digits classifier, trained on the clean training digits (never DG's own networks)."""
+    m = cfg.metrics
+    weights = stage_dir(cfg, "feature_net", ["metrics.feature_net", "metrics.feature_steps", *DIGITS_DATA_KEYS]) / "feature_net.pt"
+    if not weights.exists():
+        atomic_save(train_feature_classifier(instantiate(m.feature_net), images, labels, m.feature_steps).state_dict(), weights)
+    return _frozen(instantiate(m.feature_net), weights)
+
+
+def sampling_callback(cfg: DictConfig, denoiser, features, real_images, folder):
+    """GuidedSamplingCallback: every few epochs, DG samples from the current discriminator, scored against real images."""
+    c = cfg.metrics.sampling_callback
+    kwargs = sampler_kwargs(cfg)
+
+    def sample_fn(discriminator, latents, class_labels, noise):
+        return edm_sampler(denoiser, latents, None, dg_guidance(cfg, discriminator), randn_like=noise.randn_like, **kwargs)
+
+    shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
+    return GuidedSamplingCallback(
+        sample_fn, GenerativeMetrics(features, reset_real_features=False), shape, c.num_samples, folder / "sampling",
+        real_images=torch.from_numpy(real_images).permute(0, 3, 1, 2), every_n_epochs=c.every_n_epochs,
+        batch_size=cfg.metrics.batch_size, base_seed=cfg.metrics.sampling_seed + 1, monitor="fid", mode="min")
+
+
+def best_epoch_record(callback, folder):
+    """{sampling/best_epoch, sampling/best_fid}, from this fit or (for a cached stage) from the record it left."""
+    record = folder / "best_epoch.json"
+    if callback.best_epoch is not None:
+        record.write_text(json.dumps({"sampling/best_epoch": callback.best_epoch, "sampling/best_fid": callback.best_score}))
+    return json.loads(record.read_text()) if record.exists() else {}
+
+
+def run_digits(cfg: DictConfig):
+    """The digits experiment: pretrain score model and classifier -> fakes -> DG head -> sample with/without DG -> evaluate."""
+    d = cfg.data
+    train_images, train_labels = load_digits_split("train", d.num_held_out, d.split_seed)
+    held_out, _ = load_digits_split("held_out", d.num_held_out, d.split_seed)
+    train = ArraySource(train_images, train_labels, name="digits train split")
+    L.seed_everything(cfg.seed, verbose=False)
+    stop = DIGITS_STAGES.index(cfg.stage) if cfg.stage != "all" else len(DIGITS_STAGES) - 1
+    out_dir, metrics, loggers = Path(cfg.paths.output_dir), {}, build_loggers(cfg)
+
+    denoiser = pretrained_score(cfg, train)
+    classifier = pretrained_classifier(cfg, train) if stop >= 1 else None
+    if stop >= 2:
+        fake_dir = stage_dir(cfg, "generate", ["seed", "score", "sampler", "data.num_fake", *DIGITS_DATA_KEYS])
+        fakes = sample_images(cfg, denoiser, fake_dir, d.num_fake, base_seed=cfg.seed)
+    if stop >= 3:
+        features = ClassifierFeatures(feature_network(cfg, train_images, train_labels), head="fc")
+        discriminator = Discriminator(classifier, instantiate(cfg.discriminator.head))
+        keys = ["seed", "score", "sampler", "data", "discriminator", "trainer.max_epochs", "trainer.max_steps", "metrics"]
+        callback = sampling_callback(cfg, denoiser, features, held_out, stage_dir(cfg, "train", keys))
+        discriminator = train_discriminator(cfg, train, ArraySource(fakes, name=f"fakes in {fake_dir}"), discriminator,
+                                            loggers, keys, callbacks=[callback])
+        metrics.update(best_epoch_record(callback, stage_dir(cfg, "train", keys)))
+        if cfg.discriminator.select == "best":
+            discriminator = _frozen(discriminator, stage_dir(cfg, "train", keys) / BEST_DISCRIMINATOR)
+    if stop >= 4:
+        m = cfg.metrics
+        discriminator.eval().requires_grad_(False)
+        samples = {
+            "eval": sample_images(cfg, denoiser, out_dir / "samples_dg", m.num_samples, m.sampling_seed, discriminator),
+            "eval_unguided": sample_images(cfg, denoiser, out_dir / "samples_no_dg", m.num_samples, m.sampling_seed),
+            "eval_floor": train_images[np.random.default_rng(m.sampling_seed).permutation(len(train_images))[:m.num_samples]],
+        }
+        for prefix, images in samples.items():
+            scores = digits_metrics(features, held_out, images)
+            metrics.update({f"{prefix}/{k}": v for k, v in scores.items() if prefix != "eval_floor" or k == "fid"})
+        image_grid(samples, out_dir / "digits_samples.png")
+    write_metrics(out_dir, metrics)
+    finish_loggers(loggers, metrics)
+    return metrics
+
+
+PIPELINES = {"toy2d": run_toy2d, "digits": run_digits}
 
 
 def run(cfg: DictConfig):
@@ -98,7 +241,7 @@ def run(cfg: DictConfig):
     validate(cfg)
     if cfg.pipeline not in PIPELINES:
         raise ConfigError("pipeline", f"unknown pipeline {cfg.pipeline!r}", f"use one of {sorted(PIPELINES)}")
-    stages = {"toy2d": TOY_STAGES}[cfg.pipeline]
+    stages = {"toy2d": TOY_STAGES, "digits": DIGITS_STAGES}[cfg.pipeline]
     if cfg.stage != "all" and cfg.stage not in stages:
         raise ConfigError("stage", f"unknown stage {cfg.stage!r} for pipeline {cfg.pipeline}", f"use all or one of {list(stages)}")
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)

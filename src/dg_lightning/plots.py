@@ -41,3 +41,18 @@ def sweep_figure(rows, metric, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def image_grid(samples, path, count=64):
+    """One panel per named uint8 NHWC sample set: the first `count` images tiled in a square grid."""
+    fig, axes = plt.subplots(1, len(samples), figsize=(4 * len(samples), 4))
+    for ax, (name, images) in zip(axes, samples.items()):
+        n = int(min(count, len(images)) ** 0.5)
+        h, w, c = images.shape[1:]
+        tiles = images[: n * n].reshape(n, n, h, w, c).transpose(0, 2, 1, 3, 4).reshape(n * h, n * w, c)
+        ax.imshow(tiles.squeeze(-1) if c == 1 else tiles, cmap="gray" if c == 1 else None, vmin=0, vmax=255)
+        ax.set_title(name)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from dg_lightning.data import ArraySource, keep_batch
+from dg_lightning.progress import track
 from dg_lightning.sde import LinearVP
 
 
@@ -159,3 +160,17 @@ class NoisyClassifierModule(L.LightningModule):
         """Adam with (L2) weight decay on the classifier's parameters."""
         return torch.optim.Adam(self.classifier.parameters(), lr=self.hparams.lr,
                                 weight_decay=self.hparams.weight_decay)
+
+
+def train_feature_classifier(net, images, labels, steps=500, lr=1e-3, seed=0, progress=True):
+    """Full-batch Adam on cross-entropy of clean uint8 NHWC images (mapped to [-1, 1] NCHW); returns the net in eval mode."""
+    torch.manual_seed(seed)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    y = torch.as_tensor(labels)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    for _ in track(range(steps), "feature classifier", enabled=progress):
+        loss = F.cross_entropy(net(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return net.eval()

@@ -6,15 +6,16 @@ instead of rerun, so a sweep over sampling settings reuses the trained discrimin
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from dg_lightning.data import ArraySource, RealFakeDataModule
+from dg_lightning.generate import write_atomic
 from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.module import DiscriminatorModule
 
@@ -34,17 +35,15 @@ def stage_dir(cfg: DictConfig, stage, keys):
 
 
 def atomic_save(obj, path: Path, save=torch.save):
-    """Write to a temporary file next to path, then rename: a killed run never leaves a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save(obj, tmp)
-    os.replace(tmp, path)
+    """save(obj, binary file object) through generate.write_atomic: a killed run never leaves a partial file."""
+    write_atomic(path, lambda f: save(obj, f))
 
 
 def write_metrics(out_dir, metrics):
     """Write metrics.json (flat keys, float values) into the run folder; returns the path."""
     path = Path(out_dir) / "metrics.json"
     atomic_save({k: float(v) for k, v in sorted(metrics.items())}, path,
-                save=lambda obj, p: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
+                save=lambda obj, f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
     return path
 
 
@@ -76,7 +75,16 @@ def finish_loggers(loggers, metrics):
             wandb.finish()
 
 
-def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, net, loggers, keys):
+def fit(cfg: DictConfig, module, data, folder, loggers=(), callbacks=(), **trainer_overrides):
+    """Fit a LightningModule with cfg.trainer (plus the configured callbacks) in folder; returns the trainer."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(callbacks)
+    trainer = instantiate(cfg.trainer, default_root_dir=str(folder), logger=list(loggers) or False, callbacks=callbacks,
+                          **trainer_overrides)
+    trainer.fit(module, data)
+    return trainer
+
+
+def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, net, loggers, keys, callbacks=()):
     """Train (or load from the stage cache) the discriminator net on real vs fake; returns the trained net."""
     folder = stage_dir(cfg, "train", keys)
     weights = folder / "discriminator.pt"
@@ -87,8 +95,8 @@ def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, n
     datamodule = RealFakeDataModule(real, fake, batch_size=d.batch_size, t_min=d.t_min, importance=d.importance_sampling,
                                     num_workers=d.num_workers, seed=cfg.seed, conditional=cfg.discriminator.get("conditional", False))
     module = DiscriminatorModule(net, cfg.discriminator.objective, cfg.discriminator.lr, cfg.discriminator.weight_decay)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    trainer = instantiate(cfg.trainer, default_root_dir=str(folder), logger=loggers or False, callbacks=callbacks)
-    trainer.fit(module, datamodule)
+    every_epoch = ModelCheckpoint(dirpath=folder / "checkpoints", filename="epoch{epoch:03d}", auto_insert_metric_name=False,
+                                  every_n_epochs=1, save_top_k=-1, save_last=True)
+    fit(cfg, module, datamodule, folder, loggers, [every_epoch, *callbacks])
     atomic_save(net.state_dict(), weights)
     return net
