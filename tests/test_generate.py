@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from dg_lightning.generate import MANIFEST, SampleNoise, ShardError, generate, load_shards, sample_seed, shard_name
+from dg_lightning.generate import (MANIFEST, SampleNoise, ShardError, generate, load_shards, sample_batches, sample_seed,
+                                  shard_name, write_atomic)
 
 SHAPE = (3, 4, 5)  # C, H, W: stored as (4, 5, 3)
 N, SHARD = 20, 6  # shards of 6, 6, 6, 2
@@ -283,3 +284,33 @@ def test_bad_sampler_output_is_reported(tmp_path):
         generate(lambda x, y, n: x / 0.0, tmp_path / "b", 4, SHAPE, batch_size=2, progress=False)
     with pytest.raises(ValueError, match=r"out_shape must be \(C, H, W\)"):
         generate(toy_fn, tmp_path / "c", 4, (2,), progress=False)
+
+
+def test_sample_batches_yields_labels_and_names_strided_samples_in_errors():
+    """Batches of a rank's strided indices: labels come with the samples; a None in out_shape accepts any size."""
+    (b0, x0, y0), (b1, x1, y1) = sample_batches(toy_fn, range(1, 8, 2), SHAPE, num_classes=3, batch_size=2, out_shape=(3, None, 5))
+    assert (list(b0), list(b1)) == ([1, 3], [5, 7]) and x0.shape == (2, *SHAPE) and not x0.requires_grad
+    noise = SampleNoise([sample_seed(0, 5), sample_seed(0, 7)])
+    noise.randn((2, *SHAPE))
+    assert torch.equal(y1, noise.randint(3))
+    with pytest.raises(ValueError, match=r"float32 \(2, 3, 5, 4\) for samples \[1, 3\]; expected floats \(2, 3, \*, 5\)"):
+        next(sample_batches(lambda x, y, n: x.transpose(2, 3), range(1, 8, 2), SHAPE, batch_size=2, out_shape=(3, None, 5)))
+
+
+def test_write_atomic_leaves_the_old_file_and_no_temp_on_failure(tmp_path):
+    """A write that raises keeps the previous contents and removes its temp file; new files get umask permissions."""
+    path = tmp_path / "weights.pt"
+    write_atomic(path, lambda f: torch.save({"a": torch.ones(2)}, f))
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+    def crash(f):
+        f.write(b"half")
+        raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        write_atomic(str(path), crash)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.pt"]

@@ -8,7 +8,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
