@@ -24,6 +24,7 @@ from dg_lightning.checkpoints import (
 from dg_lightning.nets import adm, edm
 from dg_lightning.score_loss import EDMLoss
 from dg_lightning.sde import cosine_time_from_tau
+from netutils import randomized, randomized_zeros
 
 # --- writing EDM-format pickles ---
 
@@ -81,13 +82,6 @@ def write_edm_pickle(monkeypatch):
     return write
 
 
-def randomized(net, seed=0):
-    """Overwrite every parameter with Gaussian noise, so that zero-initialised output layers do not hide anything."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in net.parameters():
-            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
-    return net
 
 
 # Tiny networks for 8x8 grey images; the arguments differ from the constructors' defaults, so a loader that
@@ -224,14 +218,6 @@ def test_load_edm_rejects_arguments_its_class_does_not_take(tmp_path, write_edm_
 
 # --- ADM classifiers and DG heads ---
 
-def randomized_adm(net, seed=0):
-    """Fill the zero-initialised parameters (residual branch outputs) with noise, so every branch acts."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in net.parameters():
-            if not parameter.any():
-                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
-    return net
 
 
 def tiny_classifier(in_channels):
@@ -264,7 +250,7 @@ def assert_frozen_eval(net):
 
 @pytest.mark.parametrize("config", ["cifar10", "latent", "adm64"])
 def test_load_adm_classifier_loads_strictly(tmp_path, tiny_classifiers, config):
-    source = randomized_adm(checkpoints.ADM_CLASSIFIERS[config].build()).eval()
+    source = randomized_zeros(checkpoints.ADM_CLASSIFIERS[config].build()).eval()
     loaded = load_adm_classifier(saved(source, tmp_path / "classifier.pt"), config)
 
     state = loaded.state_dict()
@@ -281,8 +267,8 @@ def test_load_adm_classifier_loads_strictly(tmp_path, tiny_classifiers, config):
 ])
 def test_load_dg_discriminator_matches_its_source_networks(tmp_path, tiny_classifiers, classifier, num_classes,
                                                            time_map):
-    extractor = randomized_adm(checkpoints.ADM_CLASSIFIERS[classifier].build())
-    head = randomized_adm(adm.dg_head(extractor.feature_channels, num_classes), seed=1)
+    extractor = randomized_zeros(checkpoints.ADM_CLASSIFIERS[classifier].build())
+    head = randomized_zeros(adm.dg_head(extractor.feature_channels, num_classes), seed=1)
     reference = adm.Discriminator(extractor, head, time_map).eval()
 
     loaded = load_dg_discriminator(saved(extractor, tmp_path / "classifier.pt"), saved(head, tmp_path / "head.pt"),
@@ -298,7 +284,7 @@ def test_load_dg_discriminator_matches_its_source_networks(tmp_path, tiny_classi
 
 def test_released_latent_discriminator_loads_strictly(tmp_path):
     """The real layouts of DG_imagenet's 32x32_classifier.pt (159 tensors) and discriminator_7.pt (72 tensors)."""
-    extractor, head = randomized_adm(adm.latent_classifier()), randomized_adm(adm.dg_head(384, num_classes=1000), 1)
+    extractor, head = randomized_zeros(adm.latent_classifier()), randomized_zeros(adm.dg_head(384, num_classes=1000), 1)
     loaded = load_dg_discriminator(saved(extractor, tmp_path / "32x32_classifier.pt"),
                                    saved(head, tmp_path / "discriminator_7.pt"), classifier="latent", num_classes=1000)
 

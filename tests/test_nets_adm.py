@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from dg_lightning.nets import adm
 from dg_lightning.sde import cosine_time_from_tau
+from netutils import randomized_zeros
 
 
 def tiny_extractor():
@@ -26,19 +27,11 @@ def tiny_head(num_classes=None):
     )
 
 
-def randomized(net, seed=0):
-    """Fill the zero-initialised parameters with Gaussian noise, so every residual branch acts."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in net.parameters():
-            if not parameter.any():
-                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
-    return net
 
 
 def tiny_discriminator(num_classes=None, time_map=None):
     """tiny_extractor (frozen) + tiny_head, both with every branch active."""
-    return adm.Discriminator(randomized(tiny_extractor()), randomized(tiny_head(num_classes), seed=1), time_map)
+    return adm.Discriminator(randomized_zeros(tiny_extractor()), randomized_zeros(tiny_head(num_classes), seed=1), time_map)
 
 
 # --- released configurations (built on the meta device: no memory, no compute) ---
@@ -155,7 +148,7 @@ def test_qkv_attention_matches_naive_softmax_attention(heads_first):
 
 
 def test_attention_block_uses_legacy_layout_and_pool_uses_split_first_layout():
-    block = randomized(adm.AttentionBlock(64, num_head_channels=16))
+    block = randomized_zeros(adm.AttentionBlock(64, num_head_channels=16))
     x = torch.randn(2, 64, 4, 4)
     tokens = x.flatten(2)
     expected = tokens + block.proj_out(naive_attention(block.qkv(block.norm(tokens)), 4, heads_first=True))
@@ -209,7 +202,7 @@ def test_without_scale_shift_norm_the_embedding_gives_one_vector_per_channel():
 # --- forward behaviour ---
 
 def test_head_gives_one_logit_and_depends_on_fractional_time():
-    head = randomized(tiny_head())
+    head = randomized_zeros(tiny_head())
     features = torch.randn(3, 64, 4, 4)
     t = torch.tensor([10.0, 500.0, 990.0])
     logits = head(features, t)

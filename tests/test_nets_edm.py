@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from dg_lightning.nets import edm
 from dg_lightning.score_loss import EDMLoss, VELoss, VPLoss
+from netutils import randomized
 
 # Network arguments of EDM's released pickles (`_init_kwargs` of the top EDMPrecond).
 DDPMPP = dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
@@ -35,13 +36,6 @@ def released(img_resolution, label_dim, kwargs):
     return net, {name: list(t.shape) for name, t in net.state_dict().items()}
 
 
-def randomized(net, seed=0):
-    """Overwrite every parameter with Gaussian noise, so that zero-initialised output layers do not hide anything."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in net.parameters():
-            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
-    return net
 
 
 def one_hot(indices, label_dim=10):
