@@ -11,9 +11,8 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-
 from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
 
 from dg_lightning.callbacks import BEST_DISCRIMINATOR, GuidedSamplingCallback
 from dg_lightning.config import ConfigError, validate
