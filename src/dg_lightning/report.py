@@ -36,7 +36,7 @@ def markdown_table(rows, metric):
     values = defaultdict(dict)
     for weight, t_min, value in rows:
         values[weight][t_min] = value
-    lines = [f"| dg weight | " + " | ".join(f"{metric} (t_min={t})" for t in t_mins) + " |",
+    lines = ["| dg weight | " + " | ".join(f"{metric} (t_min={t})" for t in t_mins) + " |",
              "|---|" + "---|" * len(t_mins)]
     for weight in sorted(values):
         cells = [f"{values[weight][t]:.4f}" if t in values[weight] else "" for t in t_mins]

@@ -1,6 +1,5 @@
 """The toy 2-D discriminator (paper §5.1): an MLP, 4 layers x 256 units, with a time embedding."""
 
-import torch
 from torch import nn
 
 from dg_lightning.nets.embedding import timestep_embedding
