@@ -179,7 +179,7 @@ def sampling_callback(cfg: DictConfig, denoiser, features, real_images, folder):
     return GuidedSamplingCallback(
         sample_fn, GenerativeMetrics(features, reset_real_features=False), shape, c.num_samples, folder / "sampling",
         real_images=torch.from_numpy(real_images).permute(0, 3, 1, 2), every_n_epochs=c.every_n_epochs,
-        batch_size=cfg.metrics.batch_size, base_seed=cfg.metrics.sampling_seed + 1, monitor="fid", mode="min")
+        batch_size=cfg.metrics.batch_size, base_seed=c.seed, monitor="fid", mode="min")
 
 
 def best_epoch_record(callback, folder):
@@ -208,7 +208,8 @@ def run_digits(cfg: DictConfig):
     if stop >= 3:
         features = ClassifierFeatures(feature_network(cfg, train_images, train_labels), head="fc")
         discriminator = Discriminator(classifier, instantiate(cfg.discriminator.head))
-        keys = ["seed", "score", "sampler", "data", "discriminator", "trainer.max_epochs", "trainer.max_steps", "metrics"]
+        keys = ["seed", "score", "sampler", "data", "discriminator", "trainer.max_epochs", "trainer.max_steps",
+                "metrics.feature_net", "metrics.feature_steps", "metrics.sampling_callback"]
         callback = sampling_callback(cfg, denoiser, features, held_out, stage_dir(cfg, "train", keys))
         discriminator = train_discriminator(cfg, train, ArraySource(fakes, name=f"fakes in {fake_dir}"), discriminator,
                                             loggers, keys, callbacks=[callback])
