@@ -40,7 +40,7 @@ def test_reduced_digits_run_goes_through_every_stage_and_reuses_them(tmp_path):
     run()
     cache = tmp_path / "logs" / "cache" / "digits_edm_g++"
     stages = sorted(p.name.split("-")[0] for p in cache.iterdir())
-    assert stages == ["feature_net", "generate", "pretrain_classifier", "pretrain_score", "train"]
+    assert stages == ["feature_net", "generate", "pretrain_classifier", "pretrain_score", "sample_unguided", "train"]
     (train_dir,) = cache.glob("train-*")
     assert sorted(p.name for p in (train_dir / "checkpoints").iterdir()) == ["epoch000.ckpt", "epoch001.ckpt", "last.ckpt"]
     assert sorted(p.name for p in (train_dir / "sampling").glob("samples_epoch*.png")) == ["samples_epoch0.png", "samples_epoch1.png"]
@@ -51,6 +51,6 @@ def test_reduced_digits_run_goes_through_every_stage_and_reuses_them(tmp_path):
             assert math.isfinite(metrics[f"{prefix}/{name}"])
     assert metrics["eval_floor/fid"] < metrics["eval_unguided/fid"]  # a 20-step score model is far from the data
     assert metrics["sampling/best_epoch"] in (0, 1)
-    # A different DG weight reuses every cached stage: no new stage folder.
+    # A different DG weight reuses every cached stage (the unguided samples too): no new stage folder.
     run("guidance.dg.weight=1.0")
-    assert len(list(cache.iterdir())) == 5
+    assert len(list(cache.iterdir())) == 6

@@ -99,6 +99,7 @@ def run_toy2d(cfg: DictConfig):
 
 DIGITS_STAGES = ("pretrain_score", "pretrain_classifier", "generate", "train", "sample")
 DIGITS_DATA_KEYS = ["data.num_held_out", "data.split_seed"]
+UNGUIDED_KEYS = ["seed", "score", "sampler", "metrics.num_samples", "metrics.sampling_seed", *DIGITS_DATA_KEYS]  # shared by DG sweeps
 
 
 def _frozen(net, weights):
@@ -221,7 +222,8 @@ def run_digits(cfg: DictConfig):
         discriminator.eval().requires_grad_(False)
         samples = {
             "eval": sample_images(cfg, denoiser, out_dir / "samples_dg", m.num_samples, m.sampling_seed, discriminator),
-            "eval_unguided": sample_images(cfg, denoiser, out_dir / "samples_no_dg", m.num_samples, m.sampling_seed),
+            "eval_unguided": sample_images(cfg, denoiser, stage_dir(cfg, "sample_unguided", UNGUIDED_KEYS), m.num_samples,
+                                           m.sampling_seed),
             "eval_floor": train_images[np.random.default_rng(m.sampling_seed).permutation(len(train_images))[:m.num_samples]],
         }
         for prefix, images in samples.items():
