@@ -60,7 +60,7 @@ def run_toy2d(cfg: DictConfig):
     out_dir, stop = cfg.paths.output_dir, TOY_STAGES.index(cfg.stage) if cfg.stage != "all" else len(TOY_STAGES) - 1
     loggers = build_loggers(cfg)
     denoiser = MixtureDenoiser(model)
-    unguided = {k: v for k, v in sampler_kwargs(cfg).items() if k not in ("w1", "w2", "boosting")}
+    unguided = sampler_kwargs(cfg, guided=False)
 
     # Stage 1: fakes x0 ~ q through the model's PF-ODE (no guidance).
     fakes_file = stage_dir(cfg, "generate", ["seed", "score", "sampler", "data.num_fake"]) / "fakes.pt"
@@ -138,7 +138,7 @@ def pretrained_classifier(cfg: DictConfig, train: ArraySource):
 def sample_images(cfg: DictConfig, denoiser, folder, num_samples, base_seed, discriminator=None):
     """Images from the EDM sampler (with DG when a discriminator is given) through the sharded, resumable generator."""
     guided = discriminator is not None
-    kwargs = sampler_kwargs(cfg) if guided else {k: v for k, v in sampler_kwargs(cfg).items() if k not in ("w1", "w2", "boosting")}
+    kwargs = sampler_kwargs(cfg, guided)
     guidance = dg_guidance(cfg, discriminator) if guided else None
 
     def sample_fn(latents, class_labels, noise):

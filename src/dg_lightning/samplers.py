@@ -65,7 +65,7 @@ def edm_sampler(
             churn = torch.where(log_ratio < 0, torch.full_like(churn, BOOST_CHURN), churn)
         gamma = torch.clamp(churn / num_steps, max=math.sqrt(2.0) - 1.0) * float(S_min <= t_cur <= S_max)
         t_hat = t_cur * (1.0 + gamma)
-        x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt().view(bshape) * S_noise * randn_like(x_cur)
+        x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt().view(bshape) * S_noise * randn_like(x_cur) if (gamma > 0).any() else x_cur
 
         # Euler step with the DG correction of weight w1 (doubled by boosting on even steps where log ratio < 0).
         d_cur = score_slope(x_hat, t_hat)

@@ -8,9 +8,12 @@ import hashlib
 import json
 from pathlib import Path
 
+import lightning as L
 import torch
+import wandb
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from dg_lightning.data import ArraySource, RealFakeDataModule
@@ -46,10 +49,13 @@ def write_metrics(out_dir, metrics):
     return path
 
 
-def sampler_kwargs(cfg: DictConfig):
-    """The edm_sampler keyword arguments of cfg.sampler and cfg.guidance.dg (weights, boosting)."""
+def sampler_kwargs(cfg: DictConfig, guided=True):
+    """The edm_sampler keyword arguments of cfg.sampler, plus cfg.guidance.dg's weights and boosting when guided."""
+    kwargs = OmegaConf.to_container(cfg.sampler, resolve=True)
+    if not guided:
+        return kwargs
     dg = cfg.guidance.dg
-    return dict(OmegaConf.to_container(cfg.sampler, resolve=True), w1=dg.weight, w2=dg.weight_2nd, boosting=dg.boosting)
+    return dict(kwargs, w1=dg.weight, w2=dg.weight_2nd, boosting=dg.boosting)
 
 
 def dg_guidance(cfg: DictConfig, discriminator):
@@ -68,14 +74,18 @@ def finish_loggers(loggers, metrics):
     for logger in loggers:
         logger.log_metrics(metrics)
         logger.finalize("success")
-        if type(logger).__name__ == "WandbLogger":
+        if isinstance(logger, WandbLogger):
             logger.experiment.summary.update(metrics)
-            import wandb
             wandb.finish()
 
 
 def fit(cfg: DictConfig, module, data, folder, loggers=(), callbacks=(), **trainer_overrides):
-    """Fit a LightningModule with cfg.trainer (plus the configured callbacks) in folder; returns the trainer."""
+    """Fit a LightningModule with cfg.trainer (plus the configured callbacks) in folder; returns the trainer.
+
+    The global RNG is re-seeded with cfg.seed first, so a stage gives the same result whether or not the
+    stages before it were loaded from the cache.
+    """
+    L.seed_everything(cfg.seed, verbose=False)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(callbacks)
     trainer = instantiate(cfg.trainer, default_root_dir=str(folder), logger=list(loggers) or False, callbacks=callbacks,
                           **trainer_overrides)
