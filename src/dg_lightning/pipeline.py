@@ -24,8 +24,8 @@ from dg_lightning.plots import image_grid, toy2d_figure
 from dg_lightning.pretrain import NoisyClassifierModule, ScoreModule, clean_loader, train_feature_classifier
 from dg_lightning.samplers import edm_sampler
 from dg_lightning.sde import LinearVP
-from dg_lightning.stages import (atomic_save, build_loggers, dg_guidance, fingerprint, finish_loggers, fit, sampler_kwargs,
-                                 stage_dir, train_discriminator, write_metrics)
+from dg_lightning.stages import (atomic_save, build_loggers, build_network, dg_guidance, fingerprint, finish_loggers, fit,
+                                 sampler_kwargs, stage_dir, train_discriminator, write_metrics)
 from dg_lightning.toy import MixtureDenoiser, OptimalDiscriminator
 
 TOY_STAGES = ("generate", "train", "sample")
@@ -73,7 +73,7 @@ def run_toy2d(cfg: DictConfig):
         # Stage 2: the discriminator on real vs fake, diffused on the fly.
         real = data.sample(cfg.data.num_real, generator=_generator(cfg.seed, 0))
         net = train_discriminator(cfg, ArraySource(real.numpy(), name="data.mixture samples"), ArraySource(fakes.numpy(), name="fakes"),
-                                  instantiate(cfg.discriminator.net), loggers,
+                                  build_network(cfg, cfg.discriminator.net), loggers,
                                   keys=["seed", "data", "score", "sampler", "discriminator", "trainer.max_steps", "trainer.max_epochs"])
     if stop >= 2:
         # Stage 3: the same latents sampled with no DG, the trained discriminator, and the exact d*.
@@ -114,7 +114,7 @@ def pretrained_score(cfg: DictConfig, train: ArraySource):
     weights = folder / "score_ema.pt"
     if not weights.exists():
         s = cfg.score
-        module = ScoreModule(instantiate(s.net), instantiate(s.loss), lr=s.lr, warmup_steps=s.warmup_steps,
+        module = ScoreModule(build_network(cfg, s.net), instantiate(s.loss), lr=s.lr, warmup_steps=s.warmup_steps,
                              ema_halflife_images=s.ema_halflife_images)
         fit(cfg, module, clean_loader(train, s.batch_size), folder, [CSVLogger(folder, name="", version="")],
             max_steps=s.max_steps, max_epochs=-1)
@@ -128,7 +128,7 @@ def pretrained_classifier(cfg: DictConfig, train: ArraySource):
     folder = stage_dir(cfg, "pretrain_classifier", ["seed", "discriminator.classifier", "data.t_min", *DIGITS_DATA_KEYS])
     weights = folder / "classifier.pt"
     if not weights.exists():
-        module = NoisyClassifierModule(instantiate(c.net), lr=c.lr, weight_decay=c.weight_decay, t_min=cfg.data.t_min)
+        module = NoisyClassifierModule(build_network(cfg, c.net), lr=c.lr, weight_decay=c.weight_decay, t_min=cfg.data.t_min)
         fit(cfg, module, clean_loader(train, c.batch_size), folder, [CSVLogger(folder, name="", version="")],
             max_steps=c.max_steps, max_epochs=-1)
         atomic_save(module.classifier.state_dict(), weights)
@@ -208,7 +208,7 @@ def run_digits(cfg: DictConfig):
         fakes = sample_images(cfg, denoiser, fake_dir, d.num_fake, base_seed=cfg.seed)
     if stop >= 3:
         features = ClassifierFeatures(feature_network(cfg, train_images, train_labels), head="fc")
-        discriminator = Discriminator(classifier, instantiate(cfg.discriminator.head))
+        discriminator = Discriminator(classifier, build_network(cfg, cfg.discriminator.head))
         keys = ["seed", "score", "sampler", "data", "discriminator", "trainer.max_epochs", "trainer.max_steps",
                 "metrics.feature_net", "metrics.feature_steps", "metrics.sampling_callback"]
         callback = sampling_callback(cfg, denoiser, features, held_out, stage_dir(cfg, "train", keys))

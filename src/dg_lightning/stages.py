@@ -79,6 +79,13 @@ def finish_loggers(loggers, metrics):
             wandb.finish()
 
 
+def build_network(cfg: DictConfig, node):
+    """Instantiate a network config right after seeding with cfg.seed: its initial weights do not depend on
+    which earlier stages ran and which were loaded from the cache."""
+    L.seed_everything(cfg.seed, verbose=False)
+    return instantiate(node)
+
+
 def fit(cfg: DictConfig, module, data, folder, loggers=(), callbacks=(), **trainer_overrides):
     """Fit a LightningModule with cfg.trainer (plus the configured callbacks) in folder; returns the trainer.
 
