@@ -164,7 +164,8 @@ def feature_network(cfg: DictConfig, images, labels):
     m = cfg.metrics
     weights = stage_dir(cfg, "feature_net", ["metrics.feature_net", "metrics.feature_steps", *DIGITS_DATA_KEYS]) / "feature_net.pt"
     if not weights.exists():
-        atomic_save(train_feature_classifier(instantiate(m.feature_net), images, labels, m.feature_steps).state_dict(), weights)
+        atomic_save(train_feature_classifier(build_network(cfg, m.feature_net), images, labels, m.feature_steps).state_dict(),
+                    weights)
     return _frozen(instantiate(m.feature_net), weights)
 
 
