@@ -51,6 +51,8 @@ def test_reduced_digits_run_goes_through_every_stage_and_reuses_them(tmp_path):
             assert math.isfinite(metrics[f"{prefix}/{name}"])
     assert metrics["eval_floor/fid"] < metrics["eval_unguided/fid"]  # a 20-step score model is far from the data
     assert metrics["sampling/best_epoch"] in (0, 1)
-    # A different DG weight reuses every cached stage (the unguided samples too): no new stage folder.
-    run("guidance.dg.weight=1.0")
+    # A different DG weight reuses every cached stage (the unguided samples too): no new stage folder;
+    # select=best samples with the head the sampling callback kept.
+    run("guidance.dg.weight=1.0", "discriminator.select=best")
     assert len(list(cache.iterdir())) == 6
+    assert (train_dir / "sampling" / "best_discriminator.pt").exists()

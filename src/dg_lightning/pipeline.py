@@ -210,14 +210,16 @@ def run_digits(cfg: DictConfig):
     if stop >= 3:
         features = ClassifierFeatures(feature_network(cfg, train_images, train_labels), head="fc")
         discriminator = Discriminator(classifier, build_network(cfg, cfg.discriminator.head))
-        keys = ["seed", "score", "sampler", "data", "discriminator", "trainer.max_epochs", "trainer.max_steps",
-                "metrics.feature_net", "metrics.feature_steps", "metrics.sampling_callback"]
-        callback = sampling_callback(cfg, denoiser, features, held_out, stage_dir(cfg, "train", keys))
+        keys = ["seed", "score", "sampler", "data", "trainer.max_epochs", "trainer.max_steps", "metrics.feature_net",
+                "metrics.feature_steps", "metrics.sampling_callback",
+                *(f"discriminator.{k}" for k in cfg.discriminator if k != "select")]  # select only picks the weights used
+        train_dir = stage_dir(cfg, "train", keys)
+        callback = sampling_callback(cfg, denoiser, features, held_out, train_dir)
         discriminator = train_discriminator(cfg, train, ArraySource(fakes, name=f"fakes in {fake_dir}"), discriminator,
                                             loggers, keys, callbacks=[callback])
-        metrics.update(best_epoch_record(callback, stage_dir(cfg, "train", keys)))
+        metrics.update(best_epoch_record(callback, train_dir))
         if cfg.discriminator.select == "best":
-            discriminator = _frozen(discriminator, stage_dir(cfg, "train", keys) / BEST_DISCRIMINATOR)
+            discriminator = _frozen(discriminator, callback.out_dir / BEST_DISCRIMINATOR)
     if stop >= 4:
         m = cfg.metrics
         discriminator.eval().requires_grad_(False)
