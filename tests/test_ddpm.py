@@ -1,0 +1,219 @@
+"""Discrete DDPM: closed forms of the schedule, the Gaussian limit of the sampler, CFG switching, DG and CG mean shifts."""
+
+import math
+
+import pytest
+import torch
+
+from dg_lightning import ddpm
+from dg_lightning.generate import SampleNoise
+from dg_lightning.guidance import ClassifierGuidance, DiscriminatorGuidance
+
+
+def original_alphas_cumprod(num_timesteps=1000):
+    """abar_k = prod_{j <= k} (1 - beta_j), beta_j = 1e-4 + (0.02 - 1e-4) j / (T - 1), term by term."""
+    betas = [1e-4 + (0.02 - 1e-4) * j / (num_timesteps - 1) for j in range(num_timesteps)]
+    abar, out = 1.0, []
+    for beta in betas:
+        abar *= 1.0 - beta
+        out.append(abar)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_linear_schedule_alphas_cumprod():
+    betas = ddpm.linear_betas(1000)
+    assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
+    torch.testing.assert_close(ddpm.DDPMSchedule(1000, "1000").alphas_cumprod, original_alphas_cumprod(), rtol=1e-12, atol=0)
+    # reference/official-code.md §5.2: abar_100 = 0.8951, abar_500 = 0.0778, abar_999 = 4.04e-5
+    abar = original_alphas_cumprod()
+    assert [round(abar[k].item(), 4) for k in (100, 500)] == [0.8951, 0.0778] and abar[999].item() == pytest.approx(4.04e-5, rel=2e-3)
+    torch.testing.assert_close(ddpm.linear_betas(250), 4 * torch.linspace(1e-4, 0.02, 250, dtype=torch.float64))
+
+
+def test_space_timesteps():
+    steps = ddpm.space_timesteps(1000, "250")
+    assert len(steps) == 250 and steps[:5] == [0, 4, 8, 12, 16] and steps[-2:] == [995, 999]
+    assert ddpm.space_timesteps(300, "10,15,20")[:11] == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99, 100]
+    assert len(ddpm.space_timesteps(300, [10, 15, 20])) == 45 and ddpm.space_timesteps(1000, 1000) == list(range(1000))
+    assert ddpm.space_timesteps(1000, "1,1") == [0, 500]
+    with pytest.raises(ValueError, match="cannot take 600 steps from a section of 500"):
+        ddpm.space_timesteps(1000, "600,1")
+
+
+def test_respaced_betas_keep_alphas_cumprod_at_the_kept_steps():
+    schedule = ddpm.DDPMSchedule(1000, "250")
+    abar = original_alphas_cumprod()[schedule.timesteps]
+    torch.testing.assert_close(schedule.alphas_cumprod, abar, rtol=1e-12, atol=0)
+    torch.testing.assert_close(schedule.betas[1:], 1 - abar[1:] / abar[:-1], rtol=1e-12, atol=0)
+    assert schedule.betas[0].item() == pytest.approx(1 - abar[0].item(), rel=1e-12)
+
+
+def test_posterior_is_the_gaussian_conditional():
+    """q(x' | x, x0) from Bayes: 1 / var = 1 / (1 - abar') + (1 - beta) / beta; mean = var (sqrt(abar') x0 / (1 - abar') + sqrt(1 - beta) x / beta)."""
+    s = ddpm.DDPMSchedule(1000, "25")
+    abar_prev, beta = s.alphas_cumprod_prev[1:], s.betas[1:]
+    var = 1.0 / (1.0 / (1.0 - abar_prev) + (1.0 - beta) / beta)
+    torch.testing.assert_close(s.posterior_variance[1:], var, rtol=1e-10, atol=0)
+    torch.testing.assert_close(s.posterior_mean_coef1[1:], var * abar_prev.sqrt() / (1.0 - abar_prev), rtol=1e-10, atol=0)
+    torch.testing.assert_close(s.posterior_mean_coef2[1:], var * (1.0 - beta).sqrt() / beta, rtol=1e-10, atol=0)
+    assert s.posterior_variance[0].item() == 0.0 and s.posterior_mean_coef1[0].item() == pytest.approx(1.0)
+
+
+def test_learned_range_limits_and_x0_prediction():
+    s = ddpm.DDPMSchedule(1000, "25")
+    ones = torch.ones(3)
+    for i in (0, 1, 12, 24):
+        min_log = math.log(s.posterior_variance[max(i, 1)].item())  # the clipped log posterior variance
+        torch.testing.assert_close(s.learned_log_variance(ones, i), ones * math.log(s.betas[i].item()))
+        torch.testing.assert_close(s.learned_log_variance(-ones, i), ones * min_log)
+        torch.testing.assert_close(s.learned_log_variance(0 * ones, i), ones * 0.5 * (min_log + math.log(s.betas[i].item())))
+    x0, eps = torch.randn(4, 3), torch.randn(4, 3)
+    abar = s.alphas_cumprod[10].item()
+    x = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * eps
+    torch.testing.assert_close(s.predict_x0(x, 10, eps), x0, atol=1e-5, rtol=1e-5)
+    assert s.predict_x0(x, 10, eps, clip=True).abs().max() <= 1.0
+    assert s.vp_time(999) == 1.0 and s.vp_time(500) == pytest.approx(500 / 999)
+
+
+def gaussian_data_model(schedule, mean, std):
+    """The exact (eps, v) of data x0 ~ N(mean, std^2): E[eps | x_k] and the learned-range v of the true reverse variance."""
+    abar_all = original_alphas_cumprod()
+    index = {k: i for i, k in enumerate(schedule.timesteps)}
+
+    def model_fn(x, t, y):
+        k = int(t[0])
+        i, abar = index[k], abar_all[k].item()
+        marginal_var = abar * std**2 + 1 - abar
+        eps = math.sqrt(1 - abar) * (x - math.sqrt(abar) * mean) / marginal_var
+        if i == 0:
+            return torch.cat([eps, torch.zeros_like(x)], 1)
+        abar_prev = abar_all[schedule.timesteps[i - 1]].item()
+        beta = 1 - abar / abar_prev
+        posterior_var = beta * (1 - abar_prev) / (1 - abar)
+        coef1 = math.sqrt(abar_prev) * beta / (1 - abar)
+        reverse_var = posterior_var + coef1**2 * std**2 * (1 - abar) / marginal_var  # Var[x_prev | x_k]
+        v = 2 * (reverse_var.log() - math.log(posterior_var)) / (math.log(beta) - math.log(posterior_var)) - 1
+        return torch.cat([eps, v.expand_as(x)], 1)
+
+    return model_fn
+
+
+def test_sampler_reproduces_a_gaussian_data_distribution():
+    """Exact eps and reverse variance: every step is the exact reverse kernel, so x0 ~ N(m, s^2 - Var[x0 | x_{k=0}])."""
+    schedule = ddpm.DDPMSchedule(1000, "250")
+    mean, std = torch.tensor([[0.5, -1.0]]), torch.tensor([[0.5, 0.2]])
+    n, generator = 100_000, torch.Generator().manual_seed(0)
+    abar_top, abar_0 = (original_alphas_cumprod()[k].item() for k in (999, 0))
+    latents = math.sqrt(abar_top) * mean + (abar_top * std**2 + 1 - abar_top).sqrt() * torch.randn(n, 2, generator=generator)
+    x0 = ddpm.ddpm_sampler(gaussian_data_model(schedule, mean, std), latents, schedule=schedule,
+                           randn_like=lambda x: torch.randn(x.shape, generator=generator))
+    expected_var = std**2 - std**2 * (1 - abar_0) / (abar_0 * std**2 + 1 - abar_0)
+    torch.testing.assert_close(x0.mean(0, keepdim=True), mean, atol=5 * std.max().item() / math.sqrt(n), rtol=0)
+    torch.testing.assert_close(x0.var(0, keepdim=True), expected_var, rtol=5 * math.sqrt(2 / n), atol=0)
+
+
+def toy_cfg_model(x, t, y):
+    """A nonlinear learned-sigma model whose output depends on x, t and the label (null label 7)."""
+    label = y.float().view(-1, 1, 1, 1)
+    eps = torch.tanh(x * (1 + 0.1 * label)) * (1 - t.view(-1, 1, 1, 1) / 2000) + 0.05 * label
+    v = torch.sin(x + 0.01 * label)
+    return torch.cat([eps, v], 1)
+
+
+def test_cfg_is_the_switched_eps_combination_on_three_channels(monkeypatch):
+    schedule = ddpm.DDPMSchedule(1000, "250")
+    latents, labels = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 3, 5])
+
+    def effective_model(x, t, y):
+        """What CFG should amount to: s(k) = 1.25 while k > 200, else 3.0; channel 3 and v from the conditional pass."""
+        out_c, out_u = toy_cfg_model(x, t, y), toy_cfg_model(x, t, torch.full_like(y, 7))
+        scale = 1.25 if t[0] > 200 else 3.0
+        return torch.cat([out_u[:, :3] + scale * (out_c[:, :3] - out_u[:, :3]), out_c[:, 3:]], 1)
+
+    def run(model_fn, **kwargs):
+        generator = torch.Generator().manual_seed(1)
+        return ddpm.ddpm_sampler(model_fn, latents, labels, schedule, randn_like=lambda x: torch.randn(x.shape, generator=generator), **kwargs)
+
+    scales = []
+    real_cfg = ddpm.classifier_free_eps
+    monkeypatch.setattr(ddpm, "classifier_free_eps", lambda c, u, scale, ch: scales.append(scale) or real_cfg(c, u, scale, ch))
+    guided = run(toy_cfg_model, null_label=7, cfg_scale=1.25, cfg_scale_late=3.0, cfg_switch_step=200)
+    assert scales == [1.25] * 200 + [3.0] * 50  # 250 steps: k = 999 .. 203 above the switch, 199 .. 0 below
+    torch.testing.assert_close(guided, run(effective_model), rtol=1e-5, atol=1e-5)
+    assert (guided - run(toy_cfg_model)).abs().max() > 1e-2  # guidance changed the samples
+
+
+def linear_schedule_two_steps():
+    """Kept timesteps {0, 500}: step 1 at k = 500 (tau = 500 / 999), then the last step at k = 0."""
+    return ddpm.DDPMSchedule(1000, "1,1")
+
+
+def test_dg_and_cg_shift_the_mean_by_sigma_times_weighted_gradients():
+    schedule = linear_schedule_two_steps()
+    abar = original_alphas_cumprod()
+    beta = 1 - abar[500].item() / abar[0].item()
+    variance = math.sqrt(beta * beta * (1 - abar[0].item()) / (1 - abar[500].item()))  # Sigma_t at v = 0: sqrt(beta * posterior var)
+    center, weights = torch.tensor([0.3, -0.2, 0.1]).view(1, 3, 1, 1), torch.randn(12, 4, generator=torch.Generator().manual_seed(2))
+    latents, labels = torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(3)), torch.tensor([1, 3])
+    noise = torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(4))
+
+    def quadratic_log_ratio(x_vp, tau, y):  # log(d / (1 - d)) = -tau |x - c|^2 / 2: grad = -tau (x - c)
+        return -0.5 * (tau.view(-1, 1, 1, 1) * (x_vp - center) ** 2).flatten(1).sum(1)
+
+    def classifier(x_vp, tau):
+        return x_vp.flatten(1) @ weights
+
+    def run(**kwargs):
+        zero_model = lambda x, t, y: torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])  # eps = 0, v = 0
+        return ddpm.ddpm_sampler(zero_model, latents, labels, schedule, randn_like=lambda x: noise, **kwargs)
+
+    # Both windows hold tau = 500 / 999 only (not the last step's tau = 0), so each shift is added once, at k = 500.
+    dg, cg = DiscriminatorGuidance(quadratic_log_ratio, t_min=0.0), ClassifierGuidance(classifier, t_min=0.1)
+    plain = run()
+    grad_dg = -(500 / 999) * (latents - center)
+    probs = torch.softmax(latents.flatten(1) @ weights, 1)
+    grad_cg = (weights.T[labels] - probs @ weights.T).view_as(latents)  # grad log softmax[y] of a linear classifier
+    # The last step (k = 0) maps x to x / sqrt(abar_0) (coef1 = 1, eps = 0), so the step-1 shift arrives scaled by that.
+    last = 1 / math.sqrt(abar[0].item())
+    torch.testing.assert_close(run(dg=dg, dg_weight=1.5) - plain, last * variance * 1.5 * grad_dg, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(run(dg=dg, dg_weight=1.5, classifier=cg, cg_scale=0.75) - plain,
+                               last * variance * (1.5 * grad_dg + 0.75 * grad_cg), atol=1e-6, rtol=1e-5)
+    assert torch.equal(run(dg=dg, dg_weight=1.5, dg_switch_step=500), plain)  # DG only while k > dg_switch_step
+
+
+def test_noise_is_per_sample_and_absent_at_the_last_step():
+    schedule = ddpm.DDPMSchedule(1000, "10")
+    calls = []
+
+    def counting_randn_like(x):
+        calls.append(x.shape)
+        return torch.randn_like(x)
+
+    ddpm.ddpm_sampler(toy_cfg_model, torch.randn(2, 4, 2, 2), torch.tensor([1, 2]), schedule, randn_like=counting_randn_like)
+    assert len(calls) == 9  # 10 steps, no noise at the last
+
+    latents, labels = torch.randn(3, 4, 2, 2), torch.tensor([1, 2, 3])
+    both = ddpm.ddpm_sampler(toy_cfg_model, latents, labels, schedule, null_label=7, cfg_scale=2.0,
+                             randn_like=SampleNoise([10, 11, 12]).randn_like)
+    alone = ddpm.ddpm_sampler(toy_cfg_model, latents[1:2], labels[1:2], schedule, null_label=7, cfg_scale=2.0,
+                              randn_like=SampleNoise([11]).randn_like)
+    torch.testing.assert_close(both[1:2], alone, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"cfg_scale": 1.5}, "null_label"),
+    ({"cfg_scale": 1.5, "null_label": 7, "guided_channels": 5}, "guided_channels must be in 1..4"),
+    ({"dg_weight": 1.0}, "needs a discriminator guidance object"),
+    ({"cg_scale": 1.0}, "needs a classifier guidance object"),
+])
+def test_bad_settings_fail_before_any_model_call(kwargs, match):
+    def model_fn(x, t, y):
+        raise AssertionError("the model must not run")
+
+    with pytest.raises(ValueError, match=match):
+        ddpm.ddpm_sampler(model_fn, torch.zeros(1, 4, 2, 2), torch.tensor([1]), **kwargs)
+
+
+def test_model_without_learned_sigma_is_named():
+    with pytest.raises(ValueError, match="learn_sigma=True"):
+        ddpm.ddpm_sampler(lambda x, t, y: x, torch.zeros(1, 4, 2, 2), schedule=ddpm.DDPMSchedule(1000, "5"))
