@@ -53,20 +53,31 @@ class GradientGuidance:
         value = torch.where(inside, value, torch.full_like(value, float("inf")))
         return value, grad * inside.view((-1,) + (1,) * (grad.ndim - 1)).to(grad.dtype)
 
+    def _per_sample(self, value, x):
+        """(per-sample float32 tensor (B,), whether no sample is in the window) for a noise level or VP time that is
+        either a tensor (B,) or one float; for a float the window is decided on the host (no device sync)."""
+        if isinstance(value, torch.Tensor):
+            return value.to(torch.float32).expand(x.shape[0]), None
+        return torch.full((x.shape[0],), float(value), device=x.device), torch.tensor([float(value)])
+
+    def _outside(self, tau, host_tau):
+        """True when no sample's tau is in the window (for one float tau, decided on the host in float32)."""
+        return not bool(self.in_window(tau if host_tau is None else host_tau).any())
+
     def edm(self, x, sigma, class_labels=None):
-        """(L, grad_x L) at EDM coordinates x with per-sample sigma (B,)."""
-        sigma = sigma.to(torch.float32).expand(x.shape[0])
+        """(L, grad_x L) at EDM coordinates x with sigma per sample (B,) or one float for the whole batch."""
+        sigma, host_sigma = self._per_sample(sigma, x)
         tau = self.vp.tau_from_edm_sigma(sigma)
-        if not self.in_window(tau).any():
+        if self._outside(tau, None if host_sigma is None else self.vp.tau_from_edm_sigma(host_sigma)):
             return torch.full_like(sigma, float("inf")), torch.zeros_like(x)
         scale = self.vp.edm_to_vp_scale(sigma).view((-1,) + (1,) * (x.ndim - 1))
         value, grad = value_and_input_grad(lambda x_: self.log_density(x_ * scale, tau, class_labels), x.float())
         return self._masked(value, grad.to(x.dtype), tau)
 
     def vp_coordinates(self, x_vp, tau, class_labels=None):
-        """(L, grad L) at VP coordinates x_vp with per-sample VP time tau (B,) (the DDPM samplers)."""
-        tau = tau.to(torch.float32).expand(x_vp.shape[0])
-        if not self.in_window(tau).any():
+        """(L, grad L) at VP coordinates x_vp with VP time tau per sample (B,) or one float (the DDPM samplers)."""
+        tau, host_tau = self._per_sample(tau, x_vp)
+        if self._outside(tau, host_tau):
             return torch.full_like(tau, float("inf")), torch.zeros_like(x_vp)
         value, grad = value_and_input_grad(lambda x_: self.log_density(x_, tau, class_labels), x_vp.float())
         return self._masked(value, grad.to(x_vp.dtype), tau)

@@ -49,7 +49,9 @@ def edm_sampler(
     batch = latents.shape[0]
     bshape = (-1,) + (1,) * (latents.ndim - 1)
     use_dg = guidance is not None and (w1 != 0.0 or w2 != 0.0)
-    sigmas = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=latents.device).to(dtype)
+    sigmas_host = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).to(dtype)
+    sigmas = sigmas_host.to(latents.device)
+    sigmas_host = sigmas_host.tolist()
     x_next = latents.to(dtype) * sigmas[0]
     log_ratio = torch.full((batch,), float("inf"), device=latents.device)
 
@@ -59,18 +61,23 @@ def edm_sampler(
 
     for i in track(range(num_steps), "EDM sampling", enabled=progress):
         x_cur, t_cur, t_next = x_next, sigmas[i], sigmas[i + 1]
-        # Churn with a per-sample gamma; boosting sets S_churn = 4 where the previous log ratio was < 0.
-        churn = torch.full((batch,), S_churn, dtype=dtype, device=latents.device)
-        if boosting and i % BOOST_PERIOD == 0:
-            churn = torch.where(log_ratio < 0, torch.full_like(churn, BOOST_CHURN), churn)
-        gamma = torch.clamp(churn / num_steps, max=math.sqrt(2.0) - 1.0) * float(S_min <= t_cur <= S_max)
-        t_hat = t_cur * (1.0 + gamma)
-        x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt().view(bshape) * S_noise * randn_like(x_cur) if (gamma > 0).any() else x_cur
+        # Churn with a per-sample gamma; boosting sets S_churn = 4 where the previous log ratio was < 0. Steps that
+        # cannot churn keep t_hat = t_cur, known on the host (no device sync; the DG window is decided there).
+        boost_churn = boosting and i % BOOST_PERIOD == 0
+        t_hat, x_hat, sigma_dg = t_cur.expand(batch), x_cur, sigmas_host[i]
+        if (S_churn > 0 or boost_churn) and S_min <= sigmas_host[i] <= S_max:
+            churn = torch.full((batch,), S_churn, dtype=dtype, device=latents.device)
+            if boost_churn:
+                churn = torch.where(log_ratio < 0, torch.full_like(churn, BOOST_CHURN), churn)
+            gamma = torch.clamp(churn / num_steps, max=math.sqrt(2.0) - 1.0)
+            if (gamma > 0).any():
+                t_hat = sigma_dg = t_cur * (1.0 + gamma)
+                x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt().view(bshape) * S_noise * randn_like(x_cur)
 
         # Euler step with the DG correction of weight w1 (doubled by boosting on even steps where log ratio < 0).
         d_cur = score_slope(x_hat, t_hat)
         if use_dg and w1 != 0.0:
-            log_ratio, grad = guidance.edm(x_hat, t_hat, class_labels)
+            log_ratio, grad = guidance.edm(x_hat, sigma_dg, class_labels)
             boost = torch.ones_like(t_hat)
             if boosting and i % BOOST_WEIGHT_PERIOD == 0:
                 boost = torch.where(log_ratio < 0, torch.full_like(boost, BOOST_WEIGHT), boost)
@@ -82,6 +89,6 @@ def edm_sampler(
             t_next_b = t_next.expand(batch)
             d_prime = score_slope(x_next, t_next_b)
             if use_dg and w2 != 0.0:
-                d_prime = d_prime - (w2 * t_next_b).view(bshape) * guidance.edm(x_next, t_next_b, class_labels)[1].to(dtype)
+                d_prime = d_prime - (w2 * t_next_b).view(bshape) * guidance.edm(x_next, sigmas_host[i + 1], class_labels)[1].to(dtype)
             x_next = x_hat + (t_next - t_hat).view(bshape) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
