@@ -1,0 +1,98 @@
+"""What the benchmarks share: devices, timing with CUDA synchronisation, the CIFAR-10 EDM-G++ networks, JSON output.
+
+Every benchmark prints one JSON object (and writes it to --out): the machine, the settings, per-variant
+figures and ratios against the baseline variant measured in the same run.
+"""
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+
+from netutils import randomized_zeros  # noqa: F401  (re-exported: random weights with every branch active)
+
+from dg_lightning.nets.adm import Discriminator, cifar10_classifier, dg_head
+from dg_lightning.nets.edm import VPPrecond
+
+
+def parser(description):
+    """The arguments every benchmark takes: --device, --out, --seed."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def machine(device):
+    """The device's name and the software versions, for the JSON record."""
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else platform.processor() or "cpu"
+    return {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def synchronize(device):
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats):
+    """(mean seconds per call, last result) of fn() over `repeats` calls, after the caller's warm-up."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        result = fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / repeats, result
+
+
+def peak_memory_gib(device):
+    """Peak allocated device memory since the last reset, in GiB (None on the CPU)."""
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def reset_peak_memory(device):
+    """Start a new peak-memory window."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def edm_cifar10_denoiser(model_channels=128, num_blocks=4):
+    """EDM's CIFAR-10 DDPM++ VP denoiser (edm-cifar10-32x32-uncond-vp.pkl's architecture), random weights."""
+    return VPPrecond(img_resolution=32, img_channels=3, model_type="SongUNet", augment_dim=9, dropout=0.13,
+                     embedding_type="positional", encoder_type="standard", decoder_type="standard",
+                     channel_mult_noise=1, resample_filter=(1, 1), model_channels=model_channels,
+                     channel_mult=(2, 2, 2), num_blocks=num_blocks)
+
+
+def cifar10_discriminator(model_channels=128):
+    """DG's CIFAR-10 discriminator: the 32x32 ADM classifier's features + the DG head, random weights."""
+    extractor = cifar10_classifier(model_channels=model_channels)
+    return Discriminator(extractor, dg_head(extractor.feature_channels, model_channels=model_channels))
+
+
+def report(args, result):
+    """Print the result as JSON and write it to args.out when given."""
+    text = json.dumps(result, indent=2)
+    print(text, flush=True)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+def set_defaults():
+    """Record PyTorch's default TF32 settings; returns a function that restores them."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    def restore():
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+    return restore

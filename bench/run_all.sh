@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Every benchmark at the issue's GPU sizes, one JSON (and log) each into the folder $1, each under its own time limit
+# so that one slow compile cannot cost the others. SMALL=1 runs the CPU smoke sizes instead.
+#   bash bench/run_all.sh bench/out        (the digits accuracy guard needs DIGITS_WEIGHTS=<folder>, see digits_accuracy.py)
+set -u
+out=$(realpath -m "${1:-bench/out}")
+mkdir -p "$out"
+cd "$(dirname "$0")"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+python=${PYTHON:-python3}
+
+run() {  # name, time limit in seconds, script and its arguments
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout "$limit" "$python" "$@" --out "$out/$name.json" >"$out/$name.log" 2>&1
+    echo "exit $?"
+    grep -E '^(authors|fp32|fast|plain|[0-9]+) ' "$out/$name.log" | cut -c1-600
+    grep -E 'Error|error:' "$out/$name.log" | tail -n 3
+}
+
+if [ "${SMALL:-0}" = 1 ]; then
+    run edm_sampling 600 edm_sampling.py --small --batch 4 --steps 3 --repeats 1 --variants authors,fast_nocl
+    run discriminator_training 600 discriminator_training.py --small --batches 8 --steps 2 --warmup 2 --num-workers 0
+    run dit_sampling 600 dit_sampling.py --small --batch 2 --steps 2
+    [ -n "${DIGITS_WEIGHTS:-}" ] && run digits_accuracy 600 digits_accuracy.py --weights "$DIGITS_WEIGHTS" --seeds 0 --num-samples 32
+else
+    # The accuracy guard times nothing and its 8x8 networks barely load the GPU: it runs beside the timed benchmarks.
+    [ -n "${DIGITS_WEIGHTS:-}" ] && run digits_accuracy "${DIGITS_LIMIT:-240}" digits_accuracy.py --weights "$DIGITS_WEIGHTS" &
+    run edm_sampling "${EDM_LIMIT:-200}" edm_sampling.py --batch 512 --repeats 1 --variants authors,fast
+    run discriminator_training "${TRAIN_LIMIT:-150}" discriminator_training.py --batches 128,512 --steps 50
+    run dit_sampling "${DIT_LIMIT:-150}" dit_sampling.py --batch 64 --steps 10
+    wait
+fi
+exit 0

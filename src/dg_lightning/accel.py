@@ -1,0 +1,89 @@
+"""The GPU fast path for the networks (issue 7): bf16 autocast, channels_last, torch.compile.
+
+Only how the networks run changes, never what the samplers compute: the sampler state (x, slopes, the
+DG correction) stays float32, and every wrapped network returns float32. `Accel()` (the default)
+is the plain float32 path; `Accel.gpu()` is the fast path measured in bench/.
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+
+
+@dataclass(frozen=True)
+class Accel:
+    """How networks run: autocast dtype (None | bf16 | fp16), channels_last, torch.compile mode (None: eager), TF32."""
+
+    autocast: str | None = None
+    channels_last: bool = False
+    compile: str | None = None
+    tf32: bool = False
+
+    def __post_init__(self):
+        if self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"accel.autocast must be one of {list(AUTOCAST_DTYPES)}, got {self.autocast!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"accel.compile must be one of {list(COMPILE_MODES)}, got {self.compile!r}")
+
+    @property
+    def is_plain(self):
+        """True for the plain float32 eager path (TF32 aside, which is process-wide: see set_tf32)."""
+        return self.autocast is None and not self.channels_last and self.compile is None
+
+    @classmethod
+    def gpu(cls, compile="default"):
+        """The fast path: bf16 autocast, channels_last, compiled kernels, TF32 for what stays float32."""
+        return cls(autocast="bf16", channels_last=True, compile=compile, tf32=True)
+
+
+def set_tf32(enabled: bool):
+    """Allow (or forbid) TF32 tensor cores for float32 matmuls and convolutions (a process-wide setting)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def autocast(device_type: str, accel: Accel):
+    """The autocast context of `accel` on this device type (a null context for the float32 path)."""
+    dtype = AUTOCAST_DTYPES[accel.autocast]
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def prepare(net: torch.nn.Module, accel: Accel):
+    """net made ready in place for `accel`: channels_last weights, and a torch.compile'd forward (static shapes).
+
+    Compiling in place (nn.Module.compile) keeps the state dict's names, so checkpoints do not change.
+    """
+    if accel.channels_last:
+        net.to(memory_format=torch.channels_last)
+    if accel.compile is not None:
+        net.compile(mode=None if accel.compile == "default" else accel.compile, dynamic=False)
+    return net
+
+
+def run(net, accel: Accel, x, *args, **kwargs):
+    """net(x, *args) under autocast, with a 4-D input x in channels_last; a floating output returned as float32."""
+    if accel.channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(x.device.type, accel):
+        out = net(x, *args, **kwargs)
+    return out.float() if out.is_floating_point() else out
+
+
+class Accelerated(torch.nn.Module):
+    """A network run as `accel` says (see `run`), with the network's call signature."""
+
+    def __init__(self, net: torch.nn.Module, accel: Accel):
+        super().__init__()
+        self.net, self.accel = prepare(net, accel), accel
+
+    def forward(self, x, *args, **kwargs):
+        return run(self.net, self.accel, x, *args, **kwargs)
+
+
+def accelerate(net: torch.nn.Module, accel: Accel):
+    """net wrapped to run as `accel` says; the plain float32 path returns net itself."""
+    return net if accel.is_plain else Accelerated(net, accel)
