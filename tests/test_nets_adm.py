@@ -297,3 +297,18 @@ def test_discriminator_rejects_mismatched_head_and_bad_tau():
         adm.Discriminator(tiny_extractor(), tiny_extractor())
     with pytest.raises(ValueError, match=r"tau must have shape \(2,\)"):
         tiny_discriminator()(torch.randn(2, 3, 8, 8), torch.tensor(0.5))
+
+
+def test_adm256_classifier_matches_released_256x256_classifier():
+    with torch.device("meta"):
+        net = adm.adm256_classifier()
+        features = net(torch.empty(2, 3, 256, 256), torch.empty(2), features=True)
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert (len(shapes), sum(p.numel() for p in net.parameters())) == (249, 54_096_360)
+    assert tuple(features.shape) == (2, 512, 8, 8)
+    # 0 conv | 1-2 Res128 | 3 down | 4-5 Res128 | 6 down | 7-8 Res256 | 9 down | 10-11 Res256+Attn (factor 8) | ...
+    assert shapes["input_blocks.7.0.skip_connection.weight"] == (256, 128, 1, 1)
+    assert "input_blocks.8.1.qkv.weight" not in shapes and shapes["input_blocks.10.1.qkv.weight"] == (768, 256, 1)
+    assert shapes["input_blocks.17.1.qkv.weight"] == (1536, 512, 1)
+    assert shapes["out.2.positional_embedding"] == (512, 65)
+    assert shapes["out.2.c_proj.weight"] == (1000, 512, 1)

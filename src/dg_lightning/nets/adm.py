@@ -7,6 +7,8 @@ Two attention layouts coexist (reference/checkpoints.md §2.2): the attention bl
 channels as [head][q|k|v][c] (ADM's "legacy" order), the attention pool as [q|k|v][head][c].
 """
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,17 +52,19 @@ def qkv_attention(qkv, num_heads, heads_first):
 
 
 class ResBlock(nn.Module):
-    """ADM's residual block: skip(x) + conv(SiLU(FiLM(GN(conv(SiLU(GN(x)))), emb))), optionally halving H and W.
+    """ADM's residual block: skip(x) + conv(SiLU(FiLM(GN(conv(SiLU(GN(x)))), emb))), optionally halving or doubling H, W.
 
     With scale-shift norm the time embedding gives (scale, shift) and the second norm becomes
     GN(h) * (1 + scale) + shift; without it the embedding is added to h before that norm. Down-sampling
-    is a 2x2 average pool of both paths, applied after the first SiLU.
+    (down=True) is a 2x2 average pool of both paths, up-sampling (up=True) a nearest-neighbour 2x copy of both,
+    applied after the first SiLU.
     """
 
-    def __init__(self, channels, emb_channels, out_channels, use_scale_shift_norm, down=False):
+    def __init__(self, channels, emb_channels, out_channels, use_scale_shift_norm, down=False, up=False):
         super().__init__()
         self.use_scale_shift_norm = use_scale_shift_norm
         self.down = down
+        self.up = up
         self.in_layers = nn.Sequential(
             GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
@@ -80,6 +84,8 @@ class ResBlock(nn.Module):
         h = act(norm(x))
         if self.down:
             h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
+        elif self.up:
+            h, x = F.interpolate(h, scale_factor=2, mode="nearest"), F.interpolate(x, scale_factor=2, mode="nearest")
         h = conv(h)
 
         emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
@@ -176,7 +182,7 @@ class EncoderUNet(nn.Module):
     ):
         super().__init__()
         widths = [int(mult * model_channels) for mult in channel_mult]
-        _check_config(image_size, widths, attention_resolutions, num_head_channels, pool)
+        check_config(image_size, widths, attention_resolutions, num_head_channels, pool)
         self.image_size = image_size
         self.in_channels = in_channels
         self.model_channels = model_channels
@@ -189,27 +195,11 @@ class EncoderUNet(nn.Module):
         )
         self.label_emb = None if num_classes is None else nn.Embedding(num_classes, emb_channels)
 
-        def res_block(channels, out, down=False):
-            return ResBlock(channels, emb_channels, out, use_scale_shift_norm, down)
-
-        channels = widths[0]
-        blocks = [TimestepEmbedSequential(nn.Conv2d(in_channels, channels, 3, padding=1))]
-        factor = 1
-        for level, width in enumerate(widths):
-            for _ in range(num_res_blocks):
-                layers = [res_block(channels, width)]
-                channels = width
-                if factor in attention_resolutions:
-                    layers.append(AttentionBlock(channels, num_head_channels))
-                blocks.append(TimestepEmbedSequential(*layers))
-            if level < len(widths) - 1:
-                down = res_block(channels, channels, down=True) if resblock_updown else Downsample(channels)
-                blocks.append(TimestepEmbedSequential(down))
-                factor *= 2
-        self.input_blocks = nn.ModuleList(blocks)
-        self.middle_block = TimestepEmbedSequential(
-            res_block(channels, channels), AttentionBlock(channels, num_head_channels), res_block(channels, channels)
+        res_block = partial(ResBlock, emb_channels=emb_channels, use_scale_shift_norm=use_scale_shift_norm)
+        self.input_blocks, self.middle_block, _, factor = down_half(
+            in_channels, widths, num_res_blocks, attention_resolutions, num_head_channels, res_block, resblock_updown
         )
+        channels = widths[-1]
         self.feature_channels = channels
         self.feature_size = image_size // factor
 
@@ -228,7 +218,7 @@ class EncoderUNet(nn.Module):
     def forward(self, x, timesteps, class_labels=None, features=False):
         """Logits [B, out_channels] of x [B, in_channels, image_size, image_size] at ADM timesteps (B,) (DDPM-index scale,
         fractional allowed); with features=True, the middle-block map [B, feature_channels, feature_size, feature_size]."""
-        self._check_inputs(x, timesteps, class_labels)
+        check_inputs(self, x, timesteps, class_labels)
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         if self.label_emb is not None:
             emb = emb + self.label_emb(class_labels)
@@ -238,23 +228,56 @@ class EncoderUNet(nn.Module):
         h = self.middle_block(h, emb)
         return h if features else self.out(h)
 
-    def _check_inputs(self, x, timesteps, class_labels):
-        """Raise ValueError unless x, timesteps and class_labels have the shapes this network expects."""
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
-        if timesteps.shape != (x.shape[0],):
-            raise ValueError(f"timesteps must have shape ({x.shape[0]},) to match x, got {tuple(timesteps.shape)}")
-        if self.num_classes is None:
-            if class_labels is not None:
-                raise ValueError("class_labels were given but this network is unconditional (num_classes=None)")
-        elif class_labels is None or class_labels.shape != (x.shape[0],) or class_labels.is_floating_point():
-            got = None if class_labels is None else f"{class_labels.dtype} {tuple(class_labels.shape)}"
-            raise ValueError(f"class_labels must be integer class indices of shape ({x.shape[0]},), got {got}")
+
+def down_half(in_channels, widths, num_res_blocks, attention_resolutions, num_head_channels, res_block, resblock_updown):
+    """ADM's encoder path: a stem conv; per level, num_res_blocks res_block(channels, out_channels=width) each followed by
+    attention when the down-sampling factor is in attention_resolutions, and between levels one 2x down-sampling (a
+    ResBlock with down=True if resblock_updown, else a strided conv); then the middle block (ResBlock, attention,
+    ResBlock). Returns (input_blocks, middle_block, the channels of each input block's output, the final factor)."""
+    channels = widths[0]
+    blocks = [TimestepEmbedSequential(nn.Conv2d(in_channels, channels, 3, padding=1))]
+    block_channels = [channels]
+    factor = 1
+    for level, width in enumerate(widths):
+        for _ in range(num_res_blocks):
+            layers = [res_block(channels, out_channels=width)]
+            channels = width
+            if factor in attention_resolutions:
+                layers.append(AttentionBlock(channels, num_head_channels))
+            blocks.append(TimestepEmbedSequential(*layers))
+            block_channels.append(channels)
+        if level < len(widths) - 1:
+            down = res_block(channels, out_channels=channels, down=True) if resblock_updown else Downsample(channels)
+            blocks.append(TimestepEmbedSequential(down))
+            block_channels.append(channels)
+            factor *= 2
+    middle_block = TimestepEmbedSequential(
+        res_block(channels, out_channels=channels),
+        AttentionBlock(channels, num_head_channels),
+        res_block(channels, out_channels=channels),
+    )
+    return nn.ModuleList(blocks), middle_block, block_channels, factor
 
 
-def _check_config(image_size, widths, attention_resolutions, num_head_channels, pool):
-    """Raise ValueError for EncoderUNet hyper-parameters that cannot build a working network."""
+def check_inputs(net, x, timesteps, labels, labels_name="class_labels"):
+    """Raise ValueError unless x, timesteps and labels have the shapes `net` (in_channels, image_size, num_classes)
+    expects; labels_name is the argument's name in the caller's signature."""
+    expected = (net.in_channels, net.image_size, net.image_size)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(f"x must have shape [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
+    if timesteps.shape != (x.shape[0],):
+        raise ValueError(f"timesteps must have shape ({x.shape[0]},) to match x, got {tuple(timesteps.shape)}")
+    if net.num_classes is None:
+        if labels is not None:
+            raise ValueError(f"{labels_name} were given but this network is unconditional (num_classes=None)")
+    elif labels is None or labels.shape != (x.shape[0],) or labels.is_floating_point():
+        got = None if labels is None else f"{labels.dtype} {tuple(labels.shape)}"
+        raise ValueError(f"{labels_name} must be integer class indices of shape ({x.shape[0]},) for this "
+                         f"class-conditional network (num_classes={net.num_classes}), got {got}")
+
+
+def check_config(image_size, widths, attention_resolutions, num_head_channels, pool):
+    """Raise ValueError for EncoderUNet / UNet hyper-parameters that cannot build a working network."""
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     if any(width % 32 for width in widths):
@@ -329,6 +352,12 @@ def adm64_classifier(**overrides):
     """OpenAI's `64x64_classifier.pt` (cosine time: use time_map=cosine_time_from_tau): depth 4, mult (1,2,3,4);
     features 512x8x8."""
     return adm_classifier(64, (1, 2, 3, 4), 4, **overrides)
+
+
+def adm256_classifier(**overrides):
+    """OpenAI's `256x256_classifier.pt` (linear time, ADM-G++'s classifier): depth 2, mult (1,1,2,2,4,4);
+    features 512x8x8."""
+    return adm_classifier(256, (1, 1, 2, 2, 4, 4), 2, **overrides)
 
 
 def dg_head(in_channels, num_classes=None, **overrides):
