@@ -1,0 +1,155 @@
+"""Real images in the formats users have, read into a data.ArraySource (uint8 NHWC, optional int64 labels).
+
+- the DG authors' `true_data.npz` (array `arr_0`, uint8 (N, H, W, C)) and `true_data_label.npz` (`samples`
+  uint8 (N, H, W, C) and `label` integer (N,));
+- an image folder: PNG / JPEG files, either all directly in the folder (no labels) or all in class subfolders
+  (labels 0, 1, ... in sorted subfolder order, as torchvision's ImageFolder);
+- EDM's dataset zip (written by its dataset_tool.py): PNG / JPEG files plus an optional `dataset.json` holding
+  {"labels": [[file name, label], ...]} or {"labels": null};
+- a folder of dg_lightning shards (generate.py: `manifest.json` and `shard-*.npz`).
+Every reader checks the whole file before returning and raises SourceError naming the file and the expected form.
+"""
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dg_lightning.data import ArraySource
+from dg_lightning.generate import MANIFEST, load_shards
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+NPZ_FORMS = "arrays 'arr_0' (true_data.npz) or 'samples' and 'label' (true_data_label.npz)"
+
+
+class SourceError(ValueError):
+    """Real data that cannot be used: missing, empty, or not of the expected form."""
+
+
+def _checked(images, labels, where, resolution=None, channels=None):
+    """(images, labels) after checking uint8 (N, H, W, C) images, C in {1, 3}, and one integer label per image."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        found = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
+        raise SourceError(f"{where}: images must be uint8 (N, H, W, C) with C = 1 or 3 (NHWC, 0..255), got {found}")
+    if len(images) == 0:
+        raise SourceError(f"{where}: holds no images")
+    if resolution is not None and images.shape[1:3] != (resolution, resolution):
+        raise SourceError(f"{where}: images are {images.shape[1]}x{images.shape[2]}, the experiment needs "
+                          f"{resolution}x{resolution}; use the data set made at this resolution")
+    if channels is not None and images.shape[3] != channels:
+        raise SourceError(f"{where}: images have {images.shape[3]} channels, the experiment needs {channels}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+            raise SourceError(f"{where}: labels must be integers >= 0 of shape ({len(images)},) (one per image), "
+                              f"got {labels.dtype} {labels.shape}")
+        labels = labels.astype(np.int64)
+    return images, labels
+
+
+def read_npz(path):
+    """(images, labels or None) of the authors' true_data.npz (`arr_0`) or true_data_label.npz (`samples`, `label`)."""
+    try:
+        with np.load(path) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise SourceError(f"{path}: cannot read it as an .npz ({type(exc).__name__}: {exc}); expected {NPZ_FORMS}") from exc
+    if "arr_0" in arrays:
+        return arrays["arr_0"], None
+    if {"samples", "label"} <= set(arrays):
+        return arrays["samples"], arrays["label"]
+    raise SourceError(f"{path}: has arrays {sorted(arrays)}; expected {NPZ_FORMS}")
+
+
+def _decode(data, name):
+    """uint8 (H, W, C) pixels of one encoded image: greyscale stays 1 channel, anything else becomes RGB."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image = image if image.mode in ("L", "RGB") else image.convert("RGB")
+            return np.asarray(image).reshape(image.height, image.width, -1)
+    except OSError as exc:
+        raise SourceError(f"{name}: not a readable image ({exc})") from exc
+
+
+def _stack(pixels, names, where):
+    """Stack decoded images of one size and channel count, naming the first image that differs from the first."""
+    for image, name in zip(pixels, names):
+        if image.shape != pixels[0].shape:
+            raise SourceError(f"{where}: {name} is {image.shape} (H, W, C) but {names[0]} is {pixels[0].shape}; "
+                              "all images must share one size and channel count")
+    return np.stack(pixels)
+
+
+def read_image_folder(path):
+    """(images, labels or None) of PNG / JPEG files directly in `path` (no labels) or in class subfolders (labels)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise SourceError(f"{path}: no {'/'.join(IMAGE_SUFFIXES)} files; expected images in the folder or in class "
+                          "subfolders (one per class)")
+    depths = {len(f.relative_to(path).parts) for f in files}
+    if depths not in ({1}, {2}):
+        raise SourceError(f"{path}: images lie at several depths; put them all directly in the folder (unlabelled) "
+                          "or all in class subfolders <class>/<image> (labelled)")
+    names = [str(f.relative_to(path)) for f in files]
+    images = _stack([_decode(f.read_bytes(), f) for f in files], names, path)
+    if depths == {1}:
+        return images, None
+    classes = sorted({f.parent.name for f in files})
+    return images, np.array([classes.index(f.parent.name) for f in files], np.int64)
+
+
+def read_edm_zip(path):
+    """(images, labels or None) of an EDM dataset zip: images in sorted name order, labels from dataset.json."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise SourceError(f"{path}: cannot read it as a zip ({exc}); expected EDM's dataset zip (dataset_tool.py)") from exc
+    with archive:
+        names = sorted(n for n in archive.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES)
+        if not names:
+            raise SourceError(f"{path}: the zip holds no {'/'.join(IMAGE_SUFFIXES)} files; expected EDM's dataset zip")
+        images = _stack([_decode(archive.read(n), f"{path}:{n}") for n in names], names, path)
+        if "dataset.json" not in archive.namelist():
+            return images, None
+        try:
+            labels = json.loads(archive.read("dataset.json"))["labels"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SourceError(f"{path}: dataset.json must be {{\"labels\": [[file name, label], ...]}} or "
+                              f"{{\"labels\": null}} ({type(exc).__name__}: {exc})") from exc
+    if labels is None:
+        return images, None
+    by_name = dict(labels) if all(isinstance(e, list) and len(e) == 2 for e in labels) else None
+    missing = [n for n in names if by_name is None or n not in by_name]
+    if by_name is None or len(by_name) != len(names) or missing:
+        raise SourceError(f"{path}: dataset.json must hold one [file name, label] pair per image ({len(names)} images, "
+                          f"{len(labels)} entries; first image without a label: {missing[0] if missing else None})")
+    return images, np.array([by_name[n] for n in names])
+
+
+def load_source(path, name=None, resolution=None, channels=None, labels=None, max_size=None):
+    """ArraySource of the real images at `path`, read by its form: .npz, .zip, a shard folder or an image folder.
+
+    resolution / channels: the image size and channel count the experiment needs (None: any). labels: None keeps
+    what the file has, True requires labels, False drops them. max_size: keep at most the first max_size images.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SourceError(f"{path} does not exist; expected real images as an .npz ({NPZ_FORMS}), EDM's dataset zip, "
+                          "or a folder of PNG / JPEG images")
+    if path.is_dir():
+        reader = load_shards if (path / MANIFEST).is_file() else read_image_folder
+    else:
+        reader = {".npz": read_npz, ".zip": read_edm_zip}.get(path.suffix.lower())
+        if reader is None:
+            raise SourceError(f"{path}: unknown suffix {path.suffix!r}; expected an .npz ({NPZ_FORMS}), EDM's dataset "
+                              ".zip, or a folder of images")
+    images, found = _checked(*reader(path), path, resolution, channels)
+    if labels and found is None:
+        raise SourceError(f"{path}: has no class labels, but the experiment is conditional; use a labelled file "
+                          "(true_data_label.npz, class subfolders, or a zip whose dataset.json has labels)")
+    found = None if labels is False or found is None else found[:max_size]
+    return ArraySource(images[:max_size], found, name=name or str(path))
