@@ -1,0 +1,143 @@
+"""Evaluation against ADM's reference batches (guided-diffusion `evaluations/`): FID, sFID, IS, precision, recall,
+and the export of samples as the evaluator's sample batch.
+
+A reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) holds `arr_0`, uint8 (N, H, W, 3) reference images (10,000
+for ImageNet 256: the real side of precision/recall), and statistics of the whole data set: `mu`, `sigma` of the
+2048-d Inception pool features (FID) and `mu_s`, `sigma_s` of the 2023-d spatial features (sFID): the first 7
+channels of `mixed_6/conv` (torch-fidelity's Mixed_6d.branch1x1, 192 x 17 x 17), flattened in NHWC order.
+IS is exp E KL(p(y|x) || p(y)) of softmax(pool @ W) (1008 classes, no bias), the mean over splits of 5,000 samples.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dg_lightning.generate import write_atomic
+from dg_lightning.metrics import (
+    GenerativeMetrics,
+    InceptionScore,
+    _Features,
+    inception_features,
+)
+
+REFERENCE_SOURCE = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+                    "VIRTUAL_imagenet256_labeled.npz")
+SPATIAL_CHANNELS = 7    # ADM's sFID keeps the first 7 of mixed_6/conv's 192 channels
+IS_SPLIT_SIZE = 5000    # ADM's Inception Score: mean over splits of 5,000 samples
+
+
+@dataclass(frozen=True)
+class ReferenceBatch:
+    """An ADM reference batch: uint8 NHWC images and float64 (mu, sigma), (mu_s, sigma_s) tensors."""
+
+    images: np.ndarray
+    pool: tuple
+    spatial: tuple
+
+
+def load_reference_batch(path, num_features=2048, num_spatial=2023) -> ReferenceBatch:
+    """The reference batch at `path`, its arrays checked against the feature sizes; a clear error otherwise."""
+    path = Path(path)
+    expected = (f"expected ADM's reference batch ({REFERENCE_SOURCE.rsplit('/', 1)[1]}): 'arr_0' uint8 (N, H, W, 3), "
+                f"'mu' ({num_features},), 'sigma' ({num_features}, {num_features}), 'mu_s' ({num_spatial},), "
+                f"'sigma_s' ({num_spatial}, {num_spatial})")
+    if not path.is_file():
+        raise FileNotFoundError(f"reference batch {path} not found; {expected}, from {REFERENCE_SOURCE}")
+    with np.load(path) as npz:
+        missing = sorted({"arr_0", "mu", "sigma", "mu_s", "sigma_s"} - set(npz.files))
+        if missing:
+            raise ValueError(f"reference batch {path} lacks {missing} (has {sorted(npz.files)}); {expected}")
+        arrays = {key: npz[key] for key in ("arr_0", "mu", "sigma", "mu_s", "sigma_s")}
+    shapes = {"mu": (num_features,), "sigma": (num_features,) * 2, "mu_s": (num_spatial,), "sigma_s": (num_spatial,) * 2}
+    images = arrays["arr_0"]
+    wrong = [f"{k} {arrays[k].shape}" for k, shape in shapes.items() if arrays[k].shape != shape]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        wrong.append(f"arr_0 {images.dtype} {images.shape}")
+    if wrong:
+        raise ValueError(f"reference batch {path} has {', '.join(wrong)}; {expected}")
+    stats = {k: torch.from_numpy(v).double() for k, v in arrays.items() if k != "arr_0"}
+    return ReferenceBatch(images, (stats["mu"], stats["sigma"]), (stats["mu_s"], stats["sigma_s"]))
+
+
+class ADMInception(nn.Module):
+    """The ADM evaluator's three Inception outputs of uint8 NCHW images (any size, TF1 resize to 299): pool (B, 2048),
+    spatial (B, 2023) and IS logits (B, 1008), from torch-fidelity's port of the TF graph in a local weights file."""
+
+    num_features, num_spatial = 2048, SPATIAL_CHANNELS * 17 * 17
+
+    def __init__(self, weights_path):
+        super().__init__()
+        if Path(weights_path).is_file():  # torch-fidelity reads it with weights_only=False: check it holds only tensors
+            torch.load(weights_path, map_location="cpu", weights_only=True)
+        self.net = inception_features(weights_path)
+        self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+        self._spatial = None
+
+    def _keep_spatial(self, module, inputs, output):
+        """Keep mixed_6/conv's first channels as (B, 17 * 17 * 7), NHWC order as the reference's mu_s."""
+        self._spatial = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(output.shape[0], -1)
+
+    def forward(self, images):
+        """(pool, spatial, logits) float32 features of uint8 (B, 3, H, W) images."""
+        pool = self.net(images)
+        return pool, self._spatial.float(), pool @ self.net.fc.weight.T
+
+
+class PooledPixels(nn.Module):
+    """A weight-free stand-in with ADMInception's outputs, for smoke runs only (its numbers mean nothing): pool = 4x4
+    average-pooled pixels (48), spatial = 8x8 average-pooled first channel (64), logits = pool (48 'classes')."""
+
+    num_features, num_spatial = 48, 64
+
+    def forward(self, images):
+        """(pool, spatial, logits) of uint8 (B, 3, H, W) images."""
+        x = images.float() / 255.0
+        pool = F.adaptive_avg_pool2d(x, 4).flatten(1)
+        return pool, F.adaptive_avg_pool2d(x[:, :1], 8).flatten(1), pool
+
+
+def inception_score(logits, split_size=IS_SPLIT_SIZE):
+    """ADM's IS: the mean over consecutive splits of split_size samples of exp E KL(p(y|x) || p(y))."""
+    scores = []
+    for split in logits.split(split_size):
+        metric = InceptionScore()
+        metric.update(split)
+        scores.append(metric.compute().item())
+    return float(np.mean(scores))
+
+
+@torch.no_grad()
+def evaluate(features, samples, reference: ReferenceBatch, batch_size=250, device="cpu", k=3):
+    """{fid, sfid, is, precision, recall} of uint8 NHWC samples against an ADM reference batch: FID and sFID against
+    its (mu, sigma) and (mu_s, sigma_s), precision/recall (k-NN) against its images in pool features."""
+    if samples.dtype != np.uint8 or samples.ndim != 4 or samples.shape[-1] != 3:
+        raise ValueError(f"evaluate needs uint8 NHWC RGB samples, got {samples.dtype} {samples.shape}")
+    features = features.to(device).eval()
+    pool = GenerativeMetrics(_Features(features.num_features), k=k).to(device)
+    spatial = GenerativeMetrics(_Features(features.num_spatial), precision_recall=False).to(device)
+    # FID and sFID read the reference statistics (GenerativeMetrics' fid_reference, here from the batch's arrays)
+    pool.reference, spatial.reference = reference.pool, reference.spatial
+    logits = []
+    for is_real, images in ((True, reference.images), (False, samples)):
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(images[start:start + batch_size]).to(device).permute(0, 3, 1, 2)
+            pool_features, spatial_features, class_logits = features(batch)
+            pool.update(pool_features, real=is_real)
+            if not is_real:
+                spatial.update(spatial_features, real=False)
+                logits.append(class_logits.double().cpu())
+    return {**pool.compute(), "sfid": spatial.compute()["fid"], "is": inception_score(torch.cat(logits))}
+
+
+def export_samples(path, images, labels=None):
+    """Write uint8 NHWC images as the ADM evaluator's sample batch: `arr_0`, plus `arr_1` int64 labels when given
+    (guided-diffusion's image_sample.py layout)."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"the evaluator reads uint8 NHWC RGB images, got {images.dtype} {images.shape}")
+    arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": np.asarray(labels, np.int64)}
+    write_atomic(Path(path), lambda f: np.savez(f, **arrays))
+    return Path(path)

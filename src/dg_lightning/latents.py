@@ -1,0 +1,186 @@
+"""The SD-VAE latent space of DiT-XL/2-G++ (SPEC §5): the autoencoder, ADM's centre crop, and the resumable
+stage that encodes an ImageNet-style image folder into labelled latent shards.
+
+Latents are z = 0.18215 E(x) for images x in [-1, 1] NCHW, images are D(z / 0.18215). The autoencoder is
+diffusers' AutoencoderKL (sd-vae-ft-mse / sd-vae-ft-ema from a local folder; the optional extra `imagenet`) or
+any module with its interface: encode(x).latent_dist with .mean and .std, decode(z).sample.
+The latent shards are those of dg_lightning.generate (float32 samples, int64 labels), so load_shards and
+sources.load_source read them; sample i is the image order[i] of the folder, flipped and encoded with the
+noise of its own seed (base_seed, i), so a killed run resumes with identical shards.
+"""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from dg_lightning.generate import (
+    FORMAT,
+    SampleNoise,
+    _claim,
+    _is_finished,
+    _num_shards,
+    _remove_stale_temps,
+    _shard_indices,
+    sample_seed,
+    shard_name,
+    to_uint8,
+    write_atomic,
+)
+from dg_lightning.progress import track
+from dg_lightning.sources import IMAGE_SUFFIXES
+
+LATENT_SCALE = 0.18215  # the SD-VAE scaling factor (DiT, DG_imagenet)
+VAE_SOURCE = "https://huggingface.co/stabilityai/sd-vae-ft-mse (and sd-vae-ft-ema): config.json and the weights"
+
+
+class LatentAutoencoder(nn.Module):
+    """An AutoencoderKL-like VAE in DiT's latent coordinates z = 0.18215 E(x), frozen in eval mode."""
+
+    def __init__(self, vae, scale=LATENT_SCALE):
+        super().__init__()
+        self.vae, self.scale = vae.eval().requires_grad_(False), scale
+
+    @torch.no_grad()
+    def encode(self, images, noise=None):
+        """Latents 0.18215 z of images in [-1, 1] NCHW: z = mean + std n with n from noise.randn_like (per-sample
+        streams, a SampleNoise), or the posterior mean when noise is None."""
+        posterior = self.vae.encode(images).latent_dist
+        z = posterior.mean if noise is None else posterior.mean + posterior.std * noise.randn_like(posterior.mean)
+        return z.float() * self.scale
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """Images D(latents / 0.18215) in about [-1, 1] NCHW, float32."""
+        return self.vae.decode(latents / self.scale).sample.float()
+
+
+def load_vae(path):
+    """diffusers' AutoencoderKL from a local folder (config.json and .safetensors or .bin weights), never online."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; expected a local SD-VAE folder (config.json and "
+                                f"diffusion_pytorch_model.safetensors or .bin), downloaded from {VAE_SOURCE}")
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as exc:
+        raise ImportError("the SD-VAE needs diffusers, the optional extra of the ImageNet experiments: "
+                          "pip install -e '.[imagenet]'") from exc
+    safetensors = any(path.glob("*.safetensors"))
+    return AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=safetensors)
+
+
+def center_crop(image: Image.Image, size):
+    """ADM's centre crop: halve with a box filter while the short side is >= 2 size, resize the short side to size
+    (bicubic), cut the central size x size square; RGB uint8 (size, size, 3)."""
+    image = image.convert("RGB")
+    while min(image.size) >= 2 * size:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
+    pixels = np.array(image)
+    top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
+    return pixels[top:top + size, left:left + size]
+
+
+def image_folder(path):
+    """(files, int64 labels, class names) of an ImageNet-style folder <class>/<image>: labels 0, 1, ... in sorted
+    class-folder order (torchvision's ImageFolder, DiT's and DG_imagenet's convention)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder; expected an ImageNet-style folder <class>/<image>")
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        images = sorted(p for p in (path / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not images:
+            raise FileNotFoundError(f"{path / name}: class folder with no {'/'.join(IMAGE_SUFFIXES)} files; every "
+                                    "class folder needs images (or remove it: labels follow the sorted folder names)")
+        files += images
+        labels += [label] * len(images)
+    if not files:
+        raise FileNotFoundError(f"{path}: no class subfolders with images; expected <class>/<image> "
+                                f"({'/'.join(IMAGE_SUFFIXES)} files, one subfolder per class)")
+    return files, np.array(labels, np.int64), classes
+
+
+class CroppedImages(Dataset):
+    """Item j: (uint8 CHW centre crop of files[j], j); decoded in DataLoader workers."""
+
+    def __init__(self, files, size):
+        self.files, self.size = files, size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, j):
+        with Image.open(self.files[j]) as image:
+            return torch.from_numpy(center_crop(image, self.size)).permute(2, 0, 1), j
+
+
+def jpeg_round_trip(images, quality=75):
+    """uint8 NCHW RGB images written as JPEG (PIL, quality) and read back, as the authors' fakes were stored."""
+    def one(image):
+        buffer = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(buffer, format="JPEG", quality=quality)
+        return torch.from_numpy(np.asarray(Image.open(buffer))).permute(2, 0, 1)
+    return torch.stack([one(image) for image in images]).to(images.device)
+
+
+def to_signed(images):
+    """uint8 NCHW images as floats in [-1, 1] (x / 127.5 - 1)."""
+    return images.float() / 127.5 - 1.0
+
+
+def encode_image_folder(autoencoder: LatentAutoencoder, image_dir, out_dir, *, image_size=256, flip=True,
+                        num_samples=None, base_seed=0, batch_size=64, shard_size=1000, num_workers=0,
+                        fingerprint=None, device="cpu", rank=0, world_size=1, progress=True):
+    """Write this rank's missing latent shards (k % world_size == rank) of the images in image_dir.
+
+    Sample i is image order[i] (all images in sorted order, or with num_samples a seeded random subset), centre
+    cropped to image_size, flipped left-right when flip and a coin from its own seed says so, and encoded with
+    noise from the same seed; its label comes from its class folder. Shards hold float32 latents (C, h, w) and
+    int64 labels in dg_lightning.generate's format; finished shards are kept, a folder of another run raises.
+    """
+    files, labels, classes = image_folder(image_dir)
+    order = np.arange(len(files))
+    if num_samples is not None and num_samples < len(files):
+        order = np.sort(np.random.default_rng(base_seed).permutation(len(files))[:num_samples])
+    device = torch.device(device)
+    latent_shape = autoencoder.encode(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1:]
+    manifest = {"format": FORMAT, "num_samples": len(order), "shape": [3, image_size, image_size],
+                "sample_shape": list(latent_shape), "shard_size": shard_size, "base_seed": base_seed,
+                "num_classes": len(classes), "dtype": "float32", "fingerprint": fingerprint}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _claim(out_dir, manifest)
+    mine = range(rank, _num_shards(manifest), world_size)
+    _remove_stale_temps(out_dir, {shard_name(k) for k in mine})
+    todo = [k for k in mine if not _is_finished(out_dir / shard_name(k), manifest, k)]
+    for k in track(todo, f"encode {Path(image_dir).name} -> {out_dir.name}", enabled=progress):
+        indices = _shard_indices(manifest, k)
+        images = CroppedImages([files[j] for j in order[indices.start:indices.stop]], image_size)
+        latents = np.empty((len(indices), *latent_shape), np.float32)
+        for batch, rows in DataLoader(images, batch_size=batch_size, num_workers=num_workers):
+            noise = SampleNoise([sample_seed(base_seed, indices.start + int(row)) for row in rows], device)
+            x = batch.to(device)
+            if flip:
+                x = torch.where(noise.randint(2).view(-1, 1, 1, 1).bool(), x.flip(-1), x)
+            latents[rows.numpy()] = autoencoder.encode(to_signed(x), noise).cpu().numpy()
+        arrays = {"samples": latents, "indices": np.arange(indices.start, indices.stop, dtype=np.int64),
+                  "labels": labels[order[indices.start:indices.stop]]}
+        write_atomic(out_dir / shard_name(k), lambda f, arrays=arrays: np.savez(f, **arrays))
+    return classes
+
+
+def round_trip(decoder: LatentAutoencoder, encoder: LatentAutoencoder, latents, noise, jpeg_quality=None):
+    """Latents through the authors' storage of fakes: decode, quantise to uint8 (optionally JPEG), encode again
+    with noise (a SampleNoise)."""
+    images = to_uint8(decoder.decode(latents))
+    if jpeg_quality is not None:
+        images = jpeg_round_trip(images, jpeg_quality)
+    return encoder.encode(to_signed(images), noise)

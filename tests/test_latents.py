@@ -1,0 +1,122 @@
+"""The SD-VAE latent space: the autoencoder's coordinates, ADM's centre crop, the class-folder listing, and the
+resumable, per-sample-seeded encoding of an image folder (with tests/standin_vae.py instead of diffusers)."""
+
+import numpy as np
+import pytest
+import standin_vae
+import torch
+from PIL import Image
+
+from dg_lightning.generate import SampleNoise, load_shards, sample_seed
+from dg_lightning.latents import (
+    LATENT_SCALE,
+    LatentAutoencoder,
+    center_crop,
+    encode_image_folder,
+    image_folder,
+    load_vae,
+    to_signed,
+)
+
+
+def autoencoder(seed=0):
+    torch.manual_seed(seed)
+    return LatentAutoencoder(standin_vae.StandInAutoencoder())
+
+
+def write_folder(root, sizes=((300, 260), (256, 400), (520, 512)), classes=("b_class", "a_class")):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for j, (h, w) in enumerate(sizes):
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name / f"{j}.png")
+    return root
+
+
+def test_latent_coordinates_scale_by_0_18215():
+    vae = autoencoder()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    posterior = vae.vae.encode(x).latent_dist
+    assert torch.allclose(vae.encode(x), posterior.mean * LATENT_SCALE)
+    noise = SampleNoise([1, 2])
+    n = SampleNoise([1, 2]).randn_like(posterior.mean)
+    assert torch.allclose(vae.encode(x, noise), (posterior.mean + posterior.std * n) * LATENT_SCALE)
+    z = torch.randn(2, 4, 2, 2)
+    assert torch.allclose(vae.decode(z), vae.vae.decode(z / LATENT_SCALE).sample)
+
+
+def test_center_crop_halves_with_a_box_filter_then_cuts_the_centre():
+    # 2x2 constant blocks make the box halving exact: 1024 x 512 (W x H) -> 512 x 256, no resize, central 256 columns.
+    blocks = np.random.default_rng(0).integers(0, 256, (256, 512, 3), dtype=np.uint8)
+    image = Image.fromarray(blocks.repeat(2, axis=0).repeat(2, axis=1))
+    assert np.array_equal(center_crop(image, 256), blocks[:, 128:384])
+    small = Image.fromarray(blocks[:100, :150])  # upscaled: short side to 256, then the central square
+    assert center_crop(small, 256).shape == (256, 256, 3)
+
+
+def test_image_folder_labels_follow_sorted_class_names_and_bad_folders_raise(tmp_path):
+    files, labels, classes = image_folder(write_folder(tmp_path / "train"))
+    assert classes == ["a_class", "b_class"] and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert all(f.parent.name == classes[label] for f, label in zip(files, labels))
+    (tmp_path / "train" / "c_empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"c_empty: class folder with no .*labels follow the sorted folder names"):
+        image_folder(tmp_path / "train")
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"flat: no class subfolders with images"):
+        image_folder(tmp_path / "flat")
+    with pytest.raises(FileNotFoundError, match=r"nowhere: no such folder"):
+        image_folder(tmp_path / "nowhere")
+
+
+def test_encoding_is_per_sample_seeded_flipped_and_resumable(tmp_path):
+    images = write_folder(tmp_path / "train")
+    vae = autoencoder()
+    out = tmp_path / "latents"
+    encode_image_folder(vae, images, out, image_size=32, base_seed=7, batch_size=4, shard_size=4, progress=False)
+    latents, labels = load_shards(out)
+    assert latents.shape == (6, 4, 4, 4) and latents.dtype == np.float32 and labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+    # Sample i: its own coin for the flip, then its own encoding noise, from seed (7, i), whatever the batch.
+    files, _, _ = image_folder(images)
+    flips = []
+    for i, path in enumerate(files):
+        x = torch.from_numpy(center_crop(Image.open(path), 32)).permute(2, 0, 1)[None]
+        noise = SampleNoise([sample_seed(7, i)])
+        flip = bool(noise.randint(2))
+        flips.append(flip)
+        expected = vae.encode(to_signed(x.flip(-1) if flip else x), noise)
+        assert torch.allclose(torch.from_numpy(latents[i]), expected[0], atol=1e-6)
+    assert 0 < sum(flips) < len(flips)
+
+    # A deleted shard is made again, identically, with another batch size; a different run's folder raises.
+    before = (out / "shard-000001.npz").read_bytes()
+    (out / "shard-000001.npz").unlink()
+    encode_image_folder(vae, images, out, image_size=32, base_seed=7, batch_size=1, shard_size=4, progress=False)
+    assert np.array_equal(np.load(out / "shard-000001.npz")["samples"], np.load(_bytes(tmp_path, before))["samples"])
+    with pytest.raises(ValueError, match=r"holds another run's samples .*base_seed"):
+        encode_image_folder(vae, images, out, image_size=32, base_seed=8, shard_size=4, progress=False)
+
+
+def _bytes(tmp_path, data):
+    path = tmp_path / "copy.npz"
+    path.write_bytes(data)
+    return path
+
+
+def test_num_samples_takes_a_seeded_subset(tmp_path):
+    images = write_folder(tmp_path / "train")
+    encode_image_folder(autoencoder(), images, tmp_path / "a", image_size=16, num_samples=4, flip=False, progress=False)
+    latents, labels = load_shards(tmp_path / "a")
+    assert latents.shape == (4, 4, 2, 2) and set(labels) <= {0, 1}
+
+
+def test_load_vae_names_the_folder_and_the_extra(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"sd-vae: no config.json; .*huggingface.co/stabilityai/sd-vae-ft-mse"):
+        load_vae(tmp_path / "sd-vae")
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        (tmp_path / "sd-vae").mkdir()
+        (tmp_path / "sd-vae" / "config.json").write_text("{}")
+        with pytest.raises(ImportError, match=r"pip install -e '\.\[imagenet\]'"):
+            load_vae(tmp_path / "sd-vae")
