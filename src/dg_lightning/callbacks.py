@@ -8,9 +8,11 @@ keeps the best epoch, its score and its discriminator weights.
 import contextlib
 import functools
 import math
+import random
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from torchmetrics.utilities.distributed import gather_all_tensors
@@ -37,6 +39,26 @@ def frozen(module):
             m.training = training
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+class EpochSeed(L.Callback):
+    """Re-seeds the global RNGs (torch on every device, numpy, random) at the start of each training epoch from
+    (seed, epoch, global rank).
+
+    Everything an epoch draws from them (the batch order of a RandomSampler, the data module's diffusion times t and
+    noise z, dropout) then depends only on the epoch and the weights, so a run resumed from an end-of-epoch checkpoint
+    ends with the same weights as an uninterrupted one; ranks draw different noise.
+    """
+
+    def __init__(self, seed):
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        """Seed torch, numpy and random with a hash of (seed, epoch, rank)."""
+        state = np.random.SeedSequence((self.seed, trainer.current_epoch, trainer.global_rank)).generate_state(1)[0]
+        torch.manual_seed(int(state))
+        np.random.seed(int(state))
+        random.seed(int(state))
 
 
 class GuidedSamplingCallback(L.Callback):

@@ -6,30 +6,63 @@ after the batch reaches the device, draws a new VP time t and new noise z for ev
 x_t = alpha(t) x0 + sigma_vp(t) z. Nothing diffused is cached: every draw is fresh (augmentation).
 """
 
+import zipfile
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dg_lightning.sde import LinearVP
 
 
-def load_digits_split(split, num_held_out=597, seed=0):
-    """sklearn's digits as uint8 NHWC images (N, 8, 8, 1), values 0..16 scaled to 0..255, with int64 labels.
+def load_labelled_images(path, image_shape, num_classes):
+    """uint8 NHWC images (N, *image_shape) and int64 labels (N,) in [0, num_classes) from an .npz with arrays
+    `images` and `labels`; a clear error naming the file and the expected form otherwise."""
+    path = Path(path)
+    expected = (f"expected an .npz with 'images' uint8 (N, {', '.join(map(str, image_shape))}) (NHWC, N >= 1) "
+                f"and 'labels' integer (N,) in [0, {num_classes})")
+    if not path.is_file():
+        raise FileNotFoundError(f"data source {path} does not exist; {expected}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, EOFError, TypeError, zipfile.BadZipFile) as e:  # TypeError: an .npy, not an .npz
+        raise ValueError(f"data source {path} is not a readable .npz ({type(e).__name__}: {e}); {expected}") from e
+    if not {"images", "labels"} <= set(arrays):
+        raise ValueError(f"data source {path} has arrays {sorted(arrays)}; {expected}")
+    images, labels = arrays["images"], arrays["labels"]
+    if images.dtype != np.uint8 or images.shape[1:] != tuple(image_shape) or len(images) == 0:
+        raise ValueError(f"data source {path} has 'images' {images.dtype} {images.shape}; {expected}")
+    if (not np.issubdtype(labels.dtype, np.integer) or labels.shape != (len(images),)
+            or labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"data source {path} has 'labels' {labels.dtype} {labels.shape} "
+                         f"(values {labels.min() if labels.size else None}..{labels.max() if labels.size else None}); {expected}")
+    return images, labels.astype(np.int64)
 
-    A fixed permutation (seed) puts num_held_out digits in split "held_out" and the rest in "train".
+
+def load_digits_split(split, num_held_out=597, seed=0, source=None, num_classes=10):
+    """Labelled uint8 NHWC images: sklearn's digits (N, 8, 8, 1), values 0..16 scaled to 0..255, or the (N, 8, 8, 1)
+    images of the .npz at `source` (load_labelled_images), with int64 labels.
+
+    A fixed permutation (seed) puts num_held_out images in split "held_out" and the rest in "train".
     """
     from sklearn.datasets import load_digits
 
     if split not in ("train", "held_out"):
         raise ValueError(f"digits split must be 'train' or 'held_out', got {split!r}")
-    digits = load_digits()
-    if not 0 < num_held_out < len(digits.images):
-        raise ValueError(f"data.num_held_out must be in (0, {len(digits.images)}), got {num_held_out}")
-    order = np.random.default_rng(seed).permutation(len(digits.images))
+    if source is None:
+        digits = load_digits()
+        images, labels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None], digits.target.astype(np.int64)
+    else:
+        images, labels = load_labelled_images(source, (8, 8, 1), num_classes)
+    if not 0 < num_held_out < len(images):
+        raise ValueError(f"data.num_held_out must be in (0, {len(images)}) for the {len(images)} images of "
+                         f"{source or 'sklearn digits'}, got {num_held_out}")
+    order = np.random.default_rng(seed).permutation(len(images))
     chosen = order[:num_held_out] if split == "held_out" else order[num_held_out:]
-    images = np.rint(digits.images[chosen] * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    return images, digits.target[chosen].astype(np.int64)
+    return images[chosen], labels[chosen]
 
 
 class ArraySource(Dataset):
@@ -110,10 +143,15 @@ class RealFakeDataModule(L.LightningDataModule):
         self.num_workers, self.seed, self.conditional = num_workers, seed, conditional
 
     def train_dataloader(self):
+        """Batches in an order that is a function of (seed, epoch) only (a DistributedSampler, over the trainer's ranks,
+        whose epoch Lightning sets), never of the global RNG: a resumed epoch sees the batches it would have seen."""
+        pairs = RealFakePairs(self.real, self.fake, self.seed)
+        ranks = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        sampler = DistributedSampler(pairs, *ranks, shuffle=True, seed=self.seed, drop_last=True)
         return DataLoader(
-            RealFakePairs(self.real, self.fake, self.seed),
-            batch_size=self.batch_size // 2, shuffle=True, drop_last=True, collate_fn=keep_batch,
+            pairs, batch_size=self.batch_size // 2, sampler=sampler, drop_last=True, collate_fn=keep_batch,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),  # worker seeds: not drawn from the global RNG either
         )
 
     def diffuse(self, batch):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,19 @@ class SampleNoise:
                 f"the first dimension must be the number of samples"
             )
         return torch.stack([draw(g) for g in self.generators]).to(device or self.device)
+
+
+def rank_and_world_size():
+    """(rank, number of ranks) of this process in torch.distributed's default group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier():
+    """Wait until every rank of torch.distributed's default group gets here (nothing without a group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def to_uint8(x):
@@ -130,11 +144,15 @@ def generate(
     dtype="uint8",
     fingerprint=None,
     device="cpu",
-    rank=0,
-    world_size=1,
+    rank=None,
+    world_size=None,
     progress=True,
 ):
-    """Write this rank's missing shards (k % world_size == rank) of the run in `out_dir`.
+    """Write this rank's missing shards (k % world_size == rank) of the run in `out_dir`, then wait for the other ranks.
+
+    rank and world_size default to this process's place in torch.distributed's group ((0, 1) without one); every
+    rank of the group must call generate, and returns once all shards are written (a barrier), so any rank may then
+    load_shards. No two ranks write the same shard.
 
     For each batch of indices, latents N(0, I) of (B, *shape) are drawn from the samples' own generators,
     then the labels (uniform in [0, num_classes), when given), and
@@ -147,6 +165,8 @@ def generate(
     """
     out_dir = Path(out_dir)
     out_shape = tuple(int(s) for s in (shape if out_shape is None else out_shape))
+    group_rank, group_size = rank_and_world_size()
+    rank, world_size = group_rank if rank is None else rank, group_size if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"generate needs 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if min(num_samples, batch_size, shard_size) < 1:
@@ -175,7 +195,11 @@ def generate(
         "fingerprint": fingerprint,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    _claim(out_dir, manifest)
+    if rank == 0:  # rank 0 writes the manifest; the others check it once it is there
+        _claim(out_dir, manifest)
+    barrier()
+    if rank != 0:
+        _claim(out_dir, manifest)
 
     mine = range(rank, _num_shards(manifest), world_size)
     _remove_stale_temps(out_dir, {shard_name(k) for k in mine})
@@ -188,6 +212,7 @@ def generate(
         for k in todo:
             arrays = _make_shard(sample_fn, manifest, out_shape, k, batch_size, device, lambda n: bar.advance(task, n))
             write_atomic(out_dir / shard_name(k), lambda f: np.savez(f, **arrays))
+    barrier()
 
 
 def load_shards(folder, expect_shape=None, expect_labels=None):

@@ -6,18 +6,25 @@ instead of rerun, so a sweep over sampling settings reuses the trained discrimin
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import lightning as L
 import torch
 import wandb
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from dg_lightning.accel import Accel, accelerate, set_tf32
+from dg_lightning.callbacks import EpochSeed
+from dg_lightning.config import ConfigError
 from dg_lightning.data import ArraySource, RealFakeDataModule
-from dg_lightning.generate import write_atomic
+from dg_lightning.generate import barrier, rank_and_world_size, write_atomic
 from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.module import DiscriminatorModule
 
@@ -37,12 +44,17 @@ def stage_dir(cfg: DictConfig, stage, keys):
 
 
 def atomic_save(obj, path: Path, save=torch.save):
-    """save(obj, binary file object) through generate.write_atomic: a killed run never leaves a partial file."""
-    write_atomic(path, lambda f: save(obj, f))
+    """save(obj, binary file object) through generate.write_atomic: a killed run never leaves a partial file.
+
+    Under torch.distributed every rank calls it with the same object: rank 0 writes, the others wait at a barrier.
+    """
+    if rank_and_world_size()[0] == 0:
+        write_atomic(path, lambda f: save(obj, f))
+    barrier()
 
 
 def write_metrics(out_dir, metrics):
-    """Write metrics.json (flat keys, float values) into the run folder; returns the path."""
+    """Write metrics.json (flat keys, float values) into the run folder (rank 0); returns the path."""
     path = Path(out_dir) / "metrics.json"
     atomic_save({k: float(v) for k, v in sorted(metrics.items())}, path,
                 save=lambda obj, f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
@@ -58,10 +70,17 @@ def sampler_kwargs(cfg: DictConfig, guided=True):
     return dict(kwargs, w1=dg.weight, w2=dg.weight_2nd, boosting=dg.boosting)
 
 
+def build_accel(cfg: DictConfig):
+    """How the networks run (cfg.accel: the GPU fast path or the plain float32 path), with its TF32 setting applied."""
+    accel = Accel(**OmegaConf.to_container(cfg.accel, resolve=True)) if cfg.get("accel") else Accel()
+    set_tf32(accel.tf32)
+    return accel
+
+
 def dg_guidance(cfg: DictConfig, discriminator):
-    """DiscriminatorGuidance over cfg.guidance.dg's window and clipping."""
+    """DiscriminatorGuidance over cfg.guidance.dg's window and clipping, the discriminator run as cfg.accel says."""
     dg = cfg.guidance.dg
-    return DiscriminatorGuidance(discriminator, t_min=dg.t_min, t_max=dg.t_max, clip=dg.clip)
+    return DiscriminatorGuidance(accelerate(discriminator, build_accel(cfg)), t_min=dg.t_min, t_max=dg.t_max, clip=dg.clip)
 
 
 def build_loggers(cfg: DictConfig):
@@ -70,13 +89,38 @@ def build_loggers(cfg: DictConfig):
 
 
 def finish_loggers(loggers, metrics):
-    """Log the final metrics to every logger and close W&B runs (so sweep jobs do not share one)."""
+    """Log the final metrics to every logger and close W&B runs (so sweep jobs do not share one); rank 0 only."""
+    if rank_and_world_size()[0] != 0:
+        return
     for logger in loggers:
         logger.log_metrics(metrics)
         logger.finalize("success")
         if isinstance(logger, WandbLogger):
             logger.experiment.summary.update(metrics)
             wandb.finish()
+
+
+def _external_launcher():
+    """Whether the ranks were started outside this process (torchrun, SLURM srun/submitit, or Lightning's own launcher)."""
+    return "LOCAL_RANK" in os.environ or SLURMEnvironment.detect() or TorchElasticEnvironment.detect()
+
+
+def launch(cfg: DictConfig):
+    """Start this run's ranks before the first stage when cfg.trainer.strategy is "ddp": every rank then runs the whole
+    pipeline (sharded generation, DDP training, sharded sampling, synchronised metrics) in one process group.
+
+    On one machine the other local ranks are this script started again by Lightning (as trainer.fit would); under
+    torchrun or SLURM they exist already and only the process group is set up. A Hydra multirun on one machine cannot
+    re-start its jobs, so it must get its ranks from SLURM (hydra/launcher=slurm) or use one process per point.
+    """
+    t = cfg.trainer
+    if t.get("strategy", "auto") != "ddp" or torch.distributed.is_initialized():
+        return
+    if not _external_launcher() and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigError("trainer.strategy", "ddp in a local Hydra multirun (-m) would start every rank on the whole "
+                          "sweep again", "sweep with hydra/launcher=slurm (SLURM starts each point's ranks), or run the "
+                          "points one by one without -m, or sweep on one device per point (trainer=default or gpu)")
+    L.Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.get("num_nodes", 1), strategy="ddp").launch()
 
 
 def build_network(cfg: DictConfig, node):
@@ -86,8 +130,9 @@ def build_network(cfg: DictConfig, node):
     return instantiate(node)
 
 
-def fit(cfg: DictConfig, module, data, folder, loggers=(), callbacks=(), **trainer_overrides):
-    """Fit a LightningModule with cfg.trainer (plus the configured callbacks) in folder; returns the trainer.
+def fit(cfg: DictConfig, module, data, folder, loggers=(), callbacks=(), ckpt_path=None, **trainer_overrides):
+    """Fit a LightningModule with cfg.trainer (plus the configured callbacks) in folder, from the checkpoint at
+    ckpt_path when given; returns the trainer.
 
     The global RNG is re-seeded with cfg.seed first, so a stage gives the same result whether or not the
     stages before it were loaded from the cache.
@@ -96,12 +141,17 @@ def fit(cfg: DictConfig, module, data, folder, loggers=(), callbacks=(), **train
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(callbacks)
     trainer = instantiate(cfg.trainer, default_root_dir=str(folder), logger=list(loggers) or False, callbacks=callbacks,
                           **trainer_overrides)
-    trainer.fit(module, data)
+    trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer
 
 
 def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, net, loggers, keys, callbacks=()):
-    """Train (or load from the stage cache) the discriminator net on real vs fake; returns the trained net."""
+    """Train (or load from the stage cache) the discriminator net on real vs fake; returns the trained net.
+
+    Every epoch ends with a checkpoint (checkpoints/epochNNN.ckpt and last.ckpt); a killed training resumes from
+    last.ckpt. EpochSeed re-seeds the global RNGs (batch order, diffusion times and noise) at each epoch from
+    (cfg.seed, epoch, rank), so the resumed run ends with the same weights as an uninterrupted one.
+    """
     folder = stage_dir(cfg, "train", keys)
     weights = folder / "discriminator.pt"
     if weights.exists():
@@ -110,9 +160,26 @@ def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, n
     d = cfg.data
     datamodule = RealFakeDataModule(real, fake, batch_size=d.batch_size, t_min=d.t_min, importance=d.importance_sampling,
                                     num_workers=d.num_workers, seed=cfg.seed, conditional=cfg.discriminator.get("conditional", False))
-    module = DiscriminatorModule(net, cfg.discriminator.objective, cfg.discriminator.lr, cfg.discriminator.weight_decay)
+    module = DiscriminatorModule(net, cfg.discriminator.objective, cfg.discriminator.lr, cfg.discriminator.weight_decay,
+                                 accel=build_accel(cfg))
     every_epoch = ModelCheckpoint(dirpath=folder / "checkpoints", filename="epoch{epoch:03d}", auto_insert_metric_name=False,
                                   every_n_epochs=1, save_top_k=-1, save_last=True)
-    fit(cfg, module, datamodule, folder, loggers, [every_epoch, *callbacks])
+    last = folder / "checkpoints" / "last.ckpt"
+    fit(cfg, module, datamodule, folder, loggers, [every_epoch, EpochSeed(cfg.seed), *callbacks],
+        ckpt_path=last if last.exists() else None)
     atomic_save(net.state_dict(), weights)
     return net
+
+
+def finished_metrics(cfg: DictConfig):
+    """The metrics of a finished run of this config in paths.output_dir (its metrics.json, when the resolved_config.yaml
+    beside it matches this config up to the loggers, whose W&B group holds the launch time), else None: a re-launched
+    sweep (the same hydra.sweep.dir) skips the points that finished."""
+    out_dir = Path(cfg.paths.output_dir)
+    metrics, saved = out_dir / "metrics.json", out_dir / "resolved_config.yaml"
+    if not (metrics.is_file() and saved.is_file()):
+        return None
+    without_loggers = lambda c: {k: v for k, v in OmegaConf.to_container(c, resolve=True).items() if k != "logger"}
+    if without_loggers(OmegaConf.load(saved)) != without_loggers(cfg):
+        return None
+    return json.loads(metrics.read_text())

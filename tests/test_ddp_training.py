@@ -1,0 +1,99 @@
+"""Discriminator training under Lightning DDP (trainer=ddp_cpu: 2 CPU processes, gloo), started as run.py starts it
+(stages.launch), with the sampling callback sharded over the ranks."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dg_lightning.module import BCELoss
+from dg_lightning.nets.mlp import MLPDiscriminator
+from dg_lightning.sde import LinearVP
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = '''
+import json, sys
+import numpy as np, torch, torch.distributed as dist
+from hydra import compose, initialize_config_dir
+from torch import nn
+from dg_lightning.callbacks import GuidedSamplingCallback
+from dg_lightning.data import ArraySource
+from dg_lightning.metrics import GenerativeMetrics
+from dg_lightning.stages import build_network, launch, train_discriminator
+torch.set_num_threads(1)
+out = sys.argv[1]
+with initialize_config_dir(config_dir=sys.argv[2], version_base="1.3"):
+    cfg = compose("config", overrides=["trainer=ddp_cpu", "trainer.max_epochs=3", "trainer.max_steps=-1", "callbacks={}",
+                                       "data.batch_size=32", "discriminator.net.width=32", "discriminator.net.depth=2",
+                                       "discriminator.net.time_dim=16", "discriminator.lr=3e-3",
+                                       f"paths.cache_dir={out}/cache", f"paths.output_dir={out}/out"])
+launch(cfg)
+rank, world_size = dist.get_rank(), dist.get_world_size()
+rng = np.random.default_rng(0)
+real = ArraySource(rng.normal(size=(128, 2)).astype(np.float32), name="real")
+fake = ArraySource((rng.normal(size=(128, 2)) * 2.0 + 1.5).astype(np.float32), name="fake")
+
+
+class Flat(nn.Module):
+    num_features = 2
+
+    def forward(self, images):
+        return images.flatten(1).float() / 64
+
+
+def sample_fn(discriminator, latents, labels, noise):
+    x = latents.flatten(1)
+    logit = discriminator(x, torch.full((len(x),), 0.5))
+    return torch.tanh(0.4 * latents + 0.05 * logit.view(-1, 1, 1, 1))
+
+
+reals = torch.randint(0, 256, (40, 1, 1, 2), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+callback = GuidedSamplingCallback(sample_fn, GenerativeMetrics(Flat(), reset_real_features=False), (1, 1, 2), 30,
+                                  f"{out}/sampling", real_images=reals, batch_size=8, grid_size=4)
+net = train_discriminator(cfg, real, fake, build_network(cfg, cfg.discriminator.net), [], ["seed", "trainer", "data"],
+                          callbacks=[callback])
+torch.save(net.state_dict(), f"{out}/rank{rank}.pt")
+json.dump({"world_size": world_size, "history": callback.history}, open(f"{out}/rank{rank}.json", "w"))
+'''
+
+
+@pytest.mark.slow
+def test_ddp_discriminator_training_keeps_ranks_in_sync_and_learns(tmp_path):
+    script = tmp_path / "train_ddp.py"
+    script.write_text(SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), str(ROOT / "conf")], check=False,
+                            capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    weights = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    # DDP averages the gradients: the ranks, which draw different diffusion noise, end with identical weights.
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+    (train_dir,) = (tmp_path / "cache" / "toy2d").glob("train-*")
+    saved = torch.load(train_dir / "discriminator.pt", weights_only=True)  # written once, by rank 0
+    assert all(torch.equal(saved[name], value) for name, value in weights[0].items())
+    assert sorted(p.name for p in (train_dir / "checkpoints").glob("epoch*.ckpt")) == [f"epoch00{e}.ckpt" for e in range(3)]
+    # The sampling callback's metrics are reduced over both ranks' samples: the same history on each rank.
+    assert ranks[0]["history"] == ranks[1]["history"] and [h["epoch"] for h in ranks[0]["history"]] == [0, 1, 2]
+    assert (tmp_path / "sampling" / "samples_epoch2.png").is_file()
+
+    # It learned: the trained discriminator's BCE on fresh diffused real/fake points is below the untrained one's.
+    torch.manual_seed(0)
+    untrained = MLPDiscriminator(2, 32, 2, 16)
+    trained = MLPDiscriminator(2, 32, 2, 16)
+    trained.load_state_dict(weights[0])
+    rng = np.random.default_rng(1)
+    x0 = torch.from_numpy(np.concatenate([rng.normal(size=(2000, 2)), rng.normal(size=(2000, 2)) * 2.0 + 1.5])).float()
+    is_real = torch.arange(4000) < 2000
+    t = torch.full((4000,), 0.05)
+    x_t = LinearVP().diffuse(x0, t, torch.randn(x0.shape, generator=torch.Generator().manual_seed(2)))
+    with torch.no_grad():
+        losses = [BCELoss()(net(x_t, t), is_real).mean().item() for net in (untrained, trained)]
+    assert losses[1] < losses[0] - 0.05, losses

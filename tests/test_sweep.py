@@ -1,0 +1,86 @@
+"""Sweeps: the trained discriminator is reused across DG settings, a re-launched sweep skips its finished points, one
+W&B group with readable run names, the report reads the folders, and a local multirun refuses in-job DDP."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf, open_dict
+
+from dg_lightning.config import ConfigError
+from dg_lightning.report import main as report_main
+from dg_lightning.stages import finished_metrics, launch, write_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ["-m", "experiment=toy2d", "guidance.dg.weight=0,1", "guidance.dg.t_min=0.05", "trainer.max_steps=30",
+         "data.num_fake=300", "data.num_real=300", "metrics.num_samples=200", "sampler.num_steps=8"]
+
+
+def run_py(cwd, *args):
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_sweep_trains_once_shares_a_group_reports_and_a_relaunch_skips_finished_points(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    run_py(tmp_path, *SWEEP, f"hydra.sweep.dir={sweep_dir}")
+    jobs = sorted(p for p in sweep_dir.iterdir() if (p / "metrics.json").is_file())
+    dirnames = [",".join(sorted([*SWEEP[3:], f"guidance.dg.weight={w}"])) for w in (0, 1)]  # experiment excluded
+    assert [j.name for j in jobs] == [f"{i}_{name}" for i, name in enumerate(dirnames)]
+    assert len(list((tmp_path / "logs" / "cache" / "toy2d").glob("train-*"))) == 1  # the train key has no guidance
+    # Only the first point trained (logged train/loss); the second loaded the cached discriminator.
+    trained = ["train/loss" in (j / "csv" / "metrics.csv").read_text().splitlines()[0] for j in jobs]
+    assert trained == [True, False]
+    configs = [OmegaConf.load(j / "resolved_config.yaml") for j in jobs]
+    groups = {c.logger.wandb.group for c in configs}
+    assert len(groups) == 1 and groups.pop().startswith("toy2d-")
+    assert [c.logger.wandb.name for c in configs] == [f"toy2d/{name}" for name in dirnames]
+
+    report_main([str(sweep_dir), "--metric", "toy/swd_dg"])
+    table = (sweep_dir / "report.md").read_text().splitlines()
+    assert table[0] == "| dg weight | toy/swd_dg (t_min=0.05) |" and len(table) == 4
+    values = [json.loads((j / "metrics.json").read_text())["toy/swd_dg"] for j in jobs]
+    assert table[2] == f"| 0 | {values[0]:.4f} |" and table[3] == f"| 1 | {values[1]:.4f} |"
+
+    stamps = [(j / "metrics.json").stat().st_mtime_ns for j in jobs]
+    run_py(tmp_path, *SWEEP, f"hydra.sweep.dir={sweep_dir}")  # the same sweep again: every point is finished
+    assert [(j / "metrics.json").stat().st_mtime_ns for j in jobs] == stamps
+
+
+def test_a_finished_point_is_skipped_only_with_the_same_config(compose_cfg, tmp_path):
+    cfg = compose_cfg("experiment=toy2d")
+    assert finished_metrics(cfg) is None
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True)
+    (out / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    assert finished_metrics(cfg) is None  # no metrics.json: the point did not finish
+    write_metrics(out, {"toy/swd_dg": 0.25})
+    assert finished_metrics(cfg) == {"toy/swd_dg": 0.25}
+    with open_dict(cfg):
+        cfg.logger.wandb.group = "toy2d-relaunched"  # a re-launch has a new W&B group: still the same point
+    assert finished_metrics(cfg) == {"toy/swd_dg": 0.25}
+    assert finished_metrics(compose_cfg("experiment=toy2d", "guidance.dg.weight=2")) is None  # another point
+
+
+def test_local_multirun_refuses_in_job_ddp_before_any_compute(compose_cfg, monkeypatch):
+    for name in ("LOCAL_RANK", "SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID", "GROUP_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = compose_cfg("trainer=ddp_cpu")
+    hydra_cfg = HydraConfig.get()
+    with open_dict(hydra_cfg):
+        hydra_cfg.mode = RunMode.MULTIRUN
+    with pytest.raises(ConfigError, match="trainer.strategy.*hydra/launcher=slurm"):
+        launch(cfg)
+
+
+def test_slurm_launcher_gives_one_rank_per_gpu():
+    slurm = OmegaConf.load(ROOT / "conf" / "hydra" / "launcher" / "slurm.yaml")
+    assert slurm.defaults == ["submitit_slurm"]
+    slurm.gpus_per_node = 8
+    assert slurm.tasks_per_node == 8 and {"nodes", "timeout_min", "partition"} <= set(slurm)
