@@ -21,6 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
     (["data.batch_size=7"], "data.batch_size", "even"),
     (["+data.real_path=/nonexistent/true_data.npz"], "data.real_path", "does not exist"),
     (["stage=evaluate"], "stage", "generate"),
+    (["experiment=digits_edm_g++", "data.source=/nonexistent/digits.npz"], "data.source", "uint8"),
+    (["experiment=digits_edm_g++", "metrics.features=resnet"], "metrics.features", "inception"),
+    (["experiment=digits_edm_g++", "metrics.features=inception"], "metrics.inception_path",
+     "download https://github.com/toshas/torch-fidelity/releases/.*weights-inception-2015-12-05-6726825d.pth"),
+    (["experiment=digits_edm_g++", "metrics.features=inception", "metrics.inception_path=/nonexistent/inception.pth"],
+     "metrics.inception_path", "set metrics.inception_path to its local path"),
 ])
 def test_bad_values_name_the_key_and_the_fix(compose_cfg, overrides, key, fix, tmp_path):
     cfg = compose_cfg(*overrides)
@@ -47,6 +53,6 @@ def test_unknown_keys_and_groups_are_refused_by_composition(compose_cfg):
 
 def test_entry_point_exits_nonzero_with_the_message(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "run.py"), "guidance.dg.t_min=2", f"paths.log_dir={tmp_path}"],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode != 0
     assert "guidance.dg.t_min" in result.stderr and "Fix:" in result.stderr

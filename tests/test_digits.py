@@ -1,15 +1,22 @@
-"""The digits pipeline: the data split, and every stage of a reduced run through the real entry point."""
+"""The digits pipeline: the data split and user data sources, the metrics' feature networks, and every stage of
+reduced runs (unconditional through the real entry point, class-conditional in process)."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from test_metrics import random_inception_weights
 
-from dg_lightning.data import load_digits_split
+from dg_lightning import pipeline
+from dg_lightning.data import RealFakeDataModule, load_digits_split
+from dg_lightning.generate import load_shards
+from dg_lightning.nets.adm import Discriminator
 
 ROOT = Path(__file__).resolve().parents[1]
 REDUCED = ["experiment=digits_edm_g++", "score.max_steps=20", "discriminator.classifier.max_steps=20", "data.num_fake=64",
@@ -34,7 +41,8 @@ def test_digits_split_is_disjoint_and_scaled_to_uint8():
 def test_reduced_digits_run_goes_through_every_stage_and_reuses_them(tmp_path):
     def run(*extra):
         result = subprocess.run([sys.executable, str(ROOT / "run.py"), *REDUCED, *extra], cwd=tmp_path,
-                                capture_output=True, text=True, timeout=600)
+                                capture_output=True, text=True, timeout=600, check=False,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})  # one torch thread, as in conftest
         assert result.returncode == 0, result.stderr[-3000:]
 
     run()
@@ -47,8 +55,9 @@ def test_reduced_digits_run_goes_through_every_stage_and_reuses_them(tmp_path):
     (run_dir,) = (tmp_path / "logs" / "digits_edm_g++" / "runs").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for prefix in ("eval", "eval_unguided"):
-        for name in ("fid", "precision", "recall"):
+        for name in ("fid", "precision", "recall", "kid", "is"):
             assert math.isfinite(metrics[f"{prefix}/{name}"])
+        assert 1.0 <= metrics[f"{prefix}/is"] <= 10.0
     assert metrics["eval_floor/fid"] < metrics["eval_unguided/fid"]  # a 20-step score model is far from the data
     assert metrics["sampling/best_epoch"] in (0, 1)
     # A different DG weight reuses every cached stage (the unguided samples too): no new stage folder;
@@ -56,3 +65,98 @@ def test_reduced_digits_run_goes_through_every_stage_and_reuses_them(tmp_path):
     run("guidance.dg.weight=1.0", "discriminator.select=best")
     assert len(list(cache.iterdir())) == 6
     assert (train_dir / "sampling" / "best_discriminator.pt").exists()
+
+
+def test_user_data_source_is_split_like_sklearn_digits(tmp_path):
+    images, labels = load_digits_split("train", 597, seed=0)
+    path = tmp_path / "digits.npz"
+    np.savez(path, images=images, labels=labels.astype(np.int32))
+    held_out, held_labels = load_digits_split("held_out", 200, seed=3, source=path)
+    order = np.random.default_rng(3).permutation(len(images))[:200]
+    assert np.array_equal(held_out, images[order]) and np.array_equal(held_labels, labels[order])
+    assert held_labels.dtype == np.int64
+    with pytest.raises(ValueError, match=r"must be in \(0, 1200\) for the 1200 images of .*digits.npz, got 1200"):
+        load_digits_split("train", 1200, source=path)
+
+
+BAD_SOURCES = {
+    "empty": {"images": np.zeros((0, 8, 8, 1), np.uint8), "labels": np.zeros(0, np.int64)},
+    "float_images": {"images": np.zeros((5, 8, 8, 1), np.float32), "labels": np.zeros(5, np.int64)},
+    "nchw_images": {"images": np.zeros((5, 1, 8, 8), np.uint8), "labels": np.zeros(5, np.int64)},
+    "float_labels": {"images": np.zeros((5, 8, 8, 1), np.uint8), "labels": np.zeros(5, np.float32)},
+    "label_11": {"images": np.zeros((5, 8, 8, 1), np.uint8), "labels": np.full(5, 11)},
+    "no_labels": {"images": np.zeros((5, 8, 8, 1), np.uint8)},
+}
+
+
+@pytest.mark.parametrize("name", [*BAD_SOURCES, "not_an_npz"])
+def test_bad_data_source_names_the_file_and_the_expected_form_before_any_compute(compose_cfg, tmp_path, name):
+    path = tmp_path / f"{name}.npz"
+    if name == "not_an_npz":
+        np.save(tmp_path / "array.npy", np.zeros((5, 8, 8, 1), np.uint8))
+        (tmp_path / "array.npy").rename(path)
+    else:
+        np.savez(path, **BAD_SOURCES[name])
+    cfg = compose_cfg("experiment=digits_edm_g++", f"data.source={path}")
+    with pytest.raises(ValueError) as error:
+        pipeline.run(cfg)
+    message = str(error.value)
+    assert str(path) in message
+    assert "expected an .npz with 'images' uint8 (N, 8, 8, 1) (NHWC, N >= 1) and 'labels' integer (N,) in [0, 10)" in message
+    assert not (tmp_path / "logs" / "cache").exists()  # nothing was computed
+
+
+def test_inception_feature_network_reads_grey_digits_from_the_local_weights(compose_cfg, tmp_path, monkeypatch):
+    weights, stand_in = random_inception_weights(tmp_path, monkeypatch)
+    cfg = compose_cfg("experiment=digits_edm_g++", "metrics.features=inception", f"metrics.inception_path={weights}")
+    features = pipeline.feature_network(cfg, None, None)
+    digits, _ = load_digits_split("held_out", 597)
+    batch = torch.from_numpy(digits[:4]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        extracted = features(batch)
+        assert extracted.shape == (4, 2048)
+        assert torch.allclose(extracted, stand_in.eval()(batch.repeat(1, 3, 1, 1))[0].reshape(4, 2048), atol=1e-5)
+    assert not pipeline.generative_metrics(cfg, features).inception_score  # IS only from a digits classifier
+    assert not (tmp_path / "logs" / "cache").exists()  # no feature classifier was trained
+
+
+@pytest.mark.slow
+def test_reduced_conditional_run_gives_the_head_the_fakes_labels(compose_cfg, tmp_path, monkeypatch):
+    seen = {"train": [], "head": []}
+    diffuse, forward = RealFakeDataModule.diffuse, Discriminator.forward
+
+    def spy_diffuse(self, batch):
+        seen["train"].append({k: batch[k].clone() for k in ("x0", "is_real", "class_labels") if k in batch})
+        return diffuse(self, batch)
+
+    def spy_forward(self, x_vp, tau, class_labels=None):
+        seen["head"].append(class_labels)
+        return forward(self, x_vp, tau, class_labels)
+
+    monkeypatch.setattr(RealFakeDataModule, "diffuse", spy_diffuse)
+    monkeypatch.setattr(Discriminator, "forward", spy_forward)
+    cfg = compose_cfg(*(o.replace("trainer.max_epochs=2", "trainer.max_epochs=1") for o in REDUCED),
+                      "discriminator.conditional=true", "logger=csv", "callbacks={}")
+    metrics = pipeline.run(cfg)
+    assert all(math.isfinite(v) for v in metrics.values()) and "eval/is" in metrics and "eval_unguided/kid" in metrics
+
+    cache = tmp_path / "logs" / "cache" / "digits_edm_g++"
+    (fake_dir,) = cache.glob("generate-*")
+    fakes, fake_labels = load_shards(fake_dir, expect_labels=True)
+    assert len(np.unique(fake_labels)) > 3
+    (score_dir,) = cache.glob("pretrain_score-*")
+    score = torch.load(score_dir / "score_ema.pt", weights_only=True)
+    assert score["model.map_label.weight"].shape[1] == 10  # the score model takes one-hot labels
+    # Training: every fake row reaches the head with the label it was generated with.
+    label_of = {image.tobytes(): label for image, label in zip(fakes, fake_labels)}
+    checked = 0
+    for batch in seen["train"]:
+        fake_rows = ~batch["is_real"]
+        images = torch.round((batch["x0"][fake_rows] + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        assert [label_of[image.tobytes()] for image in images] == batch["class_labels"][fake_rows].tolist()
+        checked += len(images)
+    assert checked >= 64
+    assert all(labels is not None and labels.dtype == torch.int64 for labels in seen["head"])
+    # Sampling: the head's last call (final DG samples, one batch) gets the labels the DG samples were drawn with.
+    _, dg_labels = load_shards(tmp_path / "out" / "samples_dg", expect_labels=True)
+    assert torch.equal(seen["head"][-1], torch.from_numpy(dg_labels))

@@ -1,5 +1,8 @@
 """Tests for dg_lightning.metrics: precision/recall against a brute-force reference, FID against the Gaussian closed form,
-reference statistics, feature extractors and their error messages. CPU only, no network."""
+KID against a direct numpy computation, IS in its closed-form limits, reference statistics, feature extractors and their
+error messages. CPU only, no network."""
+
+import itertools
 
 import numpy as np
 import pytest
@@ -7,7 +10,16 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from dg_lightning.metrics import ClassifierFeatures, GenerativeMetrics, PrecisionRecall, inception_features
+from dg_lightning.metrics import (
+    ClassifierFeatures,
+    canonical_order,
+    GenerativeMetrics,
+    GreyAsRGB,
+    InceptionScore,
+    KernelDistance,
+    PrecisionRecall,
+    inception_features,
+)
 
 
 def brute_force_precision_recall(real, fake, k):
@@ -81,7 +93,7 @@ def test_precision_drops_as_fakes_move_away():
     shifts = [0.0, 0.5, 1.0, 2.0, 50.0]
     precisions = [fed_precision_recall(real, real + shift)["precision"] for shift in shifts]
     assert precisions[0] == 1.0 and precisions[-1] == 0.0
-    assert all(a > b for a, b in zip(precisions, precisions[1:-1]))
+    assert all(a > b for a, b in itertools.pairwise(precisions[:-1]))
 
 
 def test_precision_recall_ball_boundary_counts_as_inside():
@@ -258,15 +270,21 @@ def test_inception_features_missing_weights_names_path_and_source(tmp_path):
     assert "github.com/toshas/torch-fidelity/releases" in message
 
 
-def test_inception_features_loads_local_weights_with_tf_resize(tmp_path, monkeypatch):
+def random_inception_weights(folder, monkeypatch):
+    """(path, net): torch-fidelity's FID Inception with random weights, saved under the real file's name and keys."""
     inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
-    empty = tmp_path / "empty.pth"
+    empty = folder / "empty.pth"
     torch.save({}, empty)
     monkeypatch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
     stand_in = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
     monkeypatch.undo()
-    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
-    torch.save(stand_in.state_dict(), weights)  # randomly initialised weights with the real file's keys
+    weights = folder / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(stand_in.state_dict(), weights)
+    return weights, stand_in
+
+
+def test_inception_features_loads_local_weights_with_tf_resize(tmp_path, monkeypatch):
+    weights, stand_in = random_inception_weights(tmp_path, monkeypatch)
     net = inception_features(weights)
     assert torch.equal(net.fc.weight, stand_in.fc.weight)
     assert net.use_antialias is False and net.num_features == 2048 and not net.train(True).training
@@ -274,3 +292,145 @@ def test_inception_features_loads_local_weights_with_tf_resize(tmp_path, monkeyp
     with torch.no_grad():
         features = net(images)
     assert features.shape == (2, 2048) and features.dtype == torch.float32 and torch.isfinite(features).all()
+
+
+def numpy_unbiased_mmd(x, y):
+    """Unbiased MMD^2 with the cubic kernel (x.y / D + 1)^3, written out in numpy (float64)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    m, dim = len(x), x.shape[1]
+    k_xx, k_yy, k_xy = ((a @ b.T / dim + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    off_diagonal = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return off_diagonal - 2 * k_xy.sum() / m**2
+
+
+def fed_kid(real, fake, batch=13, **kwargs):
+    """KernelDistance fed in uneven batches."""
+    metric = KernelDistance(**kwargs)
+    for chunk in real.split(batch):
+        metric.update(chunk, real=True)
+    for chunk in fake.split(batch):
+        metric.update(chunk, real=False)
+    return metric.compute().item()
+
+
+def test_kid_full_sets_match_numpy_and_vanish_for_identical_sets():
+    generator = torch.Generator().manual_seed(13)
+    real, fake = torch.randn(60, 5, generator=generator), torch.randn(60, 5, generator=generator) + 0.7
+    kid = fed_kid(real, fake, subsets=3, subset_size=1000)  # subsets capped at 60 rows: every subset is the full set
+    assert kid == pytest.approx(numpy_unbiased_mmd(real, fake), rel=1e-12)
+    assert kid > 0.1
+    # Identical sets: the unbiased estimator is -(2 / m) (mean diagonal - mean off-diagonal kernel), 0 as m grows.
+    for m in (60, 1000):
+        x = torch.randn(m, 5, generator=generator)
+        same = fed_kid(x, x.clone(), subsets=1, subset_size=m, batch=100)
+        k = (x.double() @ x.double().T / 5 + 1) ** 3
+        closed_form = -2 / m * (k.diagonal().mean() - (k.sum() - k.trace()) / (m * (m - 1))).item()
+        assert same == pytest.approx(closed_form, rel=1e-9) and same == pytest.approx(numpy_unbiased_mmd(x, x), rel=1e-9)
+    assert abs(same) < 0.02 * kid
+
+
+def test_kid_subsets_are_seeded_and_each_matches_numpy():
+    generator = torch.Generator().manual_seed(14)
+    real, fake = torch.randn(50, 4, generator=generator), torch.randn(40, 4, generator=generator) * 1.5
+    kid = fed_kid(real, fake, subsets=5, subset_size=20, seed=3)
+    real, fake = canonical_order(real.double()), canonical_order(fake.double())  # the order subsets are drawn from
+    draws = torch.Generator().manual_seed(3)
+    expected = np.mean([numpy_unbiased_mmd(real[torch.randperm(50, generator=draws)[:20]],
+                                           fake[torch.randperm(40, generator=draws)[:20]]) for _ in range(5)])
+    assert kid == pytest.approx(expected, rel=1e-12)
+    assert fed_kid(real, fake, subsets=5, subset_size=20, seed=3) == kid
+    assert fed_kid(real, fake, subsets=5, subset_size=20, seed=4) != kid
+
+
+def test_kid_two_samples_of_one_distribution_is_near_zero_and_shifts_raise_it():
+    generator = torch.Generator().manual_seed(15)
+    real, fake = torch.randn(400, 6, generator=generator), torch.randn(400, 6, generator=generator)
+    kids = [fed_kid(real, fake + shift, subsets=20, subset_size=200) for shift in (0.0, 0.5, 1.0)]
+    assert abs(kids[0]) < 0.02 and kids[0] < kids[1] < kids[2]
+
+
+def test_kid_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="subset_size must be a positive int"):
+        KernelDistance(subset_size=0)
+    metric = KernelDistance()
+    metric.update(torch.zeros(1, 3), real=True)
+    metric.update(torch.zeros(5, 3), real=False)
+    with pytest.raises(ValueError, match="at least 2 real and 2 fake feature vectors, got 1 and 5"):
+        metric.compute()
+
+
+def inception_score(logits, batch=7):
+    """InceptionScore fed in uneven batches."""
+    metric = InceptionScore()
+    for chunk in logits.split(batch):
+        metric.update(chunk)
+    return metric.compute().item()
+
+
+def test_inception_score_limits_and_numpy_formula():
+    confident = 50.0 * torch.eye(10).repeat(3, 1)  # 30 near one-hot predictions, 3 per class
+    assert inception_score(confident) == pytest.approx(10.0, rel=1e-9)
+    assert inception_score(confident[:, :4][torch.arange(30) % 10 < 4]) == pytest.approx(4.0, rel=1e-9)
+    identical = torch.randn(1, 10, generator=torch.Generator().manual_seed(16)).repeat(25, 1)
+    assert inception_score(identical) == pytest.approx(1.0, abs=1e-12)
+    logits = torch.randn(40, 10, generator=torch.Generator().manual_seed(17), dtype=torch.float64) * 2
+    p = torch.softmax(logits, dim=1).numpy()
+    expected = np.exp(np.mean(np.sum(p * (np.log(p) - np.log(p.mean(axis=0))), axis=1)))
+    assert inception_score(logits) == pytest.approx(expected, rel=1e-12)
+    assert 1.0 < expected < 10.0
+
+
+class LinearClassifierFeatures(nn.Module):
+    """Test extractor with a classifier head: features = flattened input, class_logits = a fixed linear map."""
+
+    def __init__(self, num_features, num_classes):
+        super().__init__()
+        self.num_features = num_features
+        self.head = nn.Linear(num_features, num_classes)
+
+    def forward(self, images):
+        return images.flatten(1)
+
+    def class_logits(self, features):
+        return self.head(features)
+
+
+def test_generative_metrics_kid_and_inception_score_keep_the_real_features():
+    generator = torch.Generator().manual_seed(18)
+    real, fake = torch.randn(80, 5, generator=generator), torch.randn(60, 5, generator=generator) + 0.5
+    extractor = LinearClassifierFeatures(5, 3)
+    metrics = GenerativeMetrics(extractor, reset_real_features=False, kid_subsets=4, kid_subset_size=30, kid_seed=2,
+                                inception_score=True)
+    first = fed_metrics(metrics, real, fake, batch=25)
+    assert set(first) == {"fid", "precision", "recall", "kid", "is"}
+    assert first["kid"] == pytest.approx(fed_kid(real, fake, subsets=4, subset_size=30, seed=2), rel=1e-12)
+    with torch.no_grad():
+        assert first["is"] == pytest.approx(inception_score(extractor.head(fake)), rel=1e-6)
+    metrics.reset()  # the real features stay; the fakes' and IS's state go
+    for chunk in fake.split(25):
+        metrics.update(as_images(chunk), real=False)
+    assert metrics.compute() == pytest.approx(first, rel=1e-12)
+    with pytest.raises(TypeError, match="inception_score needs a feature_extractor with class_logits"):
+        GenerativeMetrics(FlattenFeatures(5), inception_score=True)
+
+
+def test_classifier_features_class_logits_are_the_classifiers_logits():
+    classifier = TinyClassifier().eval()
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(19))
+    extractor = ClassifierFeatures(classifier, head="fc")
+    with torch.no_grad():
+        assert torch.allclose(extractor.class_logits(extractor(images)), classifier(images.float() / 127.5 - 1), atol=1e-6)
+
+
+def test_grey_digits_reach_inception_as_three_equal_channels(tmp_path, monkeypatch):
+    weights, _ = random_inception_weights(tmp_path, monkeypatch)
+    net = inception_features(weights)
+    grey = GreyAsRGB(net)
+    digits = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(20))
+    with torch.no_grad():
+        features = grey(digits)
+        assert features.shape == (3, 2048) and grey.num_features == 2048
+        assert torch.equal(features, net(digits.repeat(1, 3, 1, 1)))
+        assert not torch.allclose(features[0], features[1])  # the images, not a constant, reach the network
+    with pytest.raises(ValueError, match=r"expects grey images \(B, 1, H, W\), got \(3, 3, 8, 8\)"):
+        grey(digits.repeat(1, 3, 1, 1))

@@ -55,11 +55,12 @@ def autocast(device_type: str, accel: Accel):
 def prepare(net: torch.nn.Module, accel: Accel):
     """net made ready in place for `accel`: channels_last weights, and a torch.compile'd forward (static shapes).
 
-    Compiling in place (nn.Module.compile) keeps the state dict's names, so checkpoints do not change.
+    Compiling in place (nn.Module.compile) keeps the state dict's names, so checkpoints do not change; a net that is
+    already compiled (e.g. the discriminator in training, used for guidance by the sampling callback) is not recompiled.
     """
     if accel.channels_last:
         net.to(memory_format=torch.channels_last)
-    if accel.compile is not None:
+    if accel.compile is not None and getattr(net, "_compiled_call_impl", None) is None:  # not compiled yet
         net.compile(mode=None if accel.compile == "default" else accel.compile, dynamic=False)
     return net
 

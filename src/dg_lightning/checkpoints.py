@@ -21,13 +21,14 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from dg_lightning.nets import adm, edm
+from dg_lightning.nets import adm, dit, edm
 from dg_lightning.sde import cosine_time_from_tau
 
 EDM_SOURCE = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/ (e.g. edm-cifar10-32x32-uncond-vp.pkl)"
 DG_SOURCE = "the Google Drive folders listed in the README of github.com/alsdudrla10/DG"
 DG_IMAGENET_SOURCE = "the Google Drive folders listed in the README of github.com/alsdudrla10/DG_imagenet"
 ADM_SOURCE = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/64x64_classifier.pt"
+DIT_SOURCE = "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"
 
 # The preconditioned networks an EDM pickle may hold under "ema" (reference/checkpoints.md §1.1).
 PRECONDITIONERS = {cls.__name__: cls for cls in (edm.VPPrecond, edm.VEPrecond, edm.iDDPMPrecond, edm.EDMPrecond)}
@@ -251,18 +252,22 @@ def _adm_config(config):
     return ADM_CLASSIFIERS[config]
 
 
-def load_adm_classifier(path, config) -> adm.EncoderUNet:
-    """A released ADM noise-aware classifier (config: a name in ADM_CLASSIFIERS) strictly loaded from `path`."""
+def load_adm_classifier(path, config, **overrides) -> adm.EncoderUNet:
+    """A released ADM noise-aware classifier (config: a name in ADM_CLASSIFIERS) strictly loaded from `path`;
+    `overrides` change its architecture (tiny test networks in the released format)."""
     spec = _adm_config(config)
     state = _read_state_dict(path, spec.source)
-    return _build_and_load(spec.build, state, path, f"the {config!r} ADM classifier ({spec.build.__name__})")
+    architecture = f"the {config!r} ADM classifier ({spec.build.__name__})" + (f" with {overrides}" if overrides else "")
+    return _build_and_load(lambda: spec.build(**overrides), state, path, architecture)
 
 
-def load_dg_discriminator(classifier_path, head_path, classifier="cifar10", num_classes=None) -> adm.Discriminator:
-    """DG's discriminator: the `classifier` feature extractor from classifier_path and a DG head from head_path
-    (num_classes=1000 for the released conditional heads), with the classifier's time map."""
+def load_dg_discriminator(classifier_path, head_path, classifier="cifar10", num_classes=None,
+                          **overrides) -> adm.Discriminator:
+    """DG's discriminator: the `classifier` feature extractor (its architecture changed by `overrides`) from
+    classifier_path and a DG head from head_path (num_classes=1000 for the released conditional heads), with the
+    classifier's time map."""
     spec = _adm_config(classifier)
-    extractor = load_adm_classifier(classifier_path, classifier)
+    extractor = load_adm_classifier(classifier_path, classifier, **overrides)
     state = _read_state_dict(head_path, spec.head_source)
 
     def build():
@@ -271,3 +276,15 @@ def load_dg_discriminator(classifier_path, head_path, classifier="cifar10", num_
     architecture = f"a DG head dg_head(in_channels={extractor.feature_channels}, num_classes={num_classes})"
     head = _build_and_load(build, state, head_path, architecture)
     return adm.Discriminator(extractor, head, time_map=spec.time_map).eval().requires_grad_(False)
+
+
+def load_dit(path, model="DiT-XL/2", input_size=32, num_classes=1000, **overrides) -> dit.DiT:
+    """A released DiT (a plain state dict: DiT-XL-2-256x256.pt) strictly loaded into DIT_MODELS[model] for latents of
+    input_size (image size / 8); model None builds DiT(**overrides) itself (tiny test networks)."""
+    if model is not None and model not in dit.DIT_MODELS:
+        raise ValueError(f"DiT model must be one of {sorted(dit.DIT_MODELS)} or None, got {model!r}")
+    state = _read_state_dict(path, DIT_SOURCE)
+    build = dit.DiT if model is None else dit.DIT_MODELS[model]
+    kwargs = dict(input_size=input_size, num_classes=num_classes, **overrides)
+    architecture = f"{model or 'DiT'}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+    return _build_and_load(lambda: build(**kwargs), state, path, architecture)

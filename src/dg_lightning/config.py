@@ -4,7 +4,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-SOLVERS = ("heun", "euler")
+from dg_lightning.metrics import INCEPTION_WEIGHTS_URL
+
+SOLVERS = ("heun", "euler", "ddpm")  # EDM's PF-ODE solvers; ddpm: the discrete ancestral sampler (DiT, ADM)
+FEATURES = ("digits_classifier", "inception")
 
 
 class ConfigError(ValueError):
@@ -21,7 +24,8 @@ def _require(condition, key, problem, fix):
 
 
 def validate(cfg: DictConfig):
-    """Check the guidance window and weights, the sampler, the data sizes and every configured input path."""
+    """Check the guidance window and weights, the sampler, the data sizes, the metrics' feature network and every
+    configured input path."""
     missing = sorted(k for k in ("experiment_name", "pipeline") if OmegaConf.is_missing(cfg, k))
     _require(not missing, missing[0] if missing else "", "is not set", "choose an experiment, e.g. experiment=toy2d")
     dg = cfg.guidance.dg
@@ -34,8 +38,10 @@ def validate(cfg: DictConfig):
              "use null (log ratio = logit) or 1e-5 (the authors' clipping)")
     s = cfg.sampler
     _require(s.solver in SOLVERS, "sampler.solver", f"unknown solver {s.solver!r}", f"use one of {SOLVERS}")
-    _require(s.num_steps >= 1, "sampler.num_steps", f"must be >= 1, got {s.num_steps}", "EDM uses 18 (NFE 35)")
-    _require(0 < s.sigma_min < s.sigma_max, "sampler.sigma_min", f"needs 0 < sigma_min < sigma_max, got {s.sigma_min}, {s.sigma_max}",
+    _require(s.solver == "ddpm" or s.num_steps >= 1, "sampler.num_steps", f"must be >= 1, got {s.get('num_steps')}",
+             "EDM uses 18 (NFE 35)")
+    _require(s.solver == "ddpm" or 0 < s.sigma_min < s.sigma_max, "sampler.sigma_min",
+             f"needs 0 < sigma_min < sigma_max, got {s.get('sigma_min')}, {s.get('sigma_max')}",
              "EDM uses sigma_min=0.002, sigma_max=80")
     _require(cfg.data.batch_size >= 2 and cfg.data.batch_size % 2 == 0, "data.batch_size",
              f"must be even and >= 2 (half real, half fake), got {cfg.data.batch_size}", "e.g. data.batch_size=128")
@@ -44,6 +50,23 @@ def validate(cfg: DictConfig):
     for key, value in _paths(cfg.data, "data"):
         _require(Path(value).exists(), key, f"the data source {value} does not exist",
                  "point it at the real data (an .npz, an image folder, or a shard folder)")
+    source = cfg.data.get("source")
+    _require(source is None or Path(source).is_file(), "data.source", f"the data source {source} does not exist",
+             "give an .npz with 'images' uint8 (N, 8, 8, 1) (NHWC) and integer 'labels' (N,), or null for sklearn's digits")
+    _validate_features(cfg.metrics)
+
+
+def _validate_features(metrics):
+    """metrics.features names a known feature network; Inception needs its weights file on disk (nothing is downloaded)."""
+    features = metrics.get("features")
+    if features is None:
+        return
+    _require(features in FEATURES, "metrics.features", f"unknown feature network {features!r}", f"use one of {FEATURES}")
+    if features == "inception":
+        path = metrics.get("inception_path")
+        _require(path is not None and Path(path).is_file(), "metrics.inception_path",
+                 f"metrics.features=inception needs the Inception weights file, but {path} does not exist",
+                 f"download {INCEPTION_WEIGHTS_URL} and set metrics.inception_path to its local path")
 
 
 def _paths(node, prefix):
@@ -52,5 +75,5 @@ def _paths(node, prefix):
         full = f"{prefix}.{key}"
         if isinstance(value, DictConfig):
             yield from _paths(value, full)
-        elif isinstance(key, str) and (key.endswith("path") or key.endswith("_dir")) and value is not None:
+        elif isinstance(key, str) and key.endswith(("path", "_dir")) and value is not None:
             yield full, value

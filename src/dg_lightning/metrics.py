@@ -1,4 +1,4 @@
-"""Distribution metrics: sliced Wasserstein distance, improved precision/recall, FID, and the feature extractors they use."""
+"""Distribution metrics: sliced Wasserstein distance, improved precision/recall, FID, KID, IS, and the feature extractors they use."""
 
 import copy
 from pathlib import Path
@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchmetrics.image.kid import poly_mmd
 from torchmetrics.utilities import dim_zero_cat
 
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -86,10 +87,91 @@ class PrecisionRecall(Metric):
             self.real.extend(real)
 
 
+def canonical_order(x):
+    """The rows of x sorted by their projection on a fixed direction: the same order however they were gathered from
+    the ranks (rows with equal projections are, up to float64 ties, equal rows)."""
+    direction = torch.randn(x.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(x.device)
+    return x[torch.argsort(x @ direction, stable=True)]
+
+
+class KernelDistance(Metric):
+    """KID (Binkowski et al. 2018): unbiased MMD^2 between real and fake feature vectors with the cubic kernel
+    k(x, y) = (x.y / D + 1)^3, averaged over `subsets` random subsets of subset_size rows of each side (capped at the
+    smaller side), drawn from a generator seeded with `seed` so every rank and every run draws the same subsets."""
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, subsets=100, subset_size=1000, seed=0, reset_real_features=True, **kwargs):
+        super().__init__(**kwargs)
+        for name, value in [("subsets", subsets), ("subset_size", subset_size)]:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"KernelDistance {name} must be a positive int, got {value!r}")
+        self.subsets, self.subset_size, self.seed = subsets, subset_size, seed
+        self.reset_real_features = reset_real_features
+        self.add_state("real", default=[], dist_reduce_fx="cat")
+        self.add_state("fake", default=[], dist_reduce_fx="cat")
+
+    def update(self, features, real):
+        """Stores a (B, D) batch of real or fake feature vectors."""
+        if features.ndim != 2:
+            raise ValueError(f"KernelDistance.update expects features of shape (B, D), got {tuple(features.shape)}")
+        (self.real if real else self.fake).append(features.detach())
+
+    def compute(self):
+        """Mean over the subsets of the unbiased MMD^2 (float64)."""
+        real, fake = (dim_zero_cat(x).double() if len(x) else torch.empty(0) for x in (self.real, self.fake))
+        if min(len(real), len(fake)) < 2:
+            raise ValueError(f"KernelDistance needs at least 2 real and 2 fake feature vectors, got {len(real)} and {len(fake)}")
+        real, fake = canonical_order(real), canonical_order(fake)  # the subsets do not depend on the ranks' order
+        size = min(self.subset_size, len(real), len(fake))
+        generator = torch.Generator().manual_seed(self.seed)
+        values = [poly_mmd(real[torch.randperm(len(real), generator=generator)[:size].to(real.device)],
+                           fake[torch.randperm(len(fake), generator=generator)[:size].to(fake.device)])
+                  for _ in range(self.subsets)]
+        return torch.stack(values).mean()
+
+    def reset(self):
+        """Clears the stored features, keeping the real ones when reset_real_features is False."""
+        real = list(self.real)
+        super().reset()
+        if not self.reset_real_features:
+            self.real.extend(real)
+
+
+class InceptionScore(Metric):
+    """IS = exp E_x KL(p(y | x) || p(y)) from any classifier's class logits, p(y) the mean of p(y | x) over all samples
+    (one split, float64). It lies in [1, number of classes]."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("probs", default=[], dist_reduce_fx="cat")
+
+    def update(self, logits):
+        """Stores the class probabilities softmax(logits) of a (B, num_classes) batch."""
+        if logits.ndim != 2:
+            raise ValueError(f"InceptionScore.update expects logits of shape (B, num_classes), got {tuple(logits.shape)}")
+        self.probs.append(logits.detach().double().softmax(dim=1))
+
+    def compute(self):
+        """exp of the mean KL divergence between each sample's p(y | x) and the marginal p(y)."""
+        if not len(self.probs):
+            raise ValueError("InceptionScore needs at least one sample, got none")
+        probs = dim_zero_cat(self.probs)
+        marginal = probs.mean(dim=0, keepdim=True)
+        kl = (torch.special.xlogy(probs, probs) - torch.special.xlogy(probs, marginal)).sum(dim=1)
+        return kl.mean().exp()
+
+
 class ClassifierFeatures(nn.Module):
     """Penultimate features of a classifier (the input of its final nn.Linear `head`) on uint8 images mapped to [-1, 1].
 
-    Works on a copy of the classifier, kept in eval mode.
+    Works on a copy of the classifier, kept in eval mode; class_logits maps the features through the copied head.
     """
 
     def __init__(self, classifier, head):
@@ -101,6 +183,7 @@ class ClassifierFeatures(nn.Module):
             )
         self.num_features = layer.in_features
         self.classifier = copy.deepcopy(classifier).requires_grad_(False)
+        self.head = self.classifier.get_submodule(head)
         self.classifier.set_submodule(head, nn.Identity())
         self.eval()
 
@@ -113,6 +196,25 @@ class ClassifierFeatures(nn.Module):
         if images.dtype != torch.uint8:
             raise TypeError(f"ClassifierFeatures expects uint8 images in 0..255, got dtype {images.dtype}")
         return self.classifier(images.float() / 127.5 - 1).flatten(1)
+
+    def class_logits(self, features):
+        """The classifier's logits (B, num_classes) from (B, num_features) penultimate features."""
+        return self.head(features)
+
+
+class GreyAsRGB(nn.Module):
+    """A 3-channel image feature extractor (Inception) fed grey uint8 (B, 1, H, W) images as three equal channels."""
+
+    def __init__(self, extractor):
+        super().__init__()
+        self.extractor = extractor
+        self.num_features = extractor.num_features
+
+    def forward(self, images):
+        """Features of the images with their single channel repeated to RGB."""
+        if images.shape[1] != 1:
+            raise ValueError(f"GreyAsRGB expects grey images (B, 1, H, W), got {tuple(images.shape)}")
+        return self.extractor(images.expand(-1, 3, -1, -1))
 
 
 def inception_features(weights_path):
@@ -161,18 +263,28 @@ class _Features(nn.Module):
 
 
 class GenerativeMetrics(nn.Module):
-    """FID (torchmetrics, float64 statistics) and improved precision/recall of uint8 images, one feature pass per batch.
+    """FID (torchmetrics, float64 statistics), improved precision/recall and optionally KID and IS of uint8 images,
+    one feature pass per batch.
 
     FID compares against the real images fed with `real=True`, or against `fid_reference` (an npz with `mu`,
     `sigma`) when given. Precision/recall always need real images; turn them off with `precision_recall=False`.
+    `kid_subsets` (None: off) switches KID on, in the same feature space, against the real images.
+    `inception_score` computes IS of the fakes from `feature_extractor.class_logits(features)` (a classifier's
+    logits, e.g. ClassifierFeatures): IS means something only for a classifier of the data's own classes.
     """
 
-    def __init__(self, feature_extractor, fid_reference=None, precision_recall=True, k=3, reset_real_features=True):
+    def __init__(self, feature_extractor, fid_reference=None, precision_recall=True, k=3, reset_real_features=True,
+                 kid_subsets=None, kid_subset_size=1000, kid_seed=0, inception_score=False):
         super().__init__()
         num_features = getattr(feature_extractor, "num_features", None)
         if not isinstance(num_features, int):
             raise TypeError(
                 f"GenerativeMetrics feature_extractor needs an int attribute num_features (feature dimension), got {num_features!r}"
+            )
+        if inception_score and not callable(getattr(feature_extractor, "class_logits", None)):
+            raise TypeError(
+                f"GenerativeMetrics inception_score needs a feature_extractor with class_logits(features) (a classifier, "
+                f"e.g. ClassifierFeatures), got {type(feature_extractor).__name__}"
             )
         self.feature_extractor = feature_extractor
         self.reference = None if fid_reference is None else load_fid_reference(fid_reference, num_features)
@@ -180,34 +292,44 @@ class GenerativeMetrics(nn.Module):
             feature=_Features(num_features), normalize=False, reset_real_features=reset_real_features
         )
         self.precision_recall = PrecisionRecall(k=k, reset_real_features=reset_real_features) if precision_recall else None
+        self.kid = None if kid_subsets is None else KernelDistance(kid_subsets, kid_subset_size, kid_seed, reset_real_features)
+        self.inception_score = InceptionScore() if inception_score else None
 
     def update(self, images, real):
         """Extracts features of a uint8 (B, C, H, W) batch with autocast off and adds them to the real or fake side."""
-        if real and self.reference is not None and self.precision_recall is None:
+        if real and self.reference is not None and self.precision_recall is None and self.kid is None:
             raise ValueError(
-                "GenerativeMetrics got real images but uses none: FID reads fid_reference and precision_recall is off"
+                "GenerativeMetrics got real images but uses none: FID reads fid_reference and precision_recall and KID are off"
             )
         with torch.autocast(images.device.type, enabled=False), torch.no_grad():
             features = self.feature_extractor(images)
             if not (real and self.reference is not None):
                 self.fid.update(features.double(), real)
-            if self.precision_recall is not None:
-                self.precision_recall.update(features, real)
+            for metric in (self.precision_recall, self.kid):
+                if metric is not None:
+                    metric.update(features, real)
+            if self.inception_score is not None and not real:
+                self.inception_score.update(self.feature_extractor.class_logits(features))
 
     def compute(self):
-        """Returns {"fid", "precision", "recall"} (the last two only with precision_recall on) as floats, over all ranks."""
+        """Returns {"fid", "precision", "recall", "kid", "is"} (those switched on) as floats, over all ranks."""
         if self.reference is not None:
             self._write_reference()
         results = {"fid": self.fid.compute().item()}
         if self.precision_recall is not None:
             results.update({name: value.item() for name, value in self.precision_recall.compute().items()})
+        if self.kid is not None:
+            results["kid"] = self.kid.compute().item()
+        if self.inception_score is not None:
+            results["is"] = self.inception_score.compute().item()
         return results
 
     def reset(self):
         """Clears the accumulated features (real ones kept when reset_real_features is False)."""
         self.fid.reset()
-        if self.precision_recall is not None:
-            self.precision_recall.reset()
+        for metric in (self.precision_recall, self.kid, self.inception_score):
+            if metric is not None:
+                metric.reset()
 
     def _write_reference(self):
         """Sets FID's real sums to those of 2 samples of mean mu, covariance sigma; on rank 0 only, as ranks' sums add up."""

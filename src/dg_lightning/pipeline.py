@@ -13,19 +13,28 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
+from torch.nn import functional as F
 
+from dg_lightning.accel import accelerate
 from dg_lightning.callbacks import BEST_DISCRIMINATOR, GuidedSamplingCallback
+from dg_lightning.checkpoints import (ADM_CLASSIFIERS, DG_IMAGENET_SOURCE, DIT_SOURCE, EDM_SOURCE, load_adm_classifier,
+                                      load_dg_discriminator, load_dit, load_edm)
 from dg_lightning.config import ConfigError, validate
 from dg_lightning.data import ArraySource, load_digits_split
-from dg_lightning.generate import generate, load_shards
-from dg_lightning.metrics import ClassifierFeatures, GenerativeMetrics, sliced_wasserstein
+from dg_lightning.ddpm import DDPMSchedule, ddpm_sampler
+from dg_lightning.evaluation import REFERENCE_SOURCE, ADMInception, evaluate, export_samples, load_reference_batch
+from dg_lightning.generate import generate, load_shards, rank_and_world_size
+from dg_lightning.latents import VAE_SOURCE, LatentAutoencoder, encode_image_folder, round_trip
+from dg_lightning.metrics import ClassifierFeatures, GenerativeMetrics, GreyAsRGB, inception_features, sliced_wasserstein
 from dg_lightning.nets.adm import Discriminator
 from dg_lightning.plots import image_grid, toy2d_figure
 from dg_lightning.pretrain import NoisyClassifierModule, ScoreModule, clean_loader, train_feature_classifier
 from dg_lightning.samplers import edm_sampler
 from dg_lightning.sde import LinearVP
-from dg_lightning.stages import (atomic_save, build_loggers, build_network, dg_guidance, fingerprint, finish_loggers, fit,
-                                 sampler_kwargs, stage_dir, train_discriminator, write_metrics)
+from dg_lightning.sources import IMAGE_SUFFIXES, load_source
+from dg_lightning.stages import (atomic_save, build_accel, build_loggers, build_network, dg_guidance, finished_metrics,
+                                 fingerprint, finish_loggers, fit, launch, sampler_kwargs, stage_dir, train_discriminator,
+                                 write_metrics)
 from dg_lightning.toy import MixtureDenoiser, OptimalDiscriminator
 
 TOY_STAGES = ("generate", "train", "sample")
@@ -98,8 +107,9 @@ def run_toy2d(cfg: DictConfig):
 
 
 DIGITS_STAGES = ("pretrain_score", "pretrain_classifier", "generate", "train", "sample")
-DIGITS_DATA_KEYS = ["data.num_held_out", "data.split_seed"]
-UNGUIDED_KEYS = ["seed", "score", "sampler", "metrics.num_samples", "metrics.sampling_seed", *DIGITS_DATA_KEYS]  # shared by DG sweeps
+DIGITS_DATA_KEYS = ["data.source", "data.num_held_out", "data.split_seed"]
+SCORE_KEYS = ["seed", "score", "discriminator.conditional", "data.num_classes", *DIGITS_DATA_KEYS]  # the score model's inputs
+UNGUIDED_KEYS = [*SCORE_KEYS, "sampler", "metrics.num_samples", "metrics.sampling_seed"]  # shared by DG sweeps
 
 
 def _frozen(net, weights):
@@ -108,18 +118,45 @@ def _frozen(net, weights):
     return net.eval().requires_grad_(False)
 
 
+def _with(node, **values):
+    """A resolved copy of a config node with `values` set (keys it need not have)."""
+    return OmegaConf.create({**OmegaConf.to_container(node, resolve=True), **values})
+
+
+def conditional_classes(cfg: DictConfig):
+    """data.num_classes for a class-conditional run (discriminator.conditional), None for an unconditional one."""
+    return cfg.data.num_classes if cfg.discriminator.conditional else None
+
+
+class IndexLabels(torch.nn.Module):
+    """An EDM denoiser D(x; sigma, one-hot float labels) called with int64 class indices (B,), the labels that the
+    generator draws and DG's ADM head takes: the one place where index labels become one-hot."""
+
+    def __init__(self, denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+        self.img_channels, self.img_resolution = denoiser.img_channels, denoiser.img_resolution
+
+    def forward(self, x, sigma, class_labels=None):
+        """D(x; sigma) with class_labels one-hot encoded (None: unconditional)."""
+        one_hot = None if class_labels is None else torch.nn.functional.one_hot(class_labels, self.denoiser.label_dim).float()
+        return self.denoiser(x, sigma, one_hot)
+
+
 def pretrained_score(cfg: DictConfig, train: ArraySource):
-    """Stage pretrain_score: the EDM denoiser (EMA weights) trained with the EDM loss on the training digits."""
-    folder = stage_dir(cfg, "pretrain_score", ["seed", "score", *DIGITS_DATA_KEYS])
+    """Stage pretrain_score: the EDM denoiser (EMA weights) trained with the EDM loss on the training digits, with
+    one-hot labels when the run is class-conditional; returned as IndexLabels (int64 class indices)."""
+    net = _with(cfg.score.net, label_dim=conditional_classes(cfg) or 0)
+    folder = stage_dir(cfg, "pretrain_score", SCORE_KEYS)
     weights = folder / "score_ema.pt"
     if not weights.exists():
         s = cfg.score
-        module = ScoreModule(build_network(cfg, s.net), instantiate(s.loss), lr=s.lr, warmup_steps=s.warmup_steps,
+        module = ScoreModule(build_network(cfg, net), instantiate(s.loss), lr=s.lr, warmup_steps=s.warmup_steps,
                              ema_halflife_images=s.ema_halflife_images)
         fit(cfg, module, clean_loader(train, s.batch_size), folder, [CSVLogger(folder, name="", version="")],
             max_steps=s.max_steps, max_epochs=-1)
         atomic_save(module.ema_network().state_dict(), weights)
-    return _frozen(instantiate(cfg.score.net), weights)
+    return IndexLabels(_frozen(instantiate(net), weights))
 
 
 def pretrained_classifier(cfg: DictConfig, train: ArraySource):
@@ -135,53 +172,79 @@ def pretrained_classifier(cfg: DictConfig, train: ArraySource):
     return _frozen(instantiate(c.net), weights)
 
 
-def sample_images(cfg: DictConfig, denoiser, folder, num_samples, base_seed, discriminator=None):
-    """Images from the EDM sampler (with DG when a discriminator is given) through the sharded, resumable generator."""
+def sample_images(cfg: DictConfig, denoiser, folder, num_samples, base_seed, discriminator=None, num_classes=None):
+    """Images from the EDM sampler (with DG when a discriminator is given) through the sharded, resumable generator,
+    on the denoiser's device; with num_classes, sample i gets an int64 class label drawn from its own seed."""
     guided = discriminator is not None
     kwargs = sampler_kwargs(cfg, guided)
     guidance = dg_guidance(cfg, discriminator) if guided else None
 
+    run_denoiser = accelerate(denoiser, build_accel(cfg))
+
     def sample_fn(latents, class_labels, noise):
-        return edm_sampler(denoiser, latents, None, guidance, randn_like=noise.randn_like, **kwargs)
+        return edm_sampler(run_denoiser, latents, class_labels, guidance, randn_like=noise.randn_like, **kwargs)
 
     shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
     generate(sample_fn, folder, num_samples, shape, base_seed=base_seed, batch_size=cfg.metrics.batch_size,
-             fingerprint=fingerprint(cfg, ["sampler", "guidance"] if guided else ["sampler"]))
+             num_classes=num_classes, fingerprint=fingerprint(cfg, ["sampler", "guidance"] if guided else ["sampler"]),
+             device=next(denoiser.parameters()).device)
     return load_shards(folder)[0]
 
 
-def digits_metrics(features, reference, images):
-    """FID / precision / recall of uint8 NHWC images against the reference images in a feature space."""
-    metrics = GenerativeMetrics(features)
-    nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)  # noqa: E731
-    metrics.update(nchw(reference), real=True)
-    metrics.update(nchw(images), real=False)
-    return metrics.compute()
+def generative_metrics(cfg: DictConfig, features):
+    """FID, precision/recall, KID and (with the digits classifier's class probabilities) IS; real features kept across resets."""
+    m = cfg.metrics
+    return GenerativeMetrics(features, reset_real_features=False, kid_subsets=m.kid.subsets, kid_subset_size=m.kid.subset_size,
+                             kid_seed=cfg.seed, inception_score=m.features == "digits_classifier")
+
+
+def digits_metrics(cfg: DictConfig, features, reference, samples):
+    """{"<set>/<metric>"} for each named set of uint8 NHWC images against the reference images, whose features are
+    extracted once."""
+    metrics, (rank, world_size) = generative_metrics(cfg, features), rank_and_world_size()
+    batches = lambda a: torch.from_numpy(a[rank::world_size]).permute(0, 3, 1, 2).split(cfg.metrics.batch_size)  # this rank's share
+    for batch in batches(reference):
+        metrics.update(batch, real=True)
+    results = {}
+    for prefix, images in samples.items():
+        for batch in batches(images):
+            metrics.update(batch, real=False)
+        results.update({f"{prefix}/{name}": value for name, value in metrics.compute().items()})
+        metrics.reset()
+    return results
+
+
+FEATURE_KEYS = ["metrics.features", "metrics.inception_path", "metrics.feature_net", "metrics.feature_steps"]
 
 
 def feature_network(cfg: DictConfig, images, labels):
-    """Stage feature_net: the metrics' digits classifier, trained on the clean training digits (never DG's own networks)."""
+    """The metrics' feature extractor, never DG's own networks: the penultimate layer of a digits classifier trained
+    on the clean training digits (stage feature_net), or Inception-v3 from the local file metrics.inception_path."""
     m = cfg.metrics
+    if m.features == "inception":
+        inception = inception_features(m.inception_path)
+        return GreyAsRGB(inception) if cfg.score.net.img_channels == 1 else inception
     weights = stage_dir(cfg, "feature_net", ["metrics.feature_net", "metrics.feature_steps", *DIGITS_DATA_KEYS]) / "feature_net.pt"
     if not weights.exists():
         atomic_save(train_feature_classifier(build_network(cfg, m.feature_net), images, labels, m.feature_steps).state_dict(),
                     weights)
-    return _frozen(instantiate(m.feature_net), weights)
+    return ClassifierFeatures(_frozen(instantiate(m.feature_net), weights), head="fc")
 
 
 def sampling_callback(cfg: DictConfig, denoiser, features, real_images, folder):
     """GuidedSamplingCallback: every few epochs, DG samples from the current discriminator, scored against real images."""
     c = cfg.metrics.sampling_callback
-    kwargs = sampler_kwargs(cfg)
+    kwargs, run_denoiser = sampler_kwargs(cfg), accelerate(denoiser, build_accel(cfg))
 
     def sample_fn(discriminator, latents, class_labels, noise):
-        return edm_sampler(denoiser, latents, None, dg_guidance(cfg, discriminator), randn_like=noise.randn_like, **kwargs)
+        return edm_sampler(run_denoiser, latents, class_labels, dg_guidance(cfg, discriminator),
+                           randn_like=noise.randn_like, **kwargs)
 
     shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
     return GuidedSamplingCallback(
-        sample_fn, GenerativeMetrics(features, reset_real_features=False), shape, c.num_samples, folder / "sampling",
+        sample_fn, generative_metrics(cfg, features), shape, c.num_samples, folder / "sampling",
         real_images=torch.from_numpy(real_images).permute(0, 3, 1, 2), every_n_epochs=c.every_n_epochs,
-        batch_size=cfg.metrics.batch_size, base_seed=c.seed, monitor="fid", mode="min")
+        batch_size=cfg.metrics.batch_size, base_seed=c.seed, num_classes=conditional_classes(cfg), monitor="fid", mode="min")
 
 
 def best_epoch_record(callback, folder):
@@ -195,8 +258,8 @@ def best_epoch_record(callback, folder):
 def run_digits(cfg: DictConfig):
     """The digits experiment: pretrain score model and classifier -> fakes -> DG head -> sample with/without DG -> evaluate."""
     d = cfg.data
-    train_images, train_labels = load_digits_split("train", d.num_held_out, d.split_seed)
-    held_out, _ = load_digits_split("held_out", d.num_held_out, d.split_seed)
+    train_images, train_labels = load_digits_split("train", d.num_held_out, d.split_seed, d.source, d.num_classes)
+    held_out, _ = load_digits_split("held_out", d.num_held_out, d.split_seed, d.source, d.num_classes)
     train = ArraySource(train_images, train_labels, name="digits train split")
     L.seed_everything(cfg.seed, verbose=False)
     stop = DIGITS_STAGES.index(cfg.stage) if cfg.stage != "all" else len(DIGITS_STAGES) - 1
@@ -205,40 +268,316 @@ def run_digits(cfg: DictConfig):
     denoiser = pretrained_score(cfg, train)
     classifier = pretrained_classifier(cfg, train) if stop >= 1 else None
     if stop >= 2:
-        fake_dir = stage_dir(cfg, "generate", ["seed", "score", "sampler", "data.num_fake", *DIGITS_DATA_KEYS])
-        fakes = sample_images(cfg, denoiser, fake_dir, d.num_fake, base_seed=cfg.seed)
+        fake_dir = stage_dir(cfg, "generate", [*SCORE_KEYS, "sampler", "data.num_fake"])
+        sample_images(cfg, denoiser, fake_dir, d.num_fake, base_seed=cfg.seed, num_classes=conditional_classes(cfg))
+        fakes = ArraySource(*load_shards(fake_dir), name=f"fakes in {fake_dir}")
     if stop >= 3:
-        features = ClassifierFeatures(feature_network(cfg, train_images, train_labels), head="fc")
-        discriminator = Discriminator(classifier, build_network(cfg, cfg.discriminator.head))
-        keys = ["seed", "score", "sampler", "data", "trainer.max_epochs", "trainer.max_steps", "metrics.feature_net",
-                "metrics.feature_steps", "metrics.sampling_callback",
+        features = feature_network(cfg, train_images, train_labels)
+        head = build_network(cfg, _with(cfg.discriminator.head, num_classes=conditional_classes(cfg)))
+        discriminator = Discriminator(classifier, head)
+        keys = ["seed", "score", "sampler", "data", "trainer.max_epochs", "trainer.max_steps", *FEATURE_KEYS,
+                "metrics.sampling_callback",
                 *(f"discriminator.{k}" for k in cfg.discriminator if k != "select")]  # select only picks the weights used
         train_dir = stage_dir(cfg, "train", keys)
         callback = sampling_callback(cfg, denoiser, features, held_out, train_dir)
-        discriminator = train_discriminator(cfg, train, ArraySource(fakes, name=f"fakes in {fake_dir}"), discriminator,
-                                            loggers, keys, callbacks=[callback])
+        discriminator = train_discriminator(cfg, train, fakes, discriminator, loggers, keys, callbacks=[callback])
         metrics.update(best_epoch_record(callback, train_dir))
         if cfg.discriminator.select == "best":
             discriminator = _frozen(discriminator, callback.out_dir / BEST_DISCRIMINATOR)
     if stop >= 4:
         m = cfg.metrics
         discriminator.eval().requires_grad_(False)
+        classes = conditional_classes(cfg)
         samples = {
-            "eval": sample_images(cfg, denoiser, out_dir / "samples_dg", m.num_samples, m.sampling_seed, discriminator),
+            "eval": sample_images(cfg, denoiser, out_dir / "samples_dg", m.num_samples, m.sampling_seed, discriminator,
+                                  num_classes=classes),
             "eval_unguided": sample_images(cfg, denoiser, stage_dir(cfg, "sample_unguided", UNGUIDED_KEYS), m.num_samples,
-                                           m.sampling_seed),
+                                           m.sampling_seed, num_classes=classes),
             "eval_floor": train_images[np.random.default_rng(m.sampling_seed).permutation(len(train_images))[:m.num_samples]],
         }
-        for prefix, images in samples.items():
-            scores = digits_metrics(features, held_out, images)
-            metrics.update({f"{prefix}/{k}": v for k, v in scores.items() if prefix != "eval_floor" or k == "fid"})
+        scores = digits_metrics(cfg, features, held_out, samples)
+        metrics.update({k: v for k, v in scores.items() if not k.startswith("eval_floor/") or k.endswith(("/fid", "/kid", "/is"))})
         image_grid(samples, out_dir / "digits_samples.png")
     write_metrics(out_dir, metrics)
     finish_loggers(loggers, metrics)
     return metrics
 
 
-PIPELINES = {"toy2d": run_toy2d, "digits": run_digits}
+EDM_STAGES = ("generate", "train", "sample")
+FID_REFS_SOURCE = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/ (cifar10-32x32.npz, ffhq-64x64.npz)"
+
+
+class OneHotLabels(torch.nn.Module):
+    """An EDM network called with int64 class labels (the convention of the sampler and of DG's discriminator),
+    which it receives as EDM's one-hot vectors."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.img_channels, self.img_resolution, self.label_dim = (net, net.img_channels, net.img_resolution,
+                                                                            net.label_dim)
+
+    def forward(self, x, sigma, class_labels=None):
+        """D(x; sigma, one_hot(class_labels)); class_labels None for an unconditional network."""
+        return self.net(x, sigma, None if class_labels is None else F.one_hot(class_labels, self.label_dim).to(x.dtype))
+
+
+def released_files(cfg: DictConfig):
+    """{config key: where the released file comes from} for every released file this EDM-G++ run reads."""
+    spec = ADM_CLASSIFIERS[cfg.discriminator.classifier.config]
+    files = {"score.checkpoint": EDM_SOURCE, "discriminator.classifier.path": spec.source,
+             "metrics.fid_reference": FID_REFS_SOURCE}
+    if cfg.discriminator.head_path is not None:
+        files["discriminator.head_path"] = spec.head_source
+    return files
+
+
+def check_edm_config(cfg: DictConfig):
+    """ConfigError before any compute for an unknown classifier, inconsistent conditioning, no discriminator to guide
+    with, no real data to train on, or a missing released file (naming the key, the file and where to get it)."""
+    d = cfg.discriminator
+    if d.classifier.config not in ADM_CLASSIFIERS:
+        raise ConfigError("discriminator.classifier.config", f"unknown ADM classifier {d.classifier.config!r}",
+                          f"use one of {sorted(ADM_CLASSIFIERS)} (cifar10: DG's 32x32_classifier.pt, adm64: ADM's 64x64)")
+    if d.conditional != (d.head.num_classes is not None):
+        raise ConfigError("discriminator.head.num_classes", f"is {d.head.num_classes} but discriminator.conditional is "
+                          f"{d.conditional}", "a conditional head takes num_classes=1000 (the released layout), an "
+                          "unconditional one null")
+    if cfg.trainer.max_epochs == 0 and d.head_path is None:
+        raise ConfigError("trainer.max_epochs", "is 0 (train nothing) but discriminator.head_path is null, so there is no "
+                          "discriminator to guide with", "give a released head (discriminator.head_path=.../discriminator_60.pt) "
+                          "or train one (trainer.max_epochs > 0)")
+    if cfg.trainer.max_epochs != 0 and cfg.data.path is None:
+        raise ConfigError("data.path", "is null but training the discriminator needs real images",
+                          "set data.path to true_data.npz, EDM's dataset zip or an image folder, or guide with a released "
+                          "head as it is (discriminator.head_path=... trainer.max_epochs=0)")
+    for key, source in released_files(cfg).items():
+        path = OmegaConf.select(cfg, key)
+        if path is None or not Path(path).is_file():
+            raise ConfigError(key, f"the file {path} does not exist", f"download it from {source} into "
+                              f"paths.released_dir ({OmegaConf.select(cfg, 'paths.released_dir')}) or set {key}=/path/to/it")
+
+
+def edm_discriminator(cfg: DictConfig):
+    """DG's discriminator on the released ADM classifier (frozen) with the released head at discriminator.head_path or a
+    new head (discriminator.head, initialised from cfg.seed); the head is trainable."""
+    d = cfg.discriminator
+    overrides = OmegaConf.to_container(d.classifier.overrides, resolve=True)
+    if d.head_path is not None:
+        net = load_dg_discriminator(d.classifier.path, d.head_path, d.classifier.config, d.head.num_classes, **overrides)
+    else:
+        extractor = load_adm_classifier(d.classifier.path, d.classifier.config, **overrides)
+        net = Discriminator(extractor, build_network(cfg, d.head), ADM_CLASSIFIERS[d.classifier.config].time_map)
+    net.head.requires_grad_(True)
+    return net
+
+
+def image_metrics(features, images, fid_reference, real=None, batch_size=500, device="cpu"):
+    """{fid} of uint8 NHWC images against the (mu, sigma) of fid_reference, plus {precision, recall} against the
+    uint8 NHWC real images when given; features computed batch by batch on `device`."""
+    metrics = GenerativeMetrics(features, fid_reference=fid_reference, precision_recall=real is not None).to(device)
+    rank, world_size = rank_and_world_size()
+    for is_real, array in ((True, real), (False, images)):
+        array = None if array is None else array[rank::world_size]  # this rank's share; compute() reduces over ranks
+        for start in range(0, 0 if array is None else len(array), batch_size):
+            batch = torch.from_numpy(array[start:start + batch_size]).to(device).permute(0, 3, 1, 2)
+            metrics.update(batch, real=is_real)
+    return metrics.compute()
+
+
+def run_edm(cfg: DictConfig):
+    """EDM-G++ on a released EDM network: fakes -> DG head on a released ADM classifier -> samples with and without
+    DG from the same seeds at equal NFE -> FID against EDM's reference statistics (+ precision/recall with real data)."""
+    check_edm_config(cfg)
+    d, m = cfg.discriminator, cfg.metrics
+    stop = EDM_STAGES.index(cfg.stage) if cfg.stage != "all" else len(EDM_STAGES) - 1
+    out_dir, metrics, loggers = Path(cfg.paths.output_dir), {}, build_loggers(cfg)
+    device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
+    denoiser = OneHotLabels(load_edm(cfg.score.checkpoint)).to(device)
+    discriminator = edm_discriminator(cfg)
+    num_classes = denoiser.label_dim or None
+    if d.conditional != (num_classes is not None):
+        raise ConfigError("discriminator.conditional", f"is {d.conditional} but the score network {cfg.score.checkpoint} "
+                          f"has label_dim={denoiser.label_dim}", "use cifar10_cond_edm_g++ for a conditional network")
+    size = (discriminator.feature_extractor.image_size, denoiser.img_resolution)
+    if size[0] != size[1]:
+        raise ConfigError("discriminator.classifier.config", f"the {d.classifier.config!r} classifier takes {size[0]}x"
+                          f"{size[0]} images but the score network makes {size[1]}x{size[1]}", "use cifar10 for 32x32, adm64 for 64x64")
+    real = None if cfg.data.path is None else load_source(
+        cfg.data.path, "data.path", denoiser.img_resolution, denoiser.img_channels, d.conditional, cfg.data.num_real)
+    if real is not None and num_classes and real.labels.max() >= num_classes:
+        raise ConfigError("data.path", f"{cfg.data.path} has labels up to {real.labels.max().item()} but the score "
+                          f"network has {num_classes} classes", "use the real data of the score network's data set")
+
+    if cfg.trainer.max_epochs != 0:  # else: the released head as it is, no fakes needed
+        fake_dir = stage_dir(cfg, "generate", ["seed", "score", "sampler", "data.num_fake"])
+        sample_images(cfg, denoiser, fake_dir, cfg.data.num_fake, cfg.seed, num_classes=num_classes)
+        if stop >= 1:
+            keys = ["seed", "score", "sampler", "data", "discriminator", "trainer.max_epochs", "trainer.max_steps"]
+            fake = load_source(fake_dir, f"fakes in {fake_dir}", labels=d.conditional)
+            discriminator = train_discriminator(cfg, real, fake, discriminator, loggers, keys)
+    if stop >= 2:
+        discriminator.to(device).eval().requires_grad_(False)
+        unguided_dir = stage_dir(cfg, "sample_unguided", ["seed", "score", "sampler", "metrics.num_samples",
+                                                          "metrics.sampling_seed"])
+        samples = {
+            "eval": sample_images(cfg, denoiser, out_dir / "samples_dg", m.num_samples, m.sampling_seed, discriminator,
+                                  num_classes),
+            "eval_unguided": sample_images(cfg, denoiser, unguided_dir, m.num_samples, m.sampling_seed,
+                                           num_classes=num_classes),
+        }
+        features = inception_features(m.inception_path) if m.features == "inception" else instantiate(m.feature_net)
+        reference = None if real is None else real.samples[
+            np.random.default_rng(m.sampling_seed).permutation(len(real))[:m.num_samples]]
+        for prefix, images in samples.items():
+            scores = image_metrics(features.to(device), images, m.fid_reference, reference, m.batch_size, device)
+            metrics.update({f"{prefix}/{k}": v for k, v in scores.items()})
+    write_metrics(out_dir, metrics)
+    finish_loggers(loggers, metrics)
+    return metrics
+
+
+IMAGENET_STAGES = ("encode", "generate", "train", "sample", "evaluate")
+ENCODE_KEYS = ["seed", "data.image_dir", "data.image_size", "data.flip", "data.vae", "data.num_real"]
+FAKE_KEYS = ["seed", "score", "sampler.num_timesteps", "sampler.respacing", "sampler.guided_channels",
+             "sampler.clip_denoised", "data.fake_cfg_scale", "data.num_fake", "data.fake_round_trip",
+             "data.fake_jpeg_quality", "data.vae"]
+TRAIN_KEYS = [*FAKE_KEYS, *ENCODE_KEYS, "data", "discriminator", "trainer.max_epochs", "trainer.max_steps"]
+SAMPLE_KEYS = ["score", "sampler", "data.image_size", "metrics.num_samples", "metrics.sampling_seed"]
+
+
+def imagenet_released_files(cfg: DictConfig):
+    """{config key: where the file comes from} for every released file (or folder) this DiT-G++ run reads."""
+    files = {"score.checkpoint": DIT_SOURCE, "score.vae.path": VAE_SOURCE,
+             "discriminator.classifier.path": DG_IMAGENET_SOURCE, "metrics.reference_batch": REFERENCE_SOURCE}
+    if cfg.discriminator.head_path is not None:
+        files["discriminator.head_path"] = DG_IMAGENET_SOURCE
+    if cfg.trainer.max_epochs != 0:
+        files["data.vae.path"] = VAE_SOURCE
+    return files
+
+
+def check_imagenet_config(cfg: DictConfig):
+    """ConfigError before any compute for inconsistent conditioning or sizes, a bad DDPM schedule, no discriminator to
+    guide with, no (or an empty) image folder to train on, or a missing released file."""
+    d, s = cfg.discriminator, cfg.sampler
+    if d.conditional != (d.head.num_classes is not None):
+        raise ConfigError("discriminator.head.num_classes", f"is {d.head.num_classes} but discriminator.conditional is "
+                          f"{d.conditional}", "DG_imagenet's head is conditional with num_classes=1000")
+    if cfg.data.image_size != 8 * cfg.score.input_size:
+        raise ConfigError("score.input_size", f"is {cfg.score.input_size} but the SD-VAE maps data.image_size="
+                          f"{cfg.data.image_size} to latents of {cfg.data.image_size // 8}", "set it to image_size / 8")
+    try:
+        DDPMSchedule(s.num_timesteps, str(s.respacing))
+    except ValueError as exc:
+        raise ConfigError("sampler.respacing", str(exc), "use e.g. 250 (DiT-G++) of num_timesteps=1000") from exc
+    if s.guided_channels is not None and not 1 <= s.guided_channels <= cfg.score.in_channels:
+        raise ConfigError("sampler.guided_channels", f"must be null (all) or in 1..{cfg.score.in_channels}, got "
+                          f"{s.guided_channels}", "DiT guides the first 3 of the 4 latent channels")
+    if cfg.trainer.max_epochs == 0 and d.head_path is None:
+        raise ConfigError("trainer.max_epochs", "is 0 (train nothing) but discriminator.head_path is null, so there is no "
+                          "discriminator to guide with", "give DG_imagenet's head (discriminator.head_path=.../"
+                          "discriminator_7.pt) or train one (trainer.max_epochs > 0)")
+    if cfg.trainer.max_epochs != 0:
+        image_dir = cfg.data.image_dir
+        if image_dir is None or not Path(image_dir).is_dir() or not any(
+                f.suffix.lower() in IMAGE_SUFFIXES for c in Path(image_dir).iterdir() if c.is_dir() for f in c.iterdir()):
+            raise ConfigError("data.image_dir", f"{image_dir} is not a folder of class subfolders with images, but "
+                              "training the discriminator needs real images", "point it at ImageNet's train folder "
+                              "(<wnid>/<image>.JPEG), or guide with a released head as it is (trainer.max_epochs=0)")
+    for key, source in imagenet_released_files(cfg).items():
+        path = OmegaConf.select(cfg, key)
+        if path is None or not Path(path).exists():
+            raise ConfigError(key, f"{path} does not exist", f"download it from {source} into paths.released_dir "
+                              f"({OmegaConf.select(cfg, 'paths.released_dir')}) or set {key}=/path/to/it")
+
+
+def dit_sample_fn(cfg: DictConfig, dit, discriminator=None, fake_cfg_scale=None, decoder=None, encoder=None):
+    """generate's sample_fn(latents, labels, noise): DiT's DDPM sampler (cfg.sampler; a constant CFG scale when
+    fake_cfg_scale is given), with DG when a discriminator is given; latents out, or images when a decoder is given,
+    or (decoder and encoder, the authors' storage of fakes) latents decoded, quantised and encoded again."""
+    s, dg = cfg.sampler, cfg.guidance.dg
+    schedule, model_fn = DDPMSchedule(s.num_timesteps, str(s.respacing)), accelerate(dit, build_accel(cfg))
+    early, late = (s.cfg_scale, s.cfg_scale_late) if fake_cfg_scale is None else (fake_cfg_scale, fake_cfg_scale)
+    guidance = None if discriminator is None else dg_guidance(cfg, discriminator)
+
+    def sample_fn(latents, class_labels, noise):
+        with torch.no_grad():  # guidance enables the input gradient itself
+            x = ddpm_sampler(model_fn, latents, class_labels, schedule, null_label=cfg.data.num_classes,
+                             cfg_scale=early, cfg_scale_late=late, cfg_switch_step=s.cfg_switch_step,
+                             guided_channels=s.guided_channels, dg=guidance,
+                             dg_weight=dg.weight if guidance else 0.0, dg_switch_step=s.dg_switch_step,
+                             clip_denoised=s.clip_denoised, randn_like=noise.randn_like)
+        if decoder is not None and encoder is not None:
+            return round_trip(decoder, encoder, x, noise, cfg.data.fake_jpeg_quality)
+        return x if decoder is None else decoder.decode(x)
+
+    return sample_fn
+
+
+def sample_dit(cfg: DictConfig, dit, folder, num_samples, base_seed, keys, images=False, **kwargs):
+    """Sharded, resumable DiT samples with labels drawn per sample index: float32 latents, or (images) uint8 images of
+    data.image_size decoded by kwargs["decoder"]; returns the folder."""
+    shape = (cfg.score.in_channels, cfg.score.input_size, cfg.score.input_size)
+    size = cfg.data.image_size
+    generate(dit_sample_fn(cfg, dit, **kwargs), folder, num_samples, shape, base_seed=base_seed,
+             batch_size=cfg.metrics.sample_batch_size, num_classes=cfg.data.num_classes,
+             out_shape=(3, size, size) if images else None, dtype="uint8" if images else "float32",
+             fingerprint=fingerprint(cfg, keys), device=next(dit.parameters()).device)
+    return folder
+
+
+def run_imagenet(cfg: DictConfig):
+    """DiT-XL/2-G++ on ImageNet 256: real images -> latents; DiT fakes (latents, constant CFG) -> conditional DG head
+    on the latent ADM classifier -> DiT-G++ and DiT samples from the same seeds at equal steps, decoded -> FID, sFID,
+    IS, precision, recall against ADM's reference batch, and the samples exported as evaluator npz files."""
+    check_imagenet_config(cfg)
+    d, m, s = cfg.data, cfg.metrics, cfg.score
+    stop = IMAGENET_STAGES.index(cfg.stage) if cfg.stage != "all" else len(IMAGENET_STAGES) - 1
+    out_dir, metrics, loggers = Path(cfg.paths.output_dir), {}, build_loggers(cfg)
+    device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
+    dit = load_dit(s.checkpoint, s.model, s.input_size, d.num_classes, in_channels=s.in_channels,
+                   **OmegaConf.to_container(s.overrides, resolve=True)).to(device)
+    discriminator = edm_discriminator(cfg)
+    decoder = LatentAutoencoder(instantiate(s.vae)).to(device)
+
+    if cfg.trainer.max_epochs != 0:  # else: the released head as it is, no real latents or fakes needed
+        encoder = LatentAutoencoder(instantiate(d.vae)).to(device)
+        real_dir = stage_dir(cfg, "encode", ENCODE_KEYS)
+        encode_image_folder(encoder, d.image_dir, real_dir, image_size=d.image_size, flip=d.flip, num_samples=d.num_real,
+                            base_seed=cfg.seed, batch_size=d.encode_batch_size, num_workers=d.num_workers,
+                            fingerprint=fingerprint(cfg, ENCODE_KEYS), device=device)
+        if stop >= 1:
+            fake_dir = stage_dir(cfg, "generate", FAKE_KEYS)
+            sample_dit(cfg, dit, fake_dir, d.num_fake, cfg.seed, FAKE_KEYS, fake_cfg_scale=d.fake_cfg_scale,
+                       **({"decoder": decoder, "encoder": encoder} if d.fake_round_trip else {}))
+        if stop >= 2:
+            real = ArraySource(*load_shards(real_dir), name=f"real latents in {real_dir}")
+            fake = ArraySource(*load_shards(fake_dir), name=f"fake latents in {fake_dir}")
+            discriminator = train_discriminator(cfg, real, fake, discriminator, loggers, TRAIN_KEYS)
+    if stop >= 3:
+        discriminator.to(device).eval().requires_grad_(False)
+        guided_keys = [*SAMPLE_KEYS, *TRAIN_KEYS, "guidance"]
+        folders = {
+            "eval": sample_dit(cfg, dit, stage_dir(cfg, "sample_dg", guided_keys), m.num_samples, m.sampling_seed,
+                               guided_keys, images=True, discriminator=discriminator, decoder=decoder),
+            "eval_unguided": sample_dit(cfg, dit, stage_dir(cfg, "sample_unguided", SAMPLE_KEYS), m.num_samples,
+                                        m.sampling_seed, SAMPLE_KEYS, images=True, decoder=decoder),
+        }
+    if stop >= 4:
+        features = ADMInception(m.inception_path) if m.features == "inception" else instantiate(m.feature_net)
+        reference = load_reference_batch(m.reference_batch, features.num_features, features.num_spatial)
+        for prefix, folder in folders.items():
+            images, labels = load_shards(folder)
+            scores = evaluate(features, images, reference, m.batch_size, device, m.k)
+            metrics.update({f"{prefix}/{k}": v for k, v in scores.items()})
+            if m.export:
+                export_samples(out_dir / f"{prefix}_samples.npz", images, labels)
+    write_metrics(out_dir, metrics)
+    finish_loggers(loggers, metrics)
+    return metrics
+
+
+PIPELINES = {"toy2d": run_toy2d, "digits": run_digits, "edm": run_edm, "imagenet": run_imagenet}
 
 
 def run(cfg: DictConfig):
@@ -246,9 +585,14 @@ def run(cfg: DictConfig):
     validate(cfg)
     if cfg.pipeline not in PIPELINES:
         raise ConfigError("pipeline", f"unknown pipeline {cfg.pipeline!r}", f"use one of {sorted(PIPELINES)}")
-    stages = {"toy2d": TOY_STAGES, "digits": DIGITS_STAGES}[cfg.pipeline]
+    stages = {"toy2d": TOY_STAGES, "digits": DIGITS_STAGES, "edm": EDM_STAGES, "imagenet": IMAGENET_STAGES}[cfg.pipeline]
     if cfg.stage != "all" and cfg.stage not in stages:
         raise ConfigError("stage", f"unknown stage {cfg.stage!r} for pipeline {cfg.pipeline}", f"use all or one of {list(stages)}")
+    finished = finished_metrics(cfg)  # a re-launched sweep skips its finished points
+    if finished is not None:
+        return finished
+    launch(cfg)  # trainer.strategy=ddp: every rank runs the pipeline from here
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.paths.output_dir) / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_and_world_size()[0] == 0:
+        (Path(cfg.paths.output_dir) / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return PIPELINES[cfg.pipeline](cfg)

@@ -1,0 +1,159 @@
+"""EDM-G++ (pipeline=edm) through the real entry point with +smoke=edm, on tiny random-weight files written here in the
+released formats: an EDM network pickle, an ADM classifier and DG head state dicts, the authors' true_data*.npz or
+EDM's dataset zip, and an FID reference npz. Missing files stop the run before any compute."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from netutils import randomized_zeros
+from omegaconf import OmegaConf
+from test_checkpoints import write_edm_pickle  # noqa: F401  (fixture: EDM-format pickles)
+from test_run import run_py
+from test_sources import write_edm_zip
+
+from dg_lightning import checkpoints
+from dg_lightning.config import ConfigError
+from dg_lightning.nets import adm, edm
+from dg_lightning.pipeline import run
+
+SMOKE = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "smoke" / "edm.yaml")
+# experiment: (EDM pickle, resolution, label_dim, ADM classifier config, classifier file, real data file, FID reference)
+EXPERIMENTS = {
+    "cifar10_edm_g++": ("edm-cifar10-32x32-uncond-vp.pkl", 32, 0, "cifar10", "32x32_classifier.pt", "true_data.npz",
+                        "cifar10-32x32.npz"),
+    "cifar10_cond_edm_g++": ("edm-cifar10-32x32-cond-vp.pkl", 32, 10, "cifar10", "32x32_classifier.pt",
+                             "true_data_label.npz", "cifar10-32x32.npz"),
+    "ffhq64_edm_g++": ("edm-ffhq-64x64-uncond-vp.pkl", 64, 0, "adm64", "64x64_classifier.pt", "ffhq-64x64.zip",
+                       "ffhq-64x64.npz"),
+}
+NUM_REAL = 40
+
+
+def write_released_files(folder, experiment, write_edm_pickle):  # noqa: F811
+    """The experiment's released files, tiny and with random weights, in `folder` under their released names."""
+    pickle_name, resolution, label_dim, classifier, classifier_name, data_name, reference_name = EXPERIMENTS[experiment]
+    folder.mkdir(exist_ok=True)
+    kwargs = dict(img_resolution=resolution, img_channels=3, label_dim=label_dim, model_type="SongUNet",
+                  model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
+    write_edm_pickle(folder / pickle_name, randomized_zeros(edm.EDMPrecond(**kwargs)), kwargs)
+    overrides = OmegaConf.to_container(SMOKE.discriminator.classifier.overrides)
+    torch.save(randomized_zeros(checkpoints.ADM_CLASSIFIERS[classifier].build(**overrides)).state_dict(),
+               folder / classifier_name)
+    images = np.random.default_rng(0).integers(0, 256, (NUM_REAL, resolution, resolution, 3), dtype=np.uint8)
+    labels = np.arange(NUM_REAL) % 10
+    if data_name == "true_data.npz":
+        np.savez(folder / data_name, images)
+    elif data_name == "true_data_label.npz":
+        np.savez(folder / data_name, samples=images, label=labels)
+    else:
+        write_edm_zip(folder / data_name, images)
+    features = instantiate(SMOKE.metrics.feature_net)
+    with torch.no_grad():
+        real = features(torch.from_numpy(images).permute(0, 3, 1, 2)).double().numpy()
+    np.savez(folder / reference_name, mu=real.mean(0), sigma=np.cov(real, rowvar=False))
+    return folder
+
+
+def released_head(folder, num_classes):
+    """A released-format DG head (discriminator_60.pt / discriminator_250.pt layout) on the tiny classifier's features."""
+    path = folder / ("discriminator_250.pt" if num_classes else "discriminator_60.pt")
+    torch.save(randomized_zeros(adm.dg_head(SMOKE.discriminator.head.in_channels, num_classes), seed=1).state_dict(), path)
+    return path
+
+
+def cache(tmp_path, experiment, stage):
+    return sorted((tmp_path / "logs" / "cache" / experiment).glob(f"{stage}-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_smoke_runs_every_stage_and_caches_them(tmp_path, compose_cfg, write_edm_pickle, experiment):  # noqa: F811
+    released = write_released_files(tmp_path / "released", experiment, write_edm_pickle)
+    _, resolution, label_dim, *_ = EXPERIMENTS[experiment]
+    run_py(tmp_path, f"experiment={experiment}", "+smoke=edm", f"paths.released_dir={released}")
+
+    (run_dir,) = (tmp_path / "logs" / experiment / "runs").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) == {f"{p}/{k}" for p in ("eval", "eval_unguided") for k in ("fid", "precision", "recall")}
+    assert all(np.isfinite(v) for v in metrics.values())
+    assert all(0 <= metrics[f"{p}/{k}"] <= 1 for p in ("eval", "eval_unguided") for k in ("precision", "recall"))
+    assert metrics["eval/fid"] != metrics["eval_unguided/fid"]  # DG changed the samples
+
+    # Stage outputs: fakes (labelled when conditional), the trained head, per-epoch checkpoints without the frozen
+    # feature extractor, the unguided evaluation samples.
+    (fakes,) = cache(tmp_path, experiment, "generate")
+    shard = np.load(fakes / "shard-000000.npz")
+    assert shard["samples"].shape == (SMOKE.data.num_fake, resolution, resolution, 3)
+    assert ("labels" in shard) == bool(label_dim)
+    if label_dim:
+        assert 0 <= shard["labels"].min() and shard["labels"].max() < label_dim and len(set(shard["labels"])) > 1
+    (train,) = cache(tmp_path, experiment, "train")
+    weights = torch.load(train / "discriminator.pt", weights_only=True)
+    checkpoint = torch.load(train / "checkpoints" / "epoch000.ckpt", weights_only=False)
+    head_keys = {f"discriminator.{k}" for k in weights if k.startswith("head.")}
+    assert set(checkpoint["state_dict"]) == head_keys
+    assert all(torch.equal(checkpoint["state_dict"][f"discriminator.{k}"], v) for k, v in weights.items()
+               if k.startswith("head."))
+    (unguided,) = cache(tmp_path, experiment, "sample_unguided")
+    assert np.load(unguided / "shard-000000.npz")["samples"].shape[0] == SMOKE.metrics.num_samples
+
+    # A DG weight of 0 samples exactly the unguided sets, reusing the fakes and the trained head.
+    zero = run(compose_cfg(f"experiment={experiment}", "+smoke=edm", f"paths.released_dir={released}", "logger=csv",
+                           "guidance.dg.weight=0"))
+    assert zero["eval/fid"] == zero["eval_unguided/fid"] == metrics["eval_unguided/fid"]
+    assert len(cache(tmp_path, experiment, "generate")) == len(cache(tmp_path, experiment, "train")) == 1
+
+
+@pytest.mark.parametrize("experiment", ["cifar10_edm_g++", "cifar10_cond_edm_g++"])
+def test_released_head_guides_as_it_is_without_fakes_or_training(tmp_path, compose_cfg, write_edm_pickle, experiment):  # noqa: F811
+    released = write_released_files(tmp_path / "released", experiment, write_edm_pickle)
+    head = released_head(released, 1000 if "cond" in experiment else None)
+    metrics = run(compose_cfg(f"experiment={experiment}", "+smoke=edm", f"paths.released_dir={released}", "logger=csv",
+                              f"discriminator.head_path={head}", "trainer.max_epochs=0", "data.path=null"))
+    assert set(metrics) == {"eval/fid", "eval_unguided/fid"}  # no real images: FID against the reference only
+    assert np.isfinite(metrics["eval/fid"]) and metrics["eval/fid"] != metrics["eval_unguided/fid"]
+    assert not cache(tmp_path, experiment, "generate") and not cache(tmp_path, experiment, "train")
+
+
+@pytest.mark.parametrize("key, missing, source", [
+    ("score.checkpoint", "edm-cifar10-32x32-uncond-vp.pkl", "nvlabs-fi-cdn.nvidia.com/edm/pretrained"),
+    ("discriminator.classifier.path", "32x32_classifier.pt", "github.com/alsdudrla10/DG"),
+    ("metrics.fid_reference", "cifar10-32x32.npz", "nvlabs-fi-cdn.nvidia.com/edm/fid-refs"),
+])
+def test_a_missing_released_file_names_its_key_file_and_source(tmp_path, compose_cfg, write_edm_pickle, key, missing,  # noqa: F811
+                                                               source):
+    released = write_released_files(tmp_path / "released", "cifar10_edm_g++", write_edm_pickle)
+    (released / missing).unlink()
+    with pytest.raises(ConfigError, match=rf"config key '{key}': the file .*{missing} does not exist.*{source}"):
+        run(compose_cfg("experiment=cifar10_edm_g++", "+smoke=edm", f"paths.released_dir={released}", "logger=csv"))
+    assert not (tmp_path / "logs" / "cache").exists()  # stopped before any stage
+
+
+def test_without_smoke_the_inception_weights_are_required(tmp_path, compose_cfg, write_edm_pickle):  # noqa: F811
+    released = write_released_files(tmp_path / "released", "cifar10_edm_g++", write_edm_pickle)
+    with pytest.raises(ConfigError, match=r"'metrics.inception_path': .*weights-inception-2015-12-05-6726825d.pth does "
+                                          r"not exist. Fix: download https://github.com/toshas"):
+        run(compose_cfg("experiment=cifar10_edm_g++", f"paths.released_dir={released}", "logger=csv"))
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["trainer.max_epochs=0"], "trainer.max_epochs"),
+    (["data.path=null"], "data.path"),
+    (["discriminator.conditional=true"], "discriminator.head.num_classes"),
+    (["discriminator.classifier.config=imagenet"], "discriminator.classifier.config"),
+    (["discriminator.conditional=true", "discriminator.head.num_classes=1000"], "discriminator.conditional"),
+    (["discriminator.classifier.config=adm64", "discriminator.head_path=null"], "discriminator.classifier.config"),
+])
+def test_inconsistent_settings_are_refused_before_sampling(tmp_path, compose_cfg, write_edm_pickle, overrides, key):  # noqa: F811
+    released = write_released_files(tmp_path / "released", "cifar10_edm_g++", write_edm_pickle)
+    if "discriminator.classifier.config=adm64" in overrides:  # a 64x64 classifier file next to a 32x32 score network
+        write_released_files(tmp_path / "released", "ffhq64_edm_g++", write_edm_pickle)
+        overrides = [*overrides, f"discriminator.classifier.path={released / '64x64_classifier.pt'}"]
+    with pytest.raises(ConfigError, match=rf"config key '{key}'"):
+        run(compose_cfg("experiment=cifar10_edm_g++", "+smoke=edm", f"paths.released_dir={released}", "logger=csv",
+                        *overrides))
+    assert not cache(tmp_path, "cifar10_edm_g++", "generate")
