@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf, open_dict, read_write
 
 from dg_lightning.config import ConfigError
 from dg_lightning.report import main as report_main
@@ -28,8 +28,8 @@ def run_py(cwd, *args):
 
 @pytest.mark.slow
 def test_sweep_trains_once_shares_a_group_reports_and_a_relaunch_skips_finished_points(tmp_path):
-    sweep_dir = tmp_path / "sweep"
-    run_py(tmp_path, *SWEEP, f"hydra.sweep.dir={sweep_dir}")
+    run_py(tmp_path, *SWEEP)  # the default sweep folder logs/toy2d/multiruns/<now>, whose `now` the W&B group shares
+    (sweep_dir,) = (tmp_path / "logs" / "toy2d" / "multiruns").iterdir()
     jobs = sorted(p for p in sweep_dir.iterdir() if (p / "metrics.json").is_file())
     dirnames = [",".join(sorted([*SWEEP[3:], f"guidance.dg.weight={w}"])) for w in (0, 1)]  # experiment excluded
     assert [j.name for j in jobs] == [f"{i}_{name}" for i, name in enumerate(dirnames)]
@@ -73,7 +73,7 @@ def test_local_multirun_refuses_in_job_ddp_before_any_compute(compose_cfg, monke
         monkeypatch.delenv(name, raising=False)
     cfg = compose_cfg("trainer=ddp_cpu")
     hydra_cfg = HydraConfig.get()
-    with open_dict(hydra_cfg):
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
         hydra_cfg.mode = RunMode.MULTIRUN
     with pytest.raises(ConfigError, match="trainer.strategy.*hydra/launcher=slurm"):
         launch(cfg)
