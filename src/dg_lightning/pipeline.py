@@ -331,6 +331,15 @@ def released_files(cfg: DictConfig):
     return files
 
 
+def require_released(cfg: DictConfig, files):
+    """Raise a ConfigError for the first {config key: where to get it} whose file or folder does not exist."""
+    for key, source in files.items():
+        path = OmegaConf.select(cfg, key)
+        if path is None or not Path(path).exists():
+            raise ConfigError(key, f"the file or folder {path} does not exist", f"download it from {source} into "
+                              f"paths.released_dir ({OmegaConf.select(cfg, 'paths.released_dir')}) or set {key}=/path/to/it")
+
+
 def check_edm_config(cfg: DictConfig):
     """ConfigError before any compute for an unknown classifier, inconsistent conditioning, no discriminator to guide
     with, no real data to train on, or a missing released file (naming the key, the file and where to get it)."""
@@ -350,11 +359,7 @@ def check_edm_config(cfg: DictConfig):
         raise ConfigError("data.path", "is null but training the discriminator needs real images",
                           "set data.path to true_data.npz, EDM's dataset zip or an image folder, or guide with a released "
                           "head as it is (discriminator.head_path=... trainer.max_epochs=0)")
-    for key, source in released_files(cfg).items():
-        path = OmegaConf.select(cfg, key)
-        if path is None or not Path(path).is_file():
-            raise ConfigError(key, f"the file {path} does not exist", f"download it from {source} into "
-                              f"paths.released_dir ({OmegaConf.select(cfg, 'paths.released_dir')}) or set {key}=/path/to/it")
+    require_released(cfg, released_files(cfg))
 
 
 def edm_discriminator(cfg: DictConfig):
@@ -484,11 +489,7 @@ def check_imagenet_config(cfg: DictConfig):
             raise ConfigError("data.image_dir", f"{image_dir} is not a folder of class subfolders with images, but "
                               "training the discriminator needs real images", "point it at ImageNet's train folder "
                               "(<wnid>/<image>.JPEG), or guide with a released head as it is (trainer.max_epochs=0)")
-    for key, source in imagenet_released_files(cfg).items():
-        path = OmegaConf.select(cfg, key)
-        if path is None or not Path(path).exists():
-            raise ConfigError(key, f"{path} does not exist", f"download it from {source} into paths.released_dir "
-                              f"({OmegaConf.select(cfg, 'paths.released_dir')}) or set {key}=/path/to/it")
+    require_released(cfg, imagenet_released_files(cfg))
 
 
 def dit_sample_fn(cfg: DictConfig, dit, discriminator=None, fake_cfg_scale=None, decoder=None, encoder=None):
