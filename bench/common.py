@@ -89,10 +89,31 @@ def report(args, result):
 
 
 def set_defaults():
-    """Record PyTorch's default TF32 settings; returns a function that restores them."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    """Record PyTorch's default TF32 and cuDNN autotuning settings; returns a function that restores them."""
+    matmul, cudnn, benchmark = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                                torch.backends.cudnn.benchmark)
 
     def restore():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+        torch.backends.cudnn.benchmark = benchmark
 
     return restore
+
+
+def per_call_ms(fn, device, repeats=5):
+    """Mean milliseconds per call of fn() (after one untimed call)."""
+    fn()
+    seconds, _ = timed(fn, device, repeats)
+    return 1e3 * seconds
+
+
+def top_kernels(fn, device, count=12):
+    """The `count` entries with the most self time over one call of fn() (device kernels on a GPU, CPU ops on a CPU):
+    [name, total ms, calls]."""
+    on_device = torch.device(device).type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_device else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    key = (lambda e: e.self_device_time_total) if on_device else (lambda e: e.self_cpu_time_total)
+    return [[e.key[:100], key(e) / 1e3, e.count] for e in sorted(prof.key_averages(), key=key, reverse=True)[:count]]

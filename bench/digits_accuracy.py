@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from dg_lightning.accel import Accel, accelerate, set_tf32
+from dg_lightning.accel import Accel, accelerate, set_backends
 from dg_lightning.data import load_digits_split
 from dg_lightning.generate import to_uint8
 from dg_lightning.guidance import DiscriminatorGuidance
@@ -67,7 +67,7 @@ def main():
         latents = torch.randn(num_samples, 1, 8, 8, generator=torch.Generator().manual_seed(seed)).to(device)
         images, row = {}, {}
         for name, a in paths.items():
-            set_tf32(a.tf32)
+            set_backends(a)
             guidance = DiscriminatorGuidance(accelerate(discriminator, a), t_min=dg.t_min, t_max=dg.t_max, clip=dg.clip)
             run_denoiser = accelerate(denoiser, a)
             for guided in (False, True):

@@ -5,10 +5,12 @@ Two loops per variant:
   trainer Lightning's Trainer with the RealFakeDataModule on uint8 arrays in host memory, diffused on the device
           (shows whether data loading starves the GPU: trainer img/s should be close to step img/s).
 Variants: plain (float32, PyTorch's default TF32 settings) and fast (Accel.gpu(): bf16 autocast, channels_last,
-torch.compile). Run: python bench/discriminator_training.py --batches 128,512   (CPU: --small --batches 8 --steps 3)
+torch.compile, cuDNN autotuning; Adam's fused kernel on a GPU). --profile adds the top device kernels of one step.
+Run: python bench/discriminator_training.py --batches 128,512   (CPU: --small --batches 8 --steps 3)
 """
 
 import time
+from dataclasses import replace
 
 import lightning as L
 import numpy as np
@@ -22,15 +24,16 @@ from common import (
     reset_peak_memory,
     set_defaults,
     timed,
+    top_kernels,
 )
 
-from dg_lightning.accel import Accel, set_tf32
+from dg_lightning.accel import Accel, set_backends
 from dg_lightning.data import ArraySource, RealFakeDataModule
 from dg_lightning.module import DiscriminatorModule
 from dg_lightning.sde import LinearVP
 
-VARIANTS = {"plain": (Accel(), None), "fast": (Accel.gpu(), True),
-            "fast_nocompile": (Accel(autocast="bf16", channels_last=True, tf32=True), True)}
+VARIANTS = {"plain": None, "fast": Accel.gpu(), "fast_nocompile": replace(Accel.gpu(), compile=None)}  # None: Accel()
+# under PyTorch's default backend settings
 
 
 def optimiser_step(module, optimizer, batch):
@@ -80,7 +83,8 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--variants", default="plain,fast")
     p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--no-trainer", action="store_true", help="skip the Trainer + data module loop")
+    p.add_argument("--trainer-batches", default="128", help="batch sizes that also run the Trainer + data module loop")
+    p.add_argument("--profile", action="store_true", help="the top device kernels of one optimiser step")
     p.add_argument("--small", action="store_true", help="a narrow network, for a CPU smoke run")
     args = p.parse_args()
     device, torch_defaults = args.device, set_defaults()
@@ -93,8 +97,11 @@ def main():
         batch = {"x_t": vp.diffuse(x0, t, torch.randn_like(x0)), "t": t,
                  "is_real": torch.arange(batch_size, device=device) < batch_size // 2}
         for name in args.variants.split(","):
-            accel, tf32 = VARIANTS[name]
-            set_tf32(tf32) if tf32 is not None else torch_defaults()
+            accel = VARIANTS[name]
+            set_backends(accel or Accel())
+            if accel is None:
+                accel = Accel()
+                torch_defaults()
             torch.manual_seed(args.seed)
             module = DiscriminatorModule(cifar10_discriminator(**widths).to(device), accel=accel).train()
             optimizer = module.configure_optimizers()
@@ -106,7 +113,9 @@ def main():
             seconds, _ = timed(step, device, args.steps)
             figures = {"step_img_per_s": batch_size / seconds, "warmup_s_per_step": first,
                        "peak_gib": peak_memory_gib(device)}
-            if not args.no_trainer:
+            if args.profile:
+                figures["top_kernels"] = top_kernels(step, device)
+            if str(batch_size) in args.trainer_batches.split(","):
                 figures["trainer_img_per_s"] = trainer_throughput(module, batch_size, args.steps, args.warmup, device,
                                                                   args.num_workers)
             result["results"][f"{name}/batch{batch_size}"] = figures

@@ -19,7 +19,7 @@ from common import (
     timed,
 )
 
-from dg_lightning.accel import Accel, accelerate, set_tf32
+from dg_lightning.accel import Accel, accelerate, set_backends
 from dg_lightning.ddpm import DDPMSchedule, ddpm_sampler
 from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.nets.adm import Discriminator, dg_head, latent_classifier
@@ -54,7 +54,7 @@ def main():
               "rows_through_dit": 2 * args.batch, "steps_timed": args.steps, "variants": {}}
     for name in args.variants.split(","):
         accel = VARIANTS[name]
-        set_tf32(accel.tf32)
+        set_backends(accel)
         model_fn, dg = accelerate(dit, accel), DiscriminatorGuidance(accelerate(discriminator, accel))
         figures = {}
         for guided in (False, True):

@@ -4,12 +4,18 @@ accuracy guard: the fast path's uint8 samples against the plain float32 path's f
 Variants (each run unguided and with DG, w1 = 2, w2 = 0, tau in [0.01, 1], Heun with --steps steps):
   authors  float64 sampler state, float32 networks, PyTorch's default TF32 settings (as the authors' generate.py)
   fp32     float32 state, float32 networks, no TF32 (the accuracy reference)
-  fast     float32 state, Accel.gpu(): bf16 autocast, channels_last, torch.compile (no CUDA graphs)
-  fast_nocl, fast_graphs: fast without channels_last / with CUDA graphs (compile mode reduce-overhead)
-Compiled variants get one untimed warm-up batch (compilation); eager ones a 2-step warm-up.
+  fast     float32 state, Accel.gpu(): bf16 autocast, channels_last, torch.compile (no CUDA graphs), cuDNN autotuning
+  fast_noautotune, fast_nocl, fast_graphs: fast without cuDNN autotuning / without channels_last / with CUDA graphs
+           (compile mode reduce-overhead)
+Compiled variants get one untimed warm-up batch (compilation); eager ones a 2-step warm-up. Plain variants must come
+before compiled ones (the networks are compiled in place). With --components, each variant also reports the time of
+one denoiser call and of one DG evaluation (log ratio and its input gradient) at sigma = 1, and with --profile the
+device kernels that take the most time in each.
 The uint8 differences are against the first variant's samples from the same latents.
 Run: python bench/edm_sampling.py --batch 512 --variants authors,fp32,fast   (CPU: --batch 4 --steps 3 --small)
 """
+
+from dataclasses import replace
 
 import torch
 from common import (
@@ -18,24 +24,27 @@ from common import (
     machine,
     parser,
     peak_memory_gib,
+    per_call_ms,
     randomized_zeros,
     report,
     reset_peak_memory,
     set_defaults,
     timed,
+    top_kernels,
 )
 
-from dg_lightning.accel import Accel, accelerate, set_tf32
+from dg_lightning.accel import Accel, accelerate, set_backends
 from dg_lightning.generate import to_uint8
 from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.samplers import edm_sampler
 
-VARIANTS = {
-    "authors": (torch.float64, Accel(), None),
-    "fp32": (torch.float32, Accel(), False),
-    "fast": (torch.float32, Accel.gpu(), True),
-    "fast_nocl": (torch.float32, Accel(autocast="bf16", compile="default", tf32=True), True),
-    "fast_graphs": (torch.float32, Accel.gpu(compile="reduce-overhead"), True),
+VARIANTS = {  # sampler state dtype, Accel (None: the plain path under PyTorch's default backend settings)
+    "authors": (torch.float64, None),
+    "fp32": (torch.float32, Accel()),
+    "fast": (torch.float32, Accel.gpu()),
+    "fast_noautotune": (torch.float32, replace(Accel.gpu(), cudnn_benchmark=False)),
+    "fast_nocl": (torch.float32, replace(Accel.gpu(), channels_last=False)),
+    "fast_graphs": (torch.float32, Accel.gpu(compile="reduce-overhead")),
 }
 
 
@@ -45,6 +54,17 @@ def uint8_difference(a, b):
     return {"max": int(d.max()), "mean": float(d.float().mean()), "frac_gt1": float((d > 1).float().mean())}
 
 
+def components(denoiser, guidance, x, device, profile):
+    """Milliseconds of one denoiser call and one DG evaluation (value and input gradient) at sigma = 1 (and with
+    `profile` their top device kernels)."""
+    sigma = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+    calls = {"denoiser": lambda: denoiser(x, sigma), "dg_value_and_grad": lambda: guidance.edm(x, 1.0)}
+    figures = {f"{name}_ms": per_call_ms(fn, device) for name, fn in calls.items()}
+    if profile:
+        figures["top_kernels"] = {name: top_kernels(fn, device) for name, fn in calls.items()}
+    return figures
+
+
 def main():
     p = parser(__doc__)
     p.add_argument("--batch", type=int, default=512)
@@ -52,6 +72,8 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--variants", default="authors,fp32,fast")
     p.add_argument("--small", action="store_true", help="narrow networks, for a CPU smoke run")
+    p.add_argument("--components", action="store_true", help="also time one denoiser call and one DG evaluation")
+    p.add_argument("--profile", action="store_true", help="with --components: the top device kernels of each")
     args = p.parse_args()
     device, torch_defaults = args.device, set_defaults()
     widths = dict(model_channels=32, num_blocks=1) if args.small else {}
@@ -66,8 +88,11 @@ def main():
               "nfe": 2 * args.steps - 1, "variants": {}}
     samples = {}
     for name in args.variants.split(","):
-        dtype, accel, tf32 = VARIANTS[name]
-        set_tf32(tf32) if tf32 is not None else torch_defaults()
+        dtype, accel = VARIANTS[name]
+        set_backends(accel or Accel())
+        if accel is None:
+            accel = Accel()
+            torch_defaults()
         run_denoiser, run_discriminator = accelerate(denoiser, accel), accelerate(discriminator, accel)
         guidance = DiscriminatorGuidance(run_discriminator, t_min=0.01, t_max=1.0)
         figures = {}
@@ -88,6 +113,8 @@ def main():
             figures[key] = {"img_per_s": args.batch / seconds, "s_per_batch": seconds, "warmup_s": warmup,
                             "peak_gib": peak_memory_gib(device)}
         figures["dg_overhead"] = figures["unguided"]["img_per_s"] / figures["guided"]["img_per_s"]
+        if args.components:
+            figures["components"] = components(run_denoiser, guidance, latents.to(dtype), device, args.profile)
         result["variants"][name] = figures
         print(name, figures, flush=True)
 

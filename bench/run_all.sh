@@ -20,16 +20,17 @@ run() {  # name, time limit in seconds, script and its arguments
 }
 
 if [ "${SMALL:-0}" = 1 ]; then
-    run edm_sampling 600 edm_sampling.py --small --batch 4 --steps 3 --repeats 1 --variants authors,fast_nocl
-    run discriminator_training 600 discriminator_training.py --small --batches 8 --steps 2 --warmup 2 --num-workers 0
+    run edm_sampling 600 edm_sampling.py --small --batch 4 --steps 3 --repeats 1 --variants authors,fast_nocl --components
+    run discriminator_training 600 discriminator_training.py --small --batches 8 --steps 2 --warmup 2 --num-workers 0 \
+        --trainer-batches 8
     run dit_sampling 600 dit_sampling.py --small --batch 2 --steps 2
     [ -n "${DIGITS_WEIGHTS:-}" ] && run digits_accuracy 600 digits_accuracy.py --weights "$DIGITS_WEIGHTS" --seeds 0 --num-samples 32
 else
     # The accuracy guard times nothing and its 8x8 networks barely load the GPU: it runs beside the timed benchmarks.
     [ -n "${DIGITS_WEIGHTS:-}" ] && run digits_accuracy "${DIGITS_LIMIT:-240}" digits_accuracy.py --weights "$DIGITS_WEIGHTS" &
-    run edm_sampling "${EDM_LIMIT:-200}" edm_sampling.py --batch 512 --repeats 1 --variants authors,fast
-    run discriminator_training "${TRAIN_LIMIT:-150}" discriminator_training.py --batches 128,512 --steps 50
-    run dit_sampling "${DIT_LIMIT:-150}" dit_sampling.py --batch 64 --steps 10
+    run edm_sampling "${EDM_LIMIT:-200}" edm_sampling.py --batch 512 --repeats 1 --variants authors,fast --components --profile
+    run discriminator_training "${TRAIN_LIMIT:-150}" discriminator_training.py --batches 128,512 --steps 50 --profile
+    [ "${DIT_LIMIT:-150}" -gt 0 ] && run dit_sampling "${DIT_LIMIT:-150}" dit_sampling.py --batch 64 --steps 10
     wait
 fi
 exit 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 from netutils import randomized_zeros
 
-from dg_lightning.accel import Accel, Accelerated, accelerate, prepare
+from dg_lightning.accel import Accel, Accelerated, accelerate, prepare, set_backends
 from dg_lightning.generate import to_uint8
 from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.module import DiscriminatorModule
@@ -93,3 +93,20 @@ def test_bf16_samples_stay_within_a_few_uint8_levels_of_float32():
     diff = (samples["bf16"].int() - samples["fp32"].int()).abs()
     assert diff.float().mean() < 1.0
     assert diff.max() <= 8
+
+
+def backend_flags():
+    """(matmul TF32, cuDNN TF32, cuDNN autotuning) as PyTorch has them now."""
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+
+
+def test_backend_switches_follow_accel():
+    """set_backends applies TF32 and cuDNN autotuning as the Accel says, in both directions."""
+    saved = backend_flags()
+    try:
+        set_backends(Accel.gpu())
+        assert backend_flags() == (True, True, True)
+        set_backends(Accel())
+        assert backend_flags() == (False, False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dg_lightning.nets import adm
+from dg_lightning.nets.attention import image_tokens, packed_attention
 from dg_lightning.sde import cosine_time_from_tau
 from netutils import randomized_zeros
 
@@ -139,9 +140,9 @@ def naive_attention(qkv, num_heads, heads_first):
 
 
 @pytest.mark.parametrize("heads_first", [True, False])
-def test_qkv_attention_matches_naive_softmax_attention(heads_first):
+def test_packed_attention_matches_naive_softmax_attention(heads_first):
     qkv = torch.randn(2, 3 * 4 * 8, 10, generator=torch.Generator().manual_seed(0))
-    out = adm.qkv_attention(qkv, num_heads=4, heads_first=heads_first)
+    out = packed_attention(qkv.transpose(1, 2), num_heads=4, heads_first=heads_first).transpose(1, 2)
     torch.testing.assert_close(out, naive_attention(qkv, 4, heads_first), rtol=1e-5, atol=1e-5)
     other = naive_attention(qkv, 4, not heads_first)
     assert (out - other).abs().max() > 1e-2  # the two layouts are not interchangeable
@@ -158,6 +159,19 @@ def test_attention_block_uses_legacy_layout_and_pool_uses_split_first_layout():
     tokens = torch.cat([tokens.mean(-1, keepdim=True), tokens], dim=-1) + pool.positional_embedding
     expected = pool.c_proj(naive_attention(pool.qkv_proj(tokens), 4, heads_first=False))[:, :, 0]
     torch.testing.assert_close(pool(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_layers_give_the_same_output_on_channels_last_inputs_and_keep_their_layout():
+    """The token view of a channels_last image is free (no copy), and the blocks' results do not depend on the layout."""
+    x = torch.randn(2, 64, 4, 4)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert image_tokens(x_cl).data_ptr() == x_cl.data_ptr() and image_tokens(x_cl).is_contiguous()
+    block = randomized_zeros(adm.AttentionBlock(64, num_head_channels=16))
+    out, out_cl = block(x), block(x_cl)
+    torch.testing.assert_close(out_cl, out, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous() and out_cl.is_contiguous(memory_format=torch.channels_last)
+    pool = randomized_zeros(adm.AttentionPool2d(4, 64, num_head_channels=16, out_channels=3))
+    torch.testing.assert_close(pool(x_cl), pool(x), rtol=1e-5, atol=1e-5)
 
 
 def test_group_norm_runs_in_float32_and_returns_input_dtype():

@@ -16,12 +16,14 @@ COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs", "reduce-overhead
 
 @dataclass(frozen=True)
 class Accel:
-    """How networks run: autocast dtype (None | bf16 | fp16), channels_last, torch.compile mode (None: eager), TF32."""
+    """How networks run: autocast dtype (None | bf16 | fp16), channels_last, torch.compile mode (None: eager), TF32,
+    cuDNN autotuning of the convolution algorithms for the fixed shapes of sampling and training."""
 
     autocast: str | None = None
     channels_last: bool = False
     compile: str | None = None
     tf32: bool = False
+    cudnn_benchmark: bool = False
 
     def __post_init__(self):
         if self.autocast not in AUTOCAST_DTYPES:
@@ -31,19 +33,21 @@ class Accel:
 
     @property
     def is_plain(self):
-        """True for the plain float32 eager path (TF32 aside, which is process-wide: see set_tf32)."""
+        """True for the plain float32 eager path (TF32 and cuDNN autotuning aside: process-wide, see set_backends)."""
         return self.autocast is None and not self.channels_last and self.compile is None
 
     @classmethod
     def gpu(cls, compile="default"):
-        """The fast path: bf16 autocast, channels_last, compiled kernels, TF32 for what stays float32."""
-        return cls(autocast="bf16", channels_last=True, compile=compile, tf32=True)
+        """The fast path: bf16 autocast, channels_last, compiled kernels, TF32 for what stays float32, cuDNN autotuning."""
+        return cls(autocast="bf16", channels_last=True, compile=compile, tf32=True, cudnn_benchmark=True)
 
 
-def set_tf32(enabled: bool):
-    """Allow (or forbid) TF32 tensor cores for float32 matmuls and convolutions (a process-wide setting)."""
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
+def set_backends(accel: Accel):
+    """Apply accel's process-wide switches: TF32 tensor cores for float32 matmuls and convolutions, and cuDNN
+    autotuning (torch.backends.cudnn.benchmark: time the algorithms once per shape, keep the fastest)."""
+    torch.backends.cuda.matmul.allow_tf32 = accel.tf32
+    torch.backends.cudnn.allow_tf32 = accel.tf32
+    torch.backends.cudnn.benchmark = accel.cudnn_benchmark
 
 
 def autocast(device_type: str, accel: Accel):

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from dg_lightning.accel import Accel, accelerate, set_tf32
+from dg_lightning.accel import Accel, accelerate, set_backends
 from dg_lightning.callbacks import EpochSeed
 from dg_lightning.config import ConfigError
 from dg_lightning.data import ArraySource, RealFakeDataModule
@@ -71,9 +71,9 @@ def sampler_kwargs(cfg: DictConfig, guided=True):
 
 
 def build_accel(cfg: DictConfig):
-    """How the networks run (cfg.accel: the GPU fast path or the plain float32 path), with its TF32 setting applied."""
+    """How the networks run (cfg.accel: the GPU fast path or the plain float32 path), with its TF32 and cuDNN settings applied."""
     accel = Accel(**OmegaConf.to_container(cfg.accel, resolve=True)) if cfg.get("accel") else Accel()
-    set_tf32(accel.tf32)
+    set_backends(accel)
     return accel
 
 

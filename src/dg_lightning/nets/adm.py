@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dg_lightning.nets.attention import image_tokens, packed_attention, pointwise, tokens_to_image
 from dg_lightning.nets.embedding import timestep_embedding
 
 POOLS = ("attention", "adaptive")
@@ -33,22 +34,6 @@ def zero_init(module):
     for parameter in module.parameters():
         nn.init.zeros_(parameter)
     return module
-
-
-def qkv_attention(qkv, num_heads, heads_first):
-    """Multi-head softmax(q k^T / sqrt(c)) v over the T tokens of a packed qkv tensor [B, 3*H*c, T] -> [B, H*c, T].
-
-    heads_first=True reads the channels as [head][q|k|v][c] (ADM's legacy order, used by the attention
-    blocks); False reads them as [q|k|v][head][c] (the attention pool). The output is head-major.
-    """
-    batch, width, length = qkv.shape
-    head_channels = width // (3 * num_heads)
-    if heads_first:
-        q, k, v = qkv.reshape(batch, num_heads, 3, head_channels, length).unbind(2)
-    else:
-        q, k, v = qkv.reshape(batch, 3, num_heads, head_channels, length).unbind(1)
-    out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-    return out.transpose(-1, -2).reshape(batch, num_heads * head_channels, length)
 
 
 class ResBlock(nn.Module):
@@ -120,10 +105,9 @@ class AttentionBlock(nn.Module):
         self.proj_out = zero_init(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x):
-        batch, channels, height, width = x.shape
-        x = x.reshape(batch, channels, height * width)
-        h = qkv_attention(self.qkv(self.norm(x)), self.num_heads, heads_first=True)
-        return (x + self.proj_out(h)).reshape(batch, channels, height, width)
+        tokens = image_tokens(self.norm(x))
+        h = packed_attention(pointwise(self.qkv, tokens), self.num_heads, heads_first=True)
+        return x + tokens_to_image(pointwise(self.proj_out, h), *x.shape[2:])
 
 
 class AttentionPool2d(nn.Module):
@@ -138,10 +122,10 @@ class AttentionPool2d(nn.Module):
         self.c_proj = nn.Conv1d(channels, out_channels, 1)
 
     def forward(self, x):
-        x = x.flatten(2)
-        x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1) + self.positional_embedding.to(x.dtype)
-        x = qkv_attention(self.qkv_proj(x), self.num_heads, heads_first=False)
-        return self.c_proj(x)[:, :, 0]
+        tokens = image_tokens(x)
+        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1) + self.positional_embedding.t().to(x.dtype)
+        h = packed_attention(pointwise(self.qkv_proj, tokens), self.num_heads, heads_first=False)
+        return pointwise(self.c_proj, h[:, 0])
 
 
 class TimestepEmbedSequential(nn.Sequential):

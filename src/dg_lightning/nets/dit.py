@@ -7,9 +7,9 @@ latent x_k at the integer DDPM timestep k and a class label y (num_classes is th
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from dg_lightning.nets.attention import packed_attention
 from dg_lightning.nets.embedding import timestep_embedding
 
 
@@ -85,11 +85,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x):
-        batch, tokens, width = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, width))
+        return self.proj(packed_attention(self.qkv(x), self.num_heads, heads_first=False))
 
 
 class Mlp(nn.Module):

@@ -14,6 +14,8 @@ import math
 import torch
 from torch.nn.functional import silu
 
+from dg_lightning.nets.attention import image_tokens, packed_attention, tokens_to_image
+
 
 def _draw(shape, mode, fan_in, fan_out, gain):
     """EDM's initial values times gain: U(-b, b) with b = sqrt(6 / (fan_in + fan_out)) (xavier_uniform) or
@@ -100,6 +102,11 @@ def group_norm(num_channels, eps):
     return torch.nn.GroupNorm(min(32, num_channels // 4), num_channels, eps=eps)
 
 
+def qkv_rows_head_first(param, num_heads):
+    """The rows (dim 0) of EDM's qkv projection, laid out [head][channel][q, k, v], reordered to [head][q, k, v][channel]."""
+    return param.unflatten(0, (num_heads, -1, 3)).transpose(1, 2).flatten(0, 2)
+
+
 class UNetBlock(torch.nn.Module):
     """Residual block of both U-Nets, with optional 2x up/downsampling and multi-head self-attention.
 
@@ -138,12 +145,14 @@ class UNetBlock(torch.nn.Module):
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
     def attention(self, x):
-        """Multi-head dot-product self-attention over the pixels of x (before the output projection)."""
-        n, c, height, width = x.shape
-        qkv = self.qkv(x).reshape(n, self.num_heads, c // self.num_heads, 3, height * width)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2).unbind(0)  # each [n, heads, pixels, c_head]
-        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # [n, heads, pixels, c_head]
-        return a.transpose(2, 3).reshape(n, c, height, width)
+        """Multi-head dot-product self-attention over the pixels of x (before the output projection).
+
+        The qkv rows [head][channel][q, k, v] are reordered to [head][q, k, v][channel] (a permutation of the weights,
+        not of the activations), so the tokens' q, k, v come out with contiguous channels.
+        """
+        weight, bias = (None if p is None else qkv_rows_head_first(p, self.num_heads) for p in (self.qkv.weight, self.qkv.bias))
+        qkv = torch.nn.functional.linear(image_tokens(x), weight.flatten(1), bias)
+        return tokens_to_image(packed_attention(qkv, self.num_heads, heads_first=True), *x.shape[2:])
 
     def forward(self, x, emb):
         h = self.conv0(silu(self.norm0(x)))
