@@ -217,3 +217,114 @@ def test_bad_settings_fail_before_any_model_call(kwargs, match):
 def test_model_without_learned_sigma_is_named():
     with pytest.raises(ValueError, match="learn_sigma=True"):
         ddpm.ddpm_sampler(lambda x, t, y: x, torch.zeros(1, 4, 2, 2), schedule=ddpm.DDPMSchedule(1000, "5"))
+
+
+# --- ADM-G++'s adaptive schedules (paper Table D.1) ---
+
+def linear_classifier(weights):
+    """A noise-blind linear classifier logits = x_vp.flatten(1) @ weights, and its ClassifierGuidance."""
+    classifier = lambda x_vp, tau: x_vp.flatten(1) @ weights
+    return ClassifierGuidance(classifier)
+
+
+def test_cg_scale_switches_at_exactly_k_650(monkeypatch):
+    assert ddpm.switched_scale(651, 0.75, 1.5, 650) == 0.75 and ddpm.switched_scale(650, 0.75, 1.5, 650) == 1.5
+    schedule = ddpm.DDPMSchedule(1000, "1000")
+    weights = []
+    real_shift = ddpm.shifted_mean
+    monkeypatch.setattr(ddpm, "shifted_mean", lambda mean, var, gw: weights.append(gw[0][1]) or real_shift(mean, var, gw))
+    zero_model = lambda x, t, y: torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+    cg = linear_classifier(torch.randn(12, 5, generator=torch.Generator().manual_seed(0)))
+    ddpm.ddpm_sampler(zero_model, torch.randn(2, 3, 2, 2), torch.tensor([1, 4]), schedule, classifier=cg,
+                      cg_scale=0.75, cg_scale_late=1.5, cg_switch_step=650)
+    assert weights == [0.75] * 349 + [1.5] * 651  # k = 999 .. 651, then 650 .. 0
+
+
+def test_eds_scale_is_scale_times_log_classes_over_the_entropy():
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.5, 0.25, 0.125, 0.125], [1.0, 0.0, 0.0, 0.0]])
+    entropy = torch.tensor([math.log(4), 1.75 * math.log(2), 0.0])  # -sum p log p in closed form
+    scale = ddpm.eds_scale(0.75, probs.log())
+    torch.testing.assert_close(scale[:2], 0.75 * math.log(4) / entropy[:2])
+    assert scale[0].item() == pytest.approx(0.75)  # a uniform prediction keeps the scale
+    assert torch.isfinite(scale[2]) and scale[2] > 1e5  # a one-hot prediction: large but finite
+    torch.testing.assert_close(ddpm.eds_scale(0.75, probs[:2].log() + 3.0), scale[:2])  # logits up to a constant
+
+
+def test_norm_ratio_gives_the_dg_term_the_classifier_gradients_norm():
+    generator = torch.Generator().manual_seed(0)
+    grad_dg, grad_cg = torch.randn(4, 3, 2, 2, generator=generator), torch.randn(4, 3, 2, 2, generator=generator)
+    grad_dg[3] = 0.0  # outside DG's window
+    weight = ddpm.norm_ratio_dg_weight(1.5, grad_dg, grad_cg)
+    dg_norms = (weight.view(-1, 1, 1, 1) * grad_dg).flatten(1).norm(dim=1)
+    torch.testing.assert_close(dg_norms[:3], 1.5 * grad_cg[:3].flatten(1).norm(dim=1))
+    assert weight[3].item() == 0.0
+    torch.testing.assert_close(ddpm.norm_ratio_dg_weight(1.5, 7.0 * grad_dg, grad_cg)[:3], weight[:3] / 7.0)
+
+
+def test_dg_boost_only_on_odd_steps_and_only_where_the_log_ratio_is_negative():
+    log_ratio = torch.tensor([-2.0, -1e-6, 0.0, 3.0, float("inf")])  # inf: outside DG's window
+    weight = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    for step in (0, 2, 248):
+        assert torch.equal(ddpm.boosted_dg_weight(weight, log_ratio, step, 1 / 0.75), weight)
+    for step in (1, 3, 249):
+        expected = torch.tensor([1.0 / 0.75, 2.0 / 0.75, 3.0, 4.0, 5.0])
+        torch.testing.assert_close(ddpm.boosted_dg_weight(weight, log_ratio, step, 1 / 0.75), expected)
+    assert torch.equal(ddpm.boosted_dg_weight(1.0, log_ratio, 1, 3.0), torch.tensor([3.0, 3.0, 1.0, 1.0, 1.0]))
+
+
+def test_adm_g_plus_plus_steps_combine_the_schedules():
+    """The sampler with every schedule on, against the same steps written out: zero model (eps = 0, v = 0), a linear
+    classifier and a linear log ratio whose sign differs between samples; 3 steps k = 667 (step 0), 334 (step 1, odd:
+    boosted), 0 (no DG: k = dg_switch_step)."""
+    schedule = ddpm.DDPMSchedule(1000, "1,1,1")
+    assert schedule.timesteps == [0, 334, 667]
+    generator = torch.Generator().manual_seed(5)
+    cg_weights = 0.3 * torch.randn(12, 6, generator=generator)
+    dg_direction = 0.3 * torch.randn(1, 3, 2, 2, generator=generator)
+    latents, labels = torch.randn(4, 3, 2, 2, generator=generator), torch.tensor([0, 2, 4, 5])
+    noise = [torch.randn(4, 3, 2, 2, generator=generator) for _ in range(2)]
+    linear_log_ratio = lambda x_vp, tau, y: (x_vp * dg_direction).flatten(1).sum(1)
+    dg, cg = DiscriminatorGuidance(linear_log_ratio, t_min=0.0), linear_classifier(cg_weights)
+    zero_model = lambda x, t, y: torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+
+    def sample(**kwargs):
+        draws = iter(noise)
+        return ddpm.ddpm_sampler(zero_model, latents, labels, schedule, randn_like=lambda x: next(draws), classifier=cg,
+                                 cg_scale=0.75, dg=dg, dg_weight=1.0, dg_switch_step=0, **kwargs)
+
+    out = sample(cg_scale_late=1.5, cg_switch_step=500, eds=True, dg_boost=1 / 0.75, dg_norm_ratio=True)
+
+    x, signs = latents, []
+    for step, i in enumerate((2, 1, 0)):
+        k = schedule.timesteps[i]
+        mean, log_variance, _ = schedule.p_mean_variance(torch.zeros_like(x), torch.zeros_like(x), x, i)
+        logits = x.flatten(1) @ cg_weights
+        probs = torch.softmax(logits, 1)
+        grad_cg = (cg_weights.T[labels] - probs @ cg_weights.T).view_as(x)  # grad log softmax[y], linear classifier
+        entropy = -(probs * probs.log()).sum(1)
+        w_cg = (0.75 if k > 500 else 1.5) * math.log(6) / entropy
+        shift = w_cg.view(-1, 1, 1, 1) * grad_cg
+        if k > 0:
+            grad_dg = dg_direction.expand_as(x)
+            log_ratio = (x * dg_direction).flatten(1).sum(1)
+            w_dg = grad_cg.flatten(1).norm(dim=1) / grad_dg.flatten(1).norm(dim=1)
+            if step % 2 == 1:
+                w_dg = torch.where(log_ratio < 0, w_dg / 0.75, w_dg)
+                signs = (log_ratio < 0).tolist()
+            shift = shift + w_dg.view(-1, 1, 1, 1) * grad_dg
+        mean = mean + torch.exp(log_variance) * shift
+        x = mean + torch.exp(0.5 * log_variance) * noise[step] if i > 0 else mean
+    assert True in signs and False in signs  # the boost met both kinds of samples
+    torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
+    assert (out - sample()).abs().max() > 1e-2  # the schedules changed the samples
+
+
+def test_schedules_without_a_classifier_or_with_a_bad_boost_fail_before_any_model_call():
+    def model_fn(x, t, y):
+        raise AssertionError("the model must not run")
+
+    for kwargs in ({"eds": True}, {"dg_norm_ratio": True}, {"cg_scale_late": 1.5}):
+        with pytest.raises(ValueError, match="needs a classifier guidance object"):
+            ddpm.ddpm_sampler(model_fn, torch.zeros(1, 4, 2, 2), torch.tensor([1]), **kwargs)
+    with pytest.raises(ValueError, match="dg_boost must be > 0"):
+        ddpm.ddpm_sampler(model_fn, torch.zeros(1, 4, 2, 2), torch.tensor([1]), dg_boost=0.0)

@@ -1,6 +1,7 @@
 """DiT-XL/2-G++ (pipeline=imagenet) through the real entry point with +smoke=imagenet, on tiny random-weight files in
 the released formats (a DiT state dict, the latent ADM classifier, an image folder, an ADM reference batch) and the
-stand-in autoencoder of tests/standin_vae.py. Missing or empty inputs stop the run before any compute."""
+stand-in autoencoder of tests/standin_vae.py. Missing or empty inputs stop the run before any compute; a missing latent
+classifier is trained first (discriminator.classifier.train_if_missing)."""
 
 import json
 from pathlib import Path
@@ -20,8 +21,9 @@ from dg_lightning.ddpm import DDPMSchedule, ddpm_sampler
 from dg_lightning.evaluation import PooledPixels
 from dg_lightning.generate import SampleNoise
 from dg_lightning.guidance import DiscriminatorGuidance
+from dg_lightning.imagenet import dit_sample_fn
 from dg_lightning.nets import dit as dit_nets
-from dg_lightning.pipeline import dit_sample_fn, run
+from dg_lightning.pipeline import run
 
 TESTS = Path(__file__).resolve().parent
 SMOKE = OmegaConf.load(TESTS.parent / "conf" / "smoke" / "imagenet.yaml")
@@ -135,13 +137,13 @@ def test_sampler_wiring_matches_ddpm_sampler_with_the_dit_g_plus_plus_schedule(t
     assert not torch.allclose(fakes, expected(cfg_scale=1.25, cfg_scale_late=3.0, cfg_switch_step=200), atol=1e-3)
 
 
-@pytest.mark.parametrize("remove, key", [
-    ("DiT-XL-2-256x256.pt", "score.checkpoint"),
-    ("32x32_classifier.pt", "discriminator.classifier.path"),
-    ("VIRTUAL_imagenet256_labeled.npz", "metrics.reference_batch"),
-    ("sd-vae-ft-mse", "score.vae.path"),
+@pytest.mark.parametrize("remove, key, more", [
+    ("DiT-XL-2-256x256.pt", "score.checkpoint", []),
+    ("32x32_classifier.pt", "discriminator.classifier.path", ["discriminator.classifier.train_if_missing=false"]),
+    ("VIRTUAL_imagenet256_labeled.npz", "metrics.reference_batch", []),
+    ("sd-vae-ft-mse", "score.vae.path", []),
 ])
-def test_a_missing_released_file_stops_the_run_before_any_compute(tmp_path, compose_cfg, remove, key):
+def test_a_missing_released_file_stops_the_run_before_any_compute(tmp_path, compose_cfg, remove, key, more):
     released = write_released_files(tmp_path / "released")
     path = released / remove
     if path.is_dir():
@@ -150,7 +152,7 @@ def test_a_missing_released_file_stops_the_run_before_any_compute(tmp_path, comp
     else:
         path.unlink()
     with pytest.raises(ConfigError, match=rf"config key '{key}': .*{remove} does not exist.*download it from"):
-        run(compose_cfg(*overrides(released, "logger=csv")))
+        run(compose_cfg(*overrides(released, "logger=csv", *more)))
     assert not (tmp_path / "logs" / "cache").exists()
 
 
@@ -161,6 +163,32 @@ def test_an_empty_image_folder_stops_the_run_before_any_compute(tmp_path, compos
     with pytest.raises(ConfigError, match=r"config key 'data.image_dir': .*not a folder of class subfolders with images"):
         run(compose_cfg(*overrides(released, "logger=csv")))
     assert not (tmp_path / "logs" / "cache").exists()
+
+
+def test_a_missing_latent_classifier_is_trained_on_the_real_latents_and_used_by_the_head(tmp_path, compose_cfg):
+    released = write_released_files(tmp_path / "released")
+    (released / "32x32_classifier.pt").unlink()
+    run(compose_cfg(*overrides(released, "logger=csv", "stage=train")))
+    (folder,) = cache(tmp_path, "pretrain_classifier")
+    weights = torch.load(folder / "classifier.pt", weights_only=True)
+    trained = checkpoints.load_adm_classifier(folder / "classifier.pt", "latent", **SMOKE.discriminator.classifier.overrides)
+    torch.manual_seed(0)  # the stage's initialisation: build_network seeds with cfg.seed = 0
+    fresh = checkpoints.ADM_CLASSIFIERS["latent"].build(**SMOKE.discriminator.classifier.overrides).state_dict()
+    assert not torch.equal(weights["input_blocks.0.0.weight"], fresh["input_blocks.0.0.weight"])  # trained
+    assert trained.feature_channels == SMOKE.discriminator.head.in_channels
+
+    # The head was trained on the features of exactly that classifier, read from the stage's file.
+    (train,) = cache(tmp_path, "train")
+    discriminator = torch.load(train / "discriminator.pt", weights_only=True)
+    assert all(torch.equal(discriminator[f"feature_extractor.{k}"], v) for k, v in weights.items())
+    assert not cache(tmp_path, "sample_dg")
+
+    # A released head cannot sit on a classifier trained here.
+    head = released / "discriminator_7.pt"
+    torch.save(randomized_zeros(checkpoints.adm.dg_head(96, 1000), seed=1).state_dict(), head)
+    with pytest.raises(ConfigError, match=r"config key 'discriminator.classifier.path': .*trained on the released "
+                                          r"classifier's features"):
+        run(compose_cfg(*overrides(released, "logger=csv", f"discriminator.head_path={head}")))
 
 
 def test_guiding_with_a_released_head_needs_no_images_fakes_or_training(tmp_path, compose_cfg):

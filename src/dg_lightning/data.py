@@ -65,8 +65,33 @@ def load_digits_split(split, num_held_out=597, seed=0, source=None, num_classes=
     return images[chosen], labels[chosen]
 
 
+class NpyRows:
+    """The rows of a .npy file memory-mapped read-only (np.load(mmap_mode="r")): indexing reads only the rows asked for
+    into memory, so a sample set larger than RAM (1.28M ImageNet latents, 21 GB) can feed the data loaders; pickling
+    (DataLoader workers started by spawn or forkserver) sends the path, not the data."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.array = np.load(self.path, mmap_mode="r")
+        self.shape, self.dtype = self.array.shape, self.array.dtype
+
+    def __len__(self):
+        return len(self.array)
+
+    def __getitem__(self, index):
+        """The rows at index (an int, a slice or an index array) as an in-memory array."""
+        return np.array(self.array[index])
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+
 class ArraySource(Dataset):
-    """Clean samples x0 with optional class labels; uint8 NHWC images become float NCHW in [-1, 1]."""
+    """Clean samples x0 (an array, or NpyRows read from disk) with optional class labels; uint8 NHWC images become
+    float NCHW in [-1, 1]."""
 
     def __init__(self, samples, labels=None, name="source"):
         if len(samples) == 0:
@@ -75,7 +100,7 @@ class ArraySource(Dataset):
             raise ValueError(f"{name} has {len(samples)} samples but {len(labels)} labels")
         self.samples, self.name = samples, name
         self.labels = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-        self.is_image = isinstance(samples, np.ndarray) and samples.dtype == np.uint8
+        self.is_image = isinstance(samples, (np.ndarray, NpyRows)) and samples.dtype == np.uint8
 
     def __len__(self):
         return len(self.samples)

@@ -5,6 +5,11 @@ x_k = sqrt(abar_k) x0 + sqrt(1 - abar_k) z with abar_k = prod_{j <= k} (1 - beta
 respaced subset of the timesteps: step i in 0..N-1 is the kept timestep k_i, and the respaced process has
 beta'_i = 1 - abar_{k_i} / abar_{k_{i-1}}, so that it has the same abar at every kept step. Models and guidance get the
 original k (guidance as the continuous VP time tau = k / (T - 1), the discriminator's convention).
+
+The adaptive schedules of ADM-G++ (paper Table D.1; SPEC §5) are small functions used by the sampler: switched_scale
+(the CG scale switched at a timestep, like DiT's CFG), eds_scale (entropy-driven sampling on the CG scale),
+norm_ratio_dg_weight (DG rescaled to the classifier gradient's norm) and boosted_dg_weight (DG boosted on odd steps
+where the discriminator calls the sample fake). Each is off by default (plain CG + DG).
 """
 
 import math
@@ -89,6 +94,44 @@ class DDPMSchedule:
         return self.posterior_mean(x0, x, i), self.learned_log_variance(v, i), x0
 
 
+def switched_scale(k, scale, scale_late, switch_step):
+    """The guidance scale at the original timestep k: `scale` while k > switch_step, `scale_late` for k <= switch_step."""
+    return scale if k > switch_step else scale_late
+
+
+def eds_scale(scale, logits):
+    """Entropy-driven sampling (EDS, Zheng et al. 2022): the per-sample classifier-guidance scale (B,)
+    scale * log(C) / H(p(. | x_k)), H the entropy of the classifier's softmax over its C classes; an uncertain
+    prediction (H = log C) keeps the scale, a confident one raises it. H is floored at float32's eps (a one-hot
+    prediction would divide by zero)."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    entropy = -torch.special.xlogy(log_probs.exp(), log_probs.exp()).sum(-1)
+    return scale * math.log(logits.shape[-1]) / entropy.clamp_min(torch.finfo(torch.float32).eps)
+
+
+def norm_ratio_dg_weight(weight, grad_dg, grad_cg):
+    """The DG weight balanced against classifier guidance (Table D.1 (d-2)), per sample (B,):
+    weight * ||grad_cg|| / ||grad_dg|| (Euclidean norms over each sample's coordinates), so the DG term
+    weight' grad_dg has the norm weight * ||grad_cg||; 0 where grad_dg = 0 (outside DG's window)."""
+    norm_dg, norm_cg = grad_dg.flatten(1).norm(dim=1), grad_cg.flatten(1).norm(dim=1)
+    return torch.where(norm_dg > 0, weight * norm_cg / norm_dg, torch.zeros_like(norm_dg))
+
+
+def boosted_dg_weight(weight, log_ratio, step, boost):
+    """The DG weight per sample (B,) with the Table D.1 (d-2) boost: multiplied by `boost` (1 / 0.75 in the paper) on
+    odd sampler steps (step counted from 0 at the first, noisiest step) for the samples whose log ratio
+    log(d / (1 - d)) < 0 (those the discriminator calls fake); unchanged elsewhere."""
+    weight = torch.as_tensor(weight, dtype=log_ratio.dtype, device=log_ratio.device).expand_as(log_ratio)
+    if step % 2 == 0:
+        return weight
+    return torch.where(log_ratio < 0, boost * weight, weight)
+
+
+def _per_sample(weight, x):
+    """A float weight as it is, a per-sample weight (B,) shaped to broadcast over x's sample dimensions."""
+    return weight.view((-1,) + (1,) * (x.ndim - 1)).to(x.dtype) if torch.is_tensor(weight) else weight
+
+
 def ddpm_sampler(
     model_fn,
     latents,
@@ -104,6 +147,11 @@ def ddpm_sampler(
     dg_switch_step=100,
     classifier=None,
     cg_scale=0.0,
+    cg_scale_late=None,
+    cg_switch_step=0,
+    eds=False,
+    dg_boost=1.0,
+    dg_norm_ratio=False,
     clip_denoised=False,
     randn_like=torch.randn_like,
     dtype=torch.float32,
@@ -121,6 +169,11 @@ def ddpm_sampler(
       x_{k_{i-1}} = mu' + sqrt(Sigma) n, with no noise at the last step.
     dg and classifier are GradientGuidance objects (evaluated in VP coordinates). DiT-G++ uses cfg 1.25 / 3.0
     switched at 200, DG weight 1 above 100 (SPEC §5).
+    ADM-G++'s adaptive schedules (Table D.1), each off by default:
+      w_CG = switched_scale(k, cg_scale, cg_scale_late, cg_switch_step) (0.75 while k > 650, 1.5 after), times
+             eds_scale per sample when eds (the classifier run once more, without gradient, for its entropy);
+      w_DG = dg_weight, times ||grad log p(y | x_k)|| / ||grad log(d / (1 - d))|| per sample when dg_norm_ratio,
+             times dg_boost on odd steps where log(d / (1 - d)) < 0 (boosted_dg_weight; 1 / 0.75 in the paper).
     """
     schedule = DDPMSchedule() if schedule is None else schedule
     cfg_scale_late = cfg_scale if cfg_scale_late is None else cfg_scale_late
@@ -133,8 +186,13 @@ def ddpm_sampler(
         raise ValueError(f"guided_channels must be in 1..{channels} (the latent channels) or None, got {guided_channels}")
     if dg_weight != 0.0 and dg is None:
         raise ValueError(f"dg_weight = {dg_weight} needs a discriminator guidance object dg; pass dg or set dg_weight = 0")
-    if cg_scale != 0.0 and classifier is None:
-        raise ValueError(f"cg_scale = {cg_scale} needs a classifier guidance object; pass classifier or set cg_scale = 0")
+    cg_scale_late = cg_scale if cg_scale_late is None else cg_scale_late
+    if (cg_scale != 0.0 or cg_scale_late != 0.0 or eds or dg_norm_ratio) and classifier is None:
+        raise ValueError(f"classifier guidance (cg_scale = {cg_scale}, cg_scale_late = {cg_scale_late}, eds = {eds}) or "
+                         f"dg_norm_ratio = {dg_norm_ratio} needs a classifier guidance object; pass classifier or turn "
+                         "them off (scales 0, eds and dg_norm_ratio False)")
+    if dg_boost <= 0:
+        raise ValueError(f"dg_boost must be > 0 (1: no boost; the paper's ADM-G++ uses 1 / 0.75), got {dg_boost}")
     batch, device = latents.shape[0], latents.device
     labels_cfg = torch.cat([class_labels, torch.full_like(class_labels, null_label)]) if use_cfg else None
 
@@ -144,7 +202,7 @@ def ddpm_sampler(
         t = torch.full((batch,), float(k), dtype=torch.float32, device=device)
         if use_cfg:
             out_cond, out_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), labels_cfg).to(dtype).chunk(2)
-            scale = cfg_scale if k > cfg_switch_step else cfg_scale_late
+            scale = switched_scale(k, cfg_scale, cfg_scale_late, cfg_switch_step)
             eps = classifier_free_eps(out_cond[:, :channels], out_uncond[:, :channels], scale, guided_channels)
         else:
             out_cond = model_fn(x, t, class_labels).to(dtype)
@@ -155,11 +213,21 @@ def ddpm_sampler(
         mean, log_variance, _ = schedule.p_mean_variance(eps, out_cond[:, channels:], x, i, clip_denoised)
 
         tau = schedule.vp_time(k)  # one host float: the guidance window is decided without a device sync
-        grads_and_weights = []
+        step = len(schedule.timesteps) - 1 - i  # 0 at the first (noisiest) step
+        grads_and_weights, grad_cg = [], None
+        cg_weight = switched_scale(k, cg_scale, cg_scale_late, cg_switch_step)
+        if classifier is not None and (cg_weight != 0.0 or dg_norm_ratio):
+            grad_cg = classifier.vp_coordinates(x, tau, class_labels)[1]
+            if eds:
+                with torch.no_grad():
+                    cg_weight = eds_scale(cg_weight, classifier.classifier(x, torch.full_like(t, tau)))
+            grads_and_weights.append((grad_cg, _per_sample(cg_weight, x)))
         if dg_weight != 0.0 and k > dg_switch_step:
-            grads_and_weights.append((dg.vp_coordinates(x, tau, class_labels)[1], dg_weight))
-        if cg_scale != 0.0:
-            grads_and_weights.append((classifier.vp_coordinates(x, tau, class_labels)[1], cg_scale))
+            log_ratio, grad_dg = dg.vp_coordinates(x, tau, class_labels)
+            weight = norm_ratio_dg_weight(dg_weight, grad_dg, grad_cg) if dg_norm_ratio else dg_weight
+            if dg_boost != 1.0:
+                weight = boosted_dg_weight(weight, log_ratio, step, dg_boost)
+            grads_and_weights.append((grad_dg, _per_sample(weight, x)))
         if grads_and_weights:
             mean = shifted_mean(mean, torch.exp(log_variance), grads_and_weights)
 

@@ -1,5 +1,6 @@
 """The SD-VAE latent space of DiT-XL/2-G++ (SPEC §5): the autoencoder, ADM's centre crop, and the resumable
-stage that encodes an ImageNet-style image folder into labelled latent shards.
+stage that encodes an ImageNet-style image folder into labelled latent shards (or, for ADM-G++ in pixel space,
+into shards of the uint8 centre crops themselves).
 
 Latents are z = 0.18215 E(x) for images x in [-1, 1] NCHW, images are D(z / 0.18215). The autoencoder is
 diffusers' AutoencoderKL (sd-vae-ft-mse / sd-vae-ft-ema from a local folder; the optional extra `imagenet`) or
@@ -26,6 +27,8 @@ from dg_lightning.generate import (
     _num_shards,
     _remove_stale_temps,
     _shard_indices,
+    barrier,
+    rank_and_world_size,
     sample_seed,
     shard_name,
     to_uint8,
@@ -136,44 +139,58 @@ def to_signed(images):
     return images.float() / 127.5 - 1.0
 
 
-def encode_image_folder(autoencoder: LatentAutoencoder, image_dir, out_dir, *, image_size=256, flip=True,
+def encode_image_folder(autoencoder: LatentAutoencoder | None, image_dir, out_dir, *, image_size=256, flip=True,
                         num_samples=None, base_seed=0, batch_size=64, shard_size=1000, num_workers=0,
-                        fingerprint=None, device="cpu", rank=0, world_size=1, progress=True):
-    """Write this rank's missing latent shards (k % world_size == rank) of the images in image_dir.
+                        fingerprint=None, device="cpu", rank=None, world_size=None, progress=True):
+    """Write this rank's missing shards (k % world_size == rank) of the images in image_dir, then wait for the other
+    ranks (rank and world_size default to this process's place in torch.distributed's group, as generate's).
 
     Sample i is image order[i] (all images in sorted order, or with num_samples a seeded random subset), centre
     cropped to image_size, flipped left-right when flip and a coin from its own seed says so, and encoded with
-    noise from the same seed; its label comes from its class folder. Shards hold float32 latents (C, h, w) and
-    int64 labels in dg_lightning.generate's format; finished shards are kept, a folder of another run raises.
+    noise from the same seed; its label comes from its class folder. Shards hold float32 latents (C, h, w), or with
+    autoencoder None the uint8 crops themselves (image_size, image_size, 3) (NHWC, ADM-G++'s pixel space), and int64
+    labels in dg_lightning.generate's format; finished shards are kept, a folder of another run raises.
     """
     files, labels, classes = image_folder(image_dir)
+    group_rank, group_size = rank_and_world_size()
+    rank, world_size = group_rank if rank is None else rank, group_size if world_size is None else world_size
     order = np.arange(len(files))
     if num_samples is not None and num_samples < len(files):
         order = np.sort(np.random.default_rng(base_seed).permutation(len(files))[:num_samples])
     device = torch.device(device)
-    latent_shape = autoencoder.encode(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1:]
+    if autoencoder is None:
+        sample_shape, dtype = (image_size, image_size, 3), "uint8"
+    else:
+        sample_shape = tuple(autoencoder.encode(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1:])
+        dtype = "float32"
     manifest = {"format": FORMAT, "num_samples": len(order), "shape": [3, image_size, image_size],
-                "sample_shape": list(latent_shape), "shard_size": shard_size, "base_seed": base_seed,
-                "num_classes": len(classes), "dtype": "float32", "fingerprint": fingerprint}
+                "sample_shape": list(sample_shape), "shard_size": shard_size, "base_seed": base_seed,
+                "num_classes": len(classes), "dtype": dtype, "fingerprint": fingerprint}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _claim(out_dir, manifest)
+    if rank == 0:  # rank 0 writes the manifest; the others check it once it is there
+        _claim(out_dir, manifest)
+    barrier()
+    if rank != 0:
+        _claim(out_dir, manifest)
     mine = range(rank, _num_shards(manifest), world_size)
     _remove_stale_temps(out_dir, {shard_name(k) for k in mine})
     todo = [k for k in mine if not _is_finished(out_dir / shard_name(k), manifest, k)]
     for k in track(todo, f"encode {Path(image_dir).name} -> {out_dir.name}", enabled=progress):
         indices = _shard_indices(manifest, k)
         images = CroppedImages([files[j] for j in order[indices.start:indices.stop]], image_size)
-        latents = np.empty((len(indices), *latent_shape), np.float32)
+        samples = np.empty((len(indices), *sample_shape), dtype)
         for batch, rows in DataLoader(images, batch_size=batch_size, num_workers=num_workers):
             noise = SampleNoise([sample_seed(base_seed, indices.start + int(row)) for row in rows], device)
             x = batch.to(device)
             if flip:
                 x = torch.where(noise.randint(2).view(-1, 1, 1, 1).bool(), x.flip(-1), x)
-            latents[rows.numpy()] = autoencoder.encode(to_signed(x), noise).cpu().numpy()
-        arrays = {"samples": latents, "indices": np.arange(indices.start, indices.stop, dtype=np.int64),
+            encoded = x.permute(0, 2, 3, 1) if autoencoder is None else autoencoder.encode(to_signed(x), noise)
+            samples[rows.numpy()] = encoded.cpu().numpy()
+        arrays = {"samples": samples, "indices": np.arange(indices.start, indices.stop, dtype=np.int64),
                   "labels": labels[order[indices.start:indices.stop]]}
         write_atomic(out_dir / shard_name(k), lambda f, arrays=arrays: np.savez(f, **arrays))
+    barrier()
     return classes
 
 

@@ -1,7 +1,8 @@
 """The experiments' pipelines (paper Algorithms 1 and 2), wired from the Hydra config.
 
 Stages run in order (generate fakes -> train the discriminator -> sample and evaluate); `stage=<name>`
-stops after that stage. Finished stages are cached by config fingerprint (dg_lightning.stages).
+stops after that stage. Finished stages are cached by config fingerprint (dg_lightning.stages). The ImageNet
+pipelines (DiT-XL/2-G++, ADM-G++) are in dg_lightning.imagenet.
 """
 
 import json
@@ -17,21 +18,17 @@ from torch.nn import functional as F
 
 from dg_lightning.accel import accelerate
 from dg_lightning.callbacks import BEST_DISCRIMINATOR, GuidedSamplingCallback
-from dg_lightning.checkpoints import (ADM_CLASSIFIERS, DG_IMAGENET_SOURCE, DIT_SOURCE, EDM_SOURCE, load_adm_classifier,
-                                      load_dg_discriminator, load_dit, load_edm)
+from dg_lightning.checkpoints import ADM_CLASSIFIERS, EDM_SOURCE, load_adm_classifier, load_dg_discriminator, load_edm
 from dg_lightning.config import ConfigError, validate
 from dg_lightning.data import ArraySource, load_digits_split
-from dg_lightning.ddpm import DDPMSchedule, ddpm_sampler
-from dg_lightning.evaluation import REFERENCE_SOURCE, ADMInception, evaluate, export_samples, load_reference_batch
 from dg_lightning.generate import generate, load_shards, rank_and_world_size
-from dg_lightning.latents import VAE_SOURCE, LatentAutoencoder, encode_image_folder, round_trip
 from dg_lightning.metrics import ClassifierFeatures, GenerativeMetrics, GreyAsRGB, inception_features, sliced_wasserstein
 from dg_lightning.nets.adm import Discriminator
 from dg_lightning.plots import image_grid, toy2d_figure
 from dg_lightning.pretrain import NoisyClassifierModule, ScoreModule, clean_loader, train_feature_classifier
 from dg_lightning.samplers import edm_sampler
 from dg_lightning.sde import LinearVP
-from dg_lightning.sources import IMAGE_SUFFIXES, load_source
+from dg_lightning.sources import load_source
 from dg_lightning.stages import (atomic_save, build_accel, build_loggers, build_network, dg_guidance, finished_metrics,
                                  fingerprint, finish_loggers, fit, launch, sampler_kwargs, stage_dir, train_discriminator,
                                  write_metrics)
@@ -441,152 +438,22 @@ def run_edm(cfg: DictConfig):
     return metrics
 
 
-IMAGENET_STAGES = ("encode", "generate", "train", "sample", "evaluate")
-ENCODE_KEYS = ["seed", "data.image_dir", "data.image_size", "data.flip", "data.vae", "data.num_real"]
-FAKE_KEYS = ["seed", "score", "sampler.num_timesteps", "sampler.respacing", "sampler.guided_channels",
-             "sampler.clip_denoised", "data.fake_cfg_scale", "data.num_fake", "data.fake_round_trip",
-             "data.fake_jpeg_quality", "data.vae"]
-TRAIN_KEYS = [*FAKE_KEYS, *ENCODE_KEYS, "data", "discriminator", "trainer.max_epochs", "trainer.max_steps"]
-SAMPLE_KEYS = ["score", "sampler", "data.image_size", "metrics.num_samples", "metrics.sampling_seed"]
+def pipelines():
+    """{pipeline name: (its stages, its run function)}. The ImageNet pipelines (dg_lightning.imagenet) build on this
+    module's helpers, so they are imported here, when a run starts."""
+    from dg_lightning.imagenet import IMAGENET_STAGES, run_imagenet, run_imagenet_adm
 
-
-def imagenet_released_files(cfg: DictConfig):
-    """{config key: where the file comes from} for every released file (or folder) this DiT-G++ run reads."""
-    files = {"score.checkpoint": DIT_SOURCE, "score.vae.path": VAE_SOURCE,
-             "discriminator.classifier.path": DG_IMAGENET_SOURCE, "metrics.reference_batch": REFERENCE_SOURCE}
-    if cfg.discriminator.head_path is not None:
-        files["discriminator.head_path"] = DG_IMAGENET_SOURCE
-    if cfg.trainer.max_epochs != 0:
-        files["data.vae.path"] = VAE_SOURCE
-    return files
-
-
-def check_imagenet_config(cfg: DictConfig):
-    """ConfigError before any compute for inconsistent conditioning or sizes, a bad DDPM schedule, no discriminator to
-    guide with, no (or an empty) image folder to train on, or a missing released file."""
-    d, s = cfg.discriminator, cfg.sampler
-    if d.conditional != (d.head.num_classes is not None):
-        raise ConfigError("discriminator.head.num_classes", f"is {d.head.num_classes} but discriminator.conditional is "
-                          f"{d.conditional}", "DG_imagenet's head is conditional with num_classes=1000")
-    if cfg.data.image_size != 8 * cfg.score.input_size:
-        raise ConfigError("score.input_size", f"is {cfg.score.input_size} but the SD-VAE maps data.image_size="
-                          f"{cfg.data.image_size} to latents of {cfg.data.image_size // 8}", "set it to image_size / 8")
-    try:
-        DDPMSchedule(s.num_timesteps, str(s.respacing))
-    except ValueError as exc:
-        raise ConfigError("sampler.respacing", str(exc), "use e.g. 250 (DiT-G++) of num_timesteps=1000") from exc
-    if s.guided_channels is not None and not 1 <= s.guided_channels <= cfg.score.in_channels:
-        raise ConfigError("sampler.guided_channels", f"must be null (all) or in 1..{cfg.score.in_channels}, got "
-                          f"{s.guided_channels}", "DiT guides the first 3 of the 4 latent channels")
-    if cfg.trainer.max_epochs == 0 and d.head_path is None:
-        raise ConfigError("trainer.max_epochs", "is 0 (train nothing) but discriminator.head_path is null, so there is no "
-                          "discriminator to guide with", "give DG_imagenet's head (discriminator.head_path=.../"
-                          "discriminator_7.pt) or train one (trainer.max_epochs > 0)")
-    if cfg.trainer.max_epochs != 0:
-        image_dir = cfg.data.image_dir
-        if image_dir is None or not Path(image_dir).is_dir() or not any(
-                f.suffix.lower() in IMAGE_SUFFIXES for c in Path(image_dir).iterdir() if c.is_dir() for f in c.iterdir()):
-            raise ConfigError("data.image_dir", f"{image_dir} is not a folder of class subfolders with images, but "
-                              "training the discriminator needs real images", "point it at ImageNet's train folder "
-                              "(<wnid>/<image>.JPEG), or guide with a released head as it is (trainer.max_epochs=0)")
-    require_released(cfg, imagenet_released_files(cfg))
-
-
-def dit_sample_fn(cfg: DictConfig, dit, discriminator=None, fake_cfg_scale=None, decoder=None, encoder=None):
-    """generate's sample_fn(latents, labels, noise): DiT's DDPM sampler (cfg.sampler; a constant CFG scale when
-    fake_cfg_scale is given), with DG when a discriminator is given; latents out, or images when a decoder is given,
-    or (decoder and encoder, the authors' storage of fakes) latents decoded, quantised and encoded again."""
-    s, dg = cfg.sampler, cfg.guidance.dg
-    schedule, model_fn = DDPMSchedule(s.num_timesteps, str(s.respacing)), accelerate(dit, build_accel(cfg))
-    early, late = (s.cfg_scale, s.cfg_scale_late) if fake_cfg_scale is None else (fake_cfg_scale, fake_cfg_scale)
-    guidance = None if discriminator is None else dg_guidance(cfg, discriminator)
-
-    def sample_fn(latents, class_labels, noise):
-        with torch.no_grad():  # guidance enables the input gradient itself
-            x = ddpm_sampler(model_fn, latents, class_labels, schedule, null_label=cfg.data.num_classes,
-                             cfg_scale=early, cfg_scale_late=late, cfg_switch_step=s.cfg_switch_step,
-                             guided_channels=s.guided_channels, dg=guidance,
-                             dg_weight=dg.weight if guidance else 0.0, dg_switch_step=s.dg_switch_step,
-                             clip_denoised=s.clip_denoised, randn_like=noise.randn_like)
-        if decoder is not None and encoder is not None:
-            return round_trip(decoder, encoder, x, noise, cfg.data.fake_jpeg_quality)
-        return x if decoder is None else decoder.decode(x)
-
-    return sample_fn
-
-
-def sample_dit(cfg: DictConfig, dit, folder, num_samples, base_seed, keys, images=False, **kwargs):
-    """Sharded, resumable DiT samples with labels drawn per sample index: float32 latents, or (images) uint8 images of
-    data.image_size decoded by kwargs["decoder"]; returns the folder."""
-    shape = (cfg.score.in_channels, cfg.score.input_size, cfg.score.input_size)
-    size = cfg.data.image_size
-    generate(dit_sample_fn(cfg, dit, **kwargs), folder, num_samples, shape, base_seed=base_seed,
-             batch_size=cfg.metrics.sample_batch_size, num_classes=cfg.data.num_classes,
-             out_shape=(3, size, size) if images else None, dtype="uint8" if images else "float32",
-             fingerprint=fingerprint(cfg, keys), device=next(dit.parameters()).device)
-    return folder
-
-
-def run_imagenet(cfg: DictConfig):
-    """DiT-XL/2-G++ on ImageNet 256: real images -> latents; DiT fakes (latents, constant CFG) -> conditional DG head
-    on the latent ADM classifier -> DiT-G++ and DiT samples from the same seeds at equal steps, decoded -> FID, sFID,
-    IS, precision, recall against ADM's reference batch, and the samples exported as evaluator npz files."""
-    check_imagenet_config(cfg)
-    d, m, s = cfg.data, cfg.metrics, cfg.score
-    stop = IMAGENET_STAGES.index(cfg.stage) if cfg.stage != "all" else len(IMAGENET_STAGES) - 1
-    out_dir, metrics, loggers = Path(cfg.paths.output_dir), {}, build_loggers(cfg)
-    device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
-    dit = load_dit(s.checkpoint, s.model, s.input_size, d.num_classes, in_channels=s.in_channels,
-                   **OmegaConf.to_container(s.overrides, resolve=True)).to(device)
-    discriminator = edm_discriminator(cfg)
-    decoder = LatentAutoencoder(instantiate(s.vae)).to(device)
-
-    if cfg.trainer.max_epochs != 0:  # else: the released head as it is, no real latents or fakes needed
-        encoder = LatentAutoencoder(instantiate(d.vae)).to(device)
-        real_dir = stage_dir(cfg, "encode", ENCODE_KEYS)
-        encode_image_folder(encoder, d.image_dir, real_dir, image_size=d.image_size, flip=d.flip, num_samples=d.num_real,
-                            base_seed=cfg.seed, batch_size=d.encode_batch_size, num_workers=d.num_workers,
-                            fingerprint=fingerprint(cfg, ENCODE_KEYS), device=device)
-        if stop >= 1:
-            fake_dir = stage_dir(cfg, "generate", FAKE_KEYS)
-            sample_dit(cfg, dit, fake_dir, d.num_fake, cfg.seed, FAKE_KEYS, fake_cfg_scale=d.fake_cfg_scale,
-                       **({"decoder": decoder, "encoder": encoder} if d.fake_round_trip else {}))
-        if stop >= 2:
-            real = ArraySource(*load_shards(real_dir), name=f"real latents in {real_dir}")
-            fake = ArraySource(*load_shards(fake_dir), name=f"fake latents in {fake_dir}")
-            discriminator = train_discriminator(cfg, real, fake, discriminator, loggers, TRAIN_KEYS)
-    if stop >= 3:
-        discriminator.to(device).eval().requires_grad_(False)
-        guided_keys = [*SAMPLE_KEYS, *TRAIN_KEYS, "guidance"]
-        folders = {
-            "eval": sample_dit(cfg, dit, stage_dir(cfg, "sample_dg", guided_keys), m.num_samples, m.sampling_seed,
-                               guided_keys, images=True, discriminator=discriminator, decoder=decoder),
-            "eval_unguided": sample_dit(cfg, dit, stage_dir(cfg, "sample_unguided", SAMPLE_KEYS), m.num_samples,
-                                        m.sampling_seed, SAMPLE_KEYS, images=True, decoder=decoder),
-        }
-    if stop >= 4:
-        features = ADMInception(m.inception_path) if m.features == "inception" else instantiate(m.feature_net)
-        reference = load_reference_batch(m.reference_batch, features.num_features, features.num_spatial)
-        for prefix, folder in folders.items():
-            images, labels = load_shards(folder)
-            scores = evaluate(features, images, reference, m.batch_size, device, m.k)
-            metrics.update({f"{prefix}/{k}": v for k, v in scores.items()})
-            if m.export:
-                export_samples(out_dir / f"{prefix}_samples.npz", images, labels)
-    write_metrics(out_dir, metrics)
-    finish_loggers(loggers, metrics)
-    return metrics
-
-
-PIPELINES = {"toy2d": run_toy2d, "digits": run_digits, "edm": run_edm, "imagenet": run_imagenet}
+    return {"toy2d": (TOY_STAGES, run_toy2d), "digits": (DIGITS_STAGES, run_digits), "edm": (EDM_STAGES, run_edm),
+            "imagenet": (IMAGENET_STAGES, run_imagenet), "imagenet_adm": (IMAGENET_STAGES, run_imagenet_adm)}
 
 
 def run(cfg: DictConfig):
     """Validate the config before any compute, then run the experiment's pipeline; returns its metrics."""
     validate(cfg)
-    if cfg.pipeline not in PIPELINES:
-        raise ConfigError("pipeline", f"unknown pipeline {cfg.pipeline!r}", f"use one of {sorted(PIPELINES)}")
-    stages = {"toy2d": TOY_STAGES, "digits": DIGITS_STAGES, "edm": EDM_STAGES, "imagenet": IMAGENET_STAGES}[cfg.pipeline]
+    known = pipelines()
+    if cfg.pipeline not in known:
+        raise ConfigError("pipeline", f"unknown pipeline {cfg.pipeline!r}", f"use one of {sorted(known)}")
+    stages, run_pipeline = known[cfg.pipeline]
     if cfg.stage != "all" and cfg.stage not in stages:
         raise ConfigError("stage", f"unknown stage {cfg.stage!r} for pipeline {cfg.pipeline}", f"use all or one of {list(stages)}")
     finished = finished_metrics(cfg)  # a re-launched sweep skips its finished points
@@ -596,4 +463,4 @@ def run(cfg: DictConfig):
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     if rank_and_world_size()[0] == 0:
         (Path(cfg.paths.output_dir) / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return PIPELINES[cfg.pipeline](cfg)
+    return run_pipeline(cfg)

@@ -8,6 +8,7 @@
   {"labels": [[file name, label], ...]} or {"labels": null};
 - a folder of dg_lightning shards (generate.py: `manifest.json` and `shard-*.npz`).
 Every reader checks the whole file before returning and raises SourceError naming the file and the expected form.
+shard_source reads a shard folder without holding it in memory (ImageNet's real latents and images).
 """
 
 import io
@@ -18,10 +19,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dg_lightning.data import ArraySource
-from dg_lightning.generate import MANIFEST, load_shards
+from dg_lightning.data import ArraySource, NpyRows
+from dg_lightning.generate import (
+    MANIFEST,
+    ShardError,
+    _num_shards,
+    _read_manifest,
+    _read_shard,
+    barrier,
+    load_shards,
+    rank_and_world_size,
+    shard_name,
+    write_atomic,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+NPY_SAMPLES, NPY_LABELS = "samples.npy", "labels.npy"  # a shard folder's samples and labels as one file each
 NPZ_FORMS = "arrays 'arr_0' (true_data.npz) or 'samples' and 'label' (true_data_label.npz)"
 
 
@@ -153,3 +166,47 @@ def load_source(path, name=None, resolution=None, channels=None, labels=None, ma
                           "(true_data_label.npz, class subfolders, or a zip whose dataset.json has labels)")
     found = None if labels is False or found is None else found[:max_size]
     return ArraySource(images[:max_size], found, name=name or str(path))
+
+
+def shard_source(folder, name=None):
+    """ArraySource of a finished shard folder (generate.py's format) whose samples stay on disk: copied once, one shard
+    at a time, into <folder>/samples.npy (and labels.npy), then memory-mapped read-only (data.NpyRows), so a batch
+    reads only its rows. Gives the same samples and labels in the same order as load_shards. Rank 0 writes the
+    files (each atomically); every rank waits for them."""
+    folder = Path(folder)
+    manifest = _read_manifest(folder / MANIFEST)
+    labelled = manifest["num_classes"] is not None
+    done = (folder / NPY_SAMPLES).is_file() and (not labelled or (folder / NPY_LABELS).is_file())
+    if rank_and_world_size()[0] == 0 and not done:
+        _write_npy(folder, manifest)
+    barrier()
+    samples = NpyRows(folder / NPY_SAMPLES)
+    shape = (manifest["num_samples"], *manifest["sample_shape"])
+    if samples.shape != shape or samples.dtype != manifest["dtype"]:
+        raise SourceError(f"{samples.path} holds {samples.dtype} {samples.shape} but the shards of {folder} hold "
+                          f"{manifest['dtype']} {shape}; delete it (and {NPY_LABELS}) to write it again")
+    labels = np.load(folder / NPY_LABELS) if labelled else None
+    return ArraySource(samples, labels, name=name or str(folder))
+
+
+def _write_npy(folder, manifest):
+    """samples.npy (and labels.npy) of a shard folder, streamed from the shards one at a time (each checked against
+    the manifest), each file written atomically; shard_source rewrites both unless both exist."""
+    shape = (manifest["num_samples"], *manifest["sample_shape"])
+    labels = []
+
+    def write_samples(f):
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(manifest["dtype"])), "fortran_order": False,
+                  "shape": shape}
+        np.lib.format.write_array_header_1_0(f, header)
+        for k in range(_num_shards(manifest)):
+            try:
+                arrays = _read_shard(folder / shard_name(k), manifest, k)
+            except ShardError as e:
+                raise ShardError(f"{e}. Rerun the stage that wrote {folder} with the same settings to make it again.") from e
+            f.write(np.ascontiguousarray(arrays["samples"]).data)
+            labels.append(arrays.get("labels"))
+
+    write_atomic(folder / NPY_SAMPLES, write_samples)
+    if manifest["num_classes"] is not None:
+        write_atomic(folder / NPY_LABELS, lambda f: np.save(f, np.concatenate(labels)))
