@@ -5,7 +5,8 @@ Two loops per variant:
   trainer Lightning's Trainer with the RealFakeDataModule on uint8 arrays in host memory, diffused on the device
           (shows whether data loading starves the GPU: trainer img/s should be close to step img/s).
 Variants: plain (float32, PyTorch's default TF32 settings) and fast (Accel.gpu(): bf16 autocast, channels_last,
-torch.compile, cuDNN autotuning; Adam's fused kernel on a GPU). --profile adds the top device kernels of one step.
+torch.compile, cuDNN autotuning; Adam's fused kernel on a GPU), fast_graphs (fast with CUDA graphs). --profile adds the
+top device kernels of one step.
 Run: python bench/discriminator_training.py --batches 128,512   (CPU: --small --batches 8 --steps 3)
 """
 
@@ -32,8 +33,12 @@ from dg_lightning.data import ArraySource, RealFakeDataModule
 from dg_lightning.module import DiscriminatorModule
 from dg_lightning.sde import LinearVP
 
-VARIANTS = {"plain": None, "fast": Accel.gpu(), "fast_nocompile": replace(Accel.gpu(), compile=None)}  # None: Accel()
-# under PyTorch's default backend settings
+VARIANTS = {  # None: Accel() under PyTorch's default backend settings
+    "plain": None,
+    "fast": Accel.gpu(),
+    "fast_nocompile": replace(Accel.gpu(), compile=None),
+    "fast_graphs": Accel.gpu(compile="reduce-overhead"),  # CUDA graphs for the forward and backward
+}
 
 
 def optimiser_step(module, optimizer, batch):

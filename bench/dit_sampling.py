@@ -8,6 +8,8 @@ channels_last for the discriminator's convolutions, torch.compile).
 Run: python bench/dit_sampling.py --batch 64   (CPU: --small --batch 2 --steps 2)
 """
 
+import copy
+
 import torch
 from common import (
     machine,
@@ -55,7 +57,8 @@ def main():
     for name in args.variants.split(","):
         accel = VARIANTS[name]
         set_backends(accel)
-        model_fn, dg = accelerate(dit, accel), DiscriminatorGuidance(accelerate(discriminator, accel))
+        model_fn = accelerate(copy.deepcopy(dit), accel)  # each variant its own copy: compiling is in place
+        dg = DiscriminatorGuidance(accelerate(copy.deepcopy(discriminator), accel))
         figures = {}
         for guided in (False, True):
             kwargs = dict(settings, dg=dg if guided else None, dg_weight=1.0 if guided else 0.0)

@@ -7,14 +7,15 @@ Variants (each run unguided and with DG, w1 = 2, w2 = 0, tau in [0.01, 1], Heun 
   fast     float32 state, Accel.gpu(): bf16 autocast, channels_last, torch.compile (no CUDA graphs), cuDNN autotuning
   fast_noautotune, fast_nocl, fast_graphs: fast without cuDNN autotuning / without channels_last / with CUDA graphs
            (compile mode reduce-overhead)
-Compiled variants get one untimed warm-up batch (compilation); eager ones a 2-step warm-up. Plain variants must come
-before compiled ones (the networks are compiled in place). With --components, each variant also reports the time of
+Compiled variants get one untimed warm-up batch (compilation); eager ones a 2-step warm-up. Each variant runs its own
+copy of the networks (they are compiled in place). With --components, each variant also reports the time of
 one denoiser call and of one DG evaluation (log ratio and its input gradient) at sigma = 1, and with --profile the
 device kernels that take the most time in each.
 The uint8 differences are against the first variant's samples from the same latents.
 Run: python bench/edm_sampling.py --batch 512 --variants authors,fp32,fast   (CPU: --batch 4 --steps 3 --small)
 """
 
+import copy
 from dataclasses import replace
 
 import torch
@@ -93,7 +94,7 @@ def main():
         if accel is None:
             accel = Accel()
             torch_defaults()
-        run_denoiser, run_discriminator = accelerate(denoiser, accel), accelerate(discriminator, accel)
+        run_denoiser, run_discriminator = (accelerate(copy.deepcopy(net), accel) for net in (denoiser, discriminator))
         guidance = DiscriminatorGuidance(run_discriminator, t_min=0.01, t_max=1.0)
         figures = {}
         for guided in (False, True):
