@@ -19,7 +19,7 @@ from dg_lightning.ddpm import DDPMSchedule, ddpm_sampler
 from dg_lightning.evaluation import PooledPixels
 from dg_lightning.generate import SampleNoise
 from dg_lightning.guidance import ClassifierGuidance, DiscriminatorGuidance
-from dg_lightning.imagenet import adm_sample_fn, load_adm_unet
+from dg_lightning.imagenet import adm_sample_fn
 from dg_lightning.nets import adm, unet
 from dg_lightning.pipeline import run
 
@@ -166,9 +166,9 @@ def test_load_adm_unet_is_strict_and_names_the_file(tmp_path):
     net = tiny_unet()
     path = tmp_path / "256x256_diffusion.pt"
     torch.save(net.state_dict(), path)
-    loaded = load_adm_unet(path, **SMOKE.score.overrides)
+    loaded = checkpoints.load_adm_unet(path, **SMOKE.score.overrides)
     x, t, y = torch.randn(2, 3, SIZE, SIZE), torch.tensor([10.0, 900.0]), torch.tensor([1, 999])
     assert torch.equal(loaded(x, t, y), net(x, t, y)) and not loaded.training
     with pytest.raises(checkpoints.CheckpointError, match=r"256x256_diffusion.pt does not match guided-diffusion's "
                                                           r"256x256 conditional UNet"):
-        load_adm_unet(path, **{**SMOKE.score.overrides, "num_res_blocks": 2})
+        checkpoints.load_adm_unet(path, **{**SMOKE.score.overrides, "num_res_blocks": 2})

@@ -21,13 +21,14 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from dg_lightning.nets import adm, dit, edm
+from dg_lightning.nets import adm, dit, edm, unet
 from dg_lightning.sde import cosine_time_from_tau
 
 EDM_SOURCE = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/ (e.g. edm-cifar10-32x32-uncond-vp.pkl)"
 DG_SOURCE = "the Google Drive folders listed in the README of github.com/alsdudrla10/DG"
 DG_IMAGENET_SOURCE = "the Google Drive folders listed in the README of github.com/alsdudrla10/DG_imagenet"
 ADM_SOURCE = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/64x64_classifier.pt"
+ADM_SOURCE_256 = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ (256x256_diffusion.pt, 256x256_classifier.pt)"
 DIT_SOURCE = "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"
 
 # The preconditioned networks an EDM pickle may hold under "ema" (reference/checkpoints.md §1.1).
@@ -227,6 +228,8 @@ ADM_CLASSIFIERS = {
     # OpenAI's 64x64_classifier.pt, trained on the cosine schedule; no DG head was released for it.
     "adm64": AdmConfig(adm.adm64_classifier, cosine_time_from_tau, ADM_SOURCE,
                        "none, DG released no head for this classifier (train your own)"),
+    # OpenAI's 256x256_classifier.pt (linear schedule), ADM-G++'s classifier and discriminator trunk; no head released.
+    "adm256": AdmConfig(adm.adm256_classifier, None, ADM_SOURCE_256, "none: no ADM-G++ head was released (train your own)"),
 }
 
 
@@ -276,6 +279,14 @@ def load_dg_discriminator(classifier_path, head_path, classifier="cifar10", num_
     architecture = f"a DG head dg_head(in_channels={extractor.feature_channels}, num_classes={num_classes})"
     head = _build_and_load(build, state, head_path, architecture)
     return adm.Discriminator(extractor, head, time_map=spec.time_map).eval().requires_grad_(False)
+
+
+def load_adm_unet(path, **overrides) -> unet.UNet:
+    """guided-diffusion's 256x256_diffusion.pt (a plain state dict) strictly loaded into nets.unet.adm256_cond;
+    `overrides` change its architecture (tiny test networks in the released format)."""
+    state = _read_state_dict(path, ADM_SOURCE_256)
+    architecture = "guided-diffusion's 256x256 conditional UNet (adm256_cond)" + (f" with {overrides}" if overrides else "")
+    return _build_and_load(lambda: unet.adm256_cond(**overrides), state, path, architecture)
 
 
 def load_dit(path, model="DiT-XL/2", input_size=32, num_classes=1000, **overrides) -> dit.DiT:

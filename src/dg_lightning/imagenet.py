@@ -22,11 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from dg_lightning.accel import accelerate
 from dg_lightning.checkpoints import (
     ADM_CLASSIFIERS,
+    ADM_SOURCE_256,
     DG_IMAGENET_SOURCE,
     DIT_SOURCE,
-    AdmConfig,
-    _build_and_load,
-    _read_state_dict,
+    load_adm_unet,
     load_dit,
 )
 from dg_lightning.config import ConfigError
@@ -46,7 +45,6 @@ from dg_lightning.latents import (
     encode_image_folder,
     round_trip,
 )
-from dg_lightning.nets import adm, unet
 from dg_lightning.pipeline import edm_discriminator, require_released
 from dg_lightning.pretrain import NoisyClassifierModule, clean_loader
 from dg_lightning.sources import IMAGE_SUFFIXES, shard_source
@@ -63,13 +61,6 @@ from dg_lightning.stages import (
     train_discriminator,
     write_metrics,
 )
-
-ADM_SOURCE_256 = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ (256x256_diffusion.pt, 256x256_classifier.pt)"
-
-# OpenAI's 256x256_classifier.pt (linear schedule: no time map), ADM-G++'s classifier and discriminator trunk. It belongs
-# in checkpoints.ADM_CLASSIFIERS beside the other released classifiers; registered here until it is moved there.
-ADM_CLASSIFIERS.setdefault("adm256", AdmConfig(adm.adm256_classifier, None, ADM_SOURCE_256,
-                                               "none: no ADM-G++ head was released (train your own)"))
 
 IMAGENET_STAGES = ("encode", "generate", "train", "sample", "evaluate")
 ENCODE_KEYS = ["seed", "data.image_dir", "data.image_size", "data.flip", "data.vae", "data.num_real"]
@@ -291,14 +282,6 @@ def run_imagenet(cfg: DictConfig):
 
 
 # --- ADM-G++ ---
-
-def load_adm_unet(path, **overrides) -> unet.UNet:
-    """guided-diffusion's 256x256_diffusion.pt (a plain state dict) strictly loaded into nets.unet.adm256_cond;
-    `overrides` change its architecture (tiny test networks in the released format)."""
-    state = _read_state_dict(path, ADM_SOURCE_256)
-    architecture = "guided-diffusion's 256x256 conditional UNet (adm256_cond)" + (f" with {overrides}" if overrides else "")
-    return _build_and_load(lambda: unet.adm256_cond(**overrides), state, path, architecture)
-
 
 def adm_released_files(cfg: DictConfig):
     """{config key: where the file comes from} for every released file this ADM-G++ run reads."""
