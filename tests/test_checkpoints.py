@@ -348,5 +348,5 @@ def test_adm_loader_names_a_missing_file_and_where_to_get_it(tmp_path, config, s
 
 
 def test_adm_loader_rejects_an_unknown_config(tmp_path):
-    with pytest.raises(ValueError, match=r"must be one of \['adm64', 'cifar10', 'latent'\], got 'imagenet'"):
+    with pytest.raises(ValueError, match=r"must be one of \['adm256', 'adm64', 'cifar10', 'latent'\], got 'imagenet'"):
         load_adm_classifier(tmp_path / "classifier.pt", "imagenet")
