@@ -247,9 +247,12 @@ def sampling_callback(cfg: DictConfig, denoiser, features, real_images, folder):
 def best_epoch_record(callback, folder):
     """{sampling/best_epoch, sampling/best_fid}, from this fit or (for a cached stage) from the record it left."""
     record = folder / "best_epoch.json"
-    if callback.best_epoch is not None:
-        record.write_text(json.dumps({"sampling/best_epoch": callback.best_epoch, "sampling/best_fid": callback.best_score}))
-    return json.loads(record.read_text()) if record.exists() else {}
+    if callback.best_epoch is None:
+        return json.loads(record.read_text()) if record.exists() else {}
+    found = {"sampling/best_epoch": callback.best_epoch, "sampling/best_fid": callback.best_score}
+    if rank_and_world_size()[0] == 0:  # one writer under DDP (every rank's callback holds the same record)
+        record.write_text(json.dumps(found))
+    return found
 
 
 def run_digits(cfg: DictConfig):
