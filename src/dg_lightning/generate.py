@@ -196,18 +196,18 @@ def generate(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:  # rank 0 writes the manifest; the others check it once it is there
-        _claim(out_dir, manifest)
+        claim(out_dir, manifest)
     barrier()
     if rank != 0:
-        _claim(out_dir, manifest)
+        claim(out_dir, manifest)
 
-    mine = range(rank, _num_shards(manifest), world_size)
-    _remove_stale_temps(out_dir, {shard_name(k) for k in mine})
-    todo = [k for k in mine if not _is_finished(out_dir / shard_name(k), manifest, k)]
+    mine = range(rank, num_shards(manifest), world_size)
+    remove_stale_temps(out_dir, {shard_name(k) for k in mine})
+    todo = [k for k in mine if not is_finished(out_dir / shard_name(k), manifest, k)]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress) as bar:
-        total = sum(len(_shard_indices(manifest, k)) for k in mine)
-        done = total - sum(len(_shard_indices(manifest, k)) for k in todo)
+        total = sum(len(shard_indices(manifest, k)) for k in mine)
+        done = total - sum(len(shard_indices(manifest, k)) for k in todo)
         task = bar.add_task(f"generate {out_dir.name} [rank {rank}/{world_size}]", total=total, completed=done)
         for k in todo:
             arrays = _make_shard(sample_fn, manifest, out_shape, k, batch_size, device, lambda n: bar.advance(task, n))
@@ -226,7 +226,7 @@ def load_shards(folder, expect_shape=None, expect_labels=None):
         raise FileNotFoundError(f"{folder}: no such folder; generate the samples first (dg_lightning.generate.generate)")
     if not any(folder.iterdir()):
         raise FileNotFoundError(f"{folder}: the folder is empty; generate the samples first (dg_lightning.generate.generate)")
-    manifest = _read_manifest(folder / MANIFEST)
+    manifest = read_manifest(folder / MANIFEST)
     if expect_shape is not None and tuple(expect_shape) != tuple(manifest["sample_shape"]):
         raise ValueError(
             f"{folder / MANIFEST}: the samples have per-sample shape {tuple(manifest['sample_shape'])}, "
@@ -236,19 +236,19 @@ def load_shards(folder, expect_shape=None, expect_labels=None):
         found = f"conditional ({manifest['num_classes']} classes)" if manifest["num_classes"] else "unconditional (no labels)"
         raise ValueError(f"{folder / MANIFEST}: the run is {found}, expected {'labels' if expect_labels else 'no labels'}")
 
-    num_shards = _num_shards(manifest)
-    missing = [shard_name(k) for k in range(num_shards) if not (folder / shard_name(k)).is_file()]
+    count = num_shards(manifest)
+    missing = [shard_name(k) for k in range(count) if not (folder / shard_name(k)).is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise FileNotFoundError(
-            f"{folder}: {len(missing)} of {num_shards} shards are missing ({shown}): the generation did not finish. "
+            f"{folder}: {len(missing)} of {count} shards are missing ({shown}): the generation did not finish. "
             f"Rerun it with the same settings to resume; finished shards are kept."
         )
     samples = np.empty((manifest["num_samples"], *manifest["sample_shape"]), manifest["dtype"])
     labels = np.empty(manifest["num_samples"], np.int64) if manifest["num_classes"] else None
-    for k in range(num_shards):
+    for k in range(count):
         try:
-            arrays = _read_shard(folder / shard_name(k), manifest, k)
+            arrays = read_shard(folder / shard_name(k), manifest, k)
         except ShardError as e:
             raise ShardError(f"{e}. Rerun the generation with the same settings to make this shard again.") from e
         rows = slice(k * manifest["shard_size"], k * manifest["shard_size"] + len(arrays["indices"]))
@@ -258,18 +258,18 @@ def load_shards(folder, expect_shape=None, expect_labels=None):
     return samples, labels
 
 
-def _num_shards(manifest):
-    """ceil(num_samples / shard_size)."""
+def num_shards(manifest):
+    """The number of shards of the run in `manifest`: ceil(num_samples / shard_size)."""
     return -(-manifest["num_samples"] // manifest["shard_size"])
 
 
-def _shard_indices(manifest, k):
-    """The sample indices of shard k."""
+def shard_indices(manifest, k):
+    """The sample indices (a range) of shard k of the run in `manifest`."""
     size = manifest["shard_size"]
     return range(k * size, min((k + 1) * size, manifest["num_samples"]))
 
 
-def _read_manifest(path):
+def read_manifest(path):
     """The manifest dict at `path`, with a clear error when it is absent or not valid JSON."""
     if not path.is_file():
         raise FileNotFoundError(
@@ -285,12 +285,12 @@ def _read_manifest(path):
     return manifest
 
 
-def _claim(out_dir, manifest):
+def claim(out_dir, manifest):
     """Write the manifest if the folder has none, then check that the folder's manifest is this run's."""
     path = out_dir / MANIFEST
     if not path.exists():
         write_atomic(path, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
-    found = _read_manifest(path)
+    found = read_manifest(path)
     diffs = [
         f"{key}: folder has {found.get(key)!r}, this run has {value!r}"
         for key, value in manifest.items()
@@ -303,28 +303,28 @@ def _claim(out_dir, manifest):
         )
 
 
-def _remove_stale_temps(out_dir, names):
+def remove_stale_temps(out_dir, names):
     """Delete temp files that a killed run left for the shards in `names` (this rank's shards)."""
     for path in out_dir.glob(".shard-*.tmp"):
         if path.name.split(".")[1] + ".npz" in names:
             path.unlink(missing_ok=True)
 
 
-def _is_finished(path, manifest, k):
+def is_finished(path, manifest, k):
     """Whether shard k exists and is valid; a damaged shard is logged and counts as not finished."""
     if not path.exists():
         return False
     try:
-        _read_shard(path, manifest, k)
+        read_shard(path, manifest, k)
     except ShardError as e:
         log.warning("%s; making it again", e)
         return False
     return True
 
 
-def _read_shard(path, manifest, k):
+def read_shard(path, manifest, k):
     """The arrays of shard k, checked against the manifest; ShardError naming the file, the problem and the expected form."""
-    indices = _shard_indices(manifest, k)
+    indices = shard_indices(manifest, k)
     n, classes = len(indices), manifest["num_classes"]
     expected = (
         f"expected an .npz with 'samples' {manifest['dtype']} {(n, *manifest['sample_shape'])}, "
@@ -357,7 +357,7 @@ def _read_shard(path, manifest, k):
 
 def _make_shard(sample_fn, manifest, out_shape, k, batch_size, device, advance):
     """Run sample_fn over shard k in batches; returns the shard's arrays and calls advance(n) after each batch."""
-    indices = _shard_indices(manifest, k)
+    indices = shard_indices(manifest, k)
     classes = manifest["num_classes"]
     samples = np.empty((len(indices), *manifest["sample_shape"]), manifest["dtype"])
     labels = np.empty(len(indices), np.int64) if classes else None

@@ -22,14 +22,14 @@ from torch.utils.data import DataLoader, Dataset
 from dg_lightning.generate import (
     FORMAT,
     SampleNoise,
-    _claim,
-    _is_finished,
-    _num_shards,
-    _remove_stale_temps,
-    _shard_indices,
     barrier,
+    claim,
+    is_finished,
+    num_shards,
     rank_and_world_size,
+    remove_stale_temps,
     sample_seed,
+    shard_indices,
     shard_name,
     to_uint8,
     write_atomic,
@@ -38,6 +38,7 @@ from dg_lightning.progress import track
 from dg_lightning.sources import IMAGE_SUFFIXES
 
 LATENT_SCALE = 0.18215  # the SD-VAE scaling factor (DiT, DG_imagenet)
+VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # preferred first
 VAE_SOURCE = "https://huggingface.co/stabilityai/sd-vae-ft-mse (and sd-vae-ft-ema): config.json and the weights"
 
 
@@ -63,18 +64,35 @@ class LatentAutoencoder(nn.Module):
 
 
 def load_vae(path):
-    """diffusers' AutoencoderKL from a local folder (config.json and .safetensors or .bin weights), never online."""
+    """diffusers' AutoencoderKL from a local folder (config.json and diffusion_pytorch_model.safetensors or .bin),
+    never online, strictly: every parameter comes from the weights file and the file holds nothing else."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json; expected a local SD-VAE folder (config.json and "
-                                f"diffusion_pytorch_model.safetensors or .bin), downloaded from {VAE_SOURCE}")
+                                f"{' or '.join(VAE_WEIGHTS)}), downloaded from {VAE_SOURCE}")
+    weights = next((path / name for name in VAE_WEIGHTS if (path / name).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{path}: no weights file ({' or '.join(VAE_WEIGHTS)}) next to config.json; "
+                                f"download it from {VAE_SOURCE}")
     try:
         from diffusers import AutoencoderKL
     except ImportError as exc:
         raise ImportError("the SD-VAE needs diffusers, the optional extra of the ImageNet experiments: "
                           "pip install -e '.[imagenet]'") from exc
-    safetensors = any(path.glob("*.safetensors"))
-    return AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=safetensors)
+    try:
+        vae, info = AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False,
+                                                  use_safetensors=weights.suffix == ".safetensors",
+                                                  output_loading_info=True)
+    except (OSError, RuntimeError) as exc:
+        raise OSError(f"{path}: diffusers could not load this SD-VAE folder ({exc}); config.json or {weights.name} "
+                      f"is broken, truncated or of another model: download them again from {VAE_SOURCE}") from exc
+    wrong = {key: sorted(info[key]) for key in ("missing_keys", "unexpected_keys") if info[key]}
+    if wrong:
+        found = "; ".join(f"{key.replace('_', ' ')}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+                          for key, names in wrong.items())
+        raise ValueError(f"{path}: {weights.name} does not match config.json ({found}); the weights are of another "
+                         f"model or incomplete: download the folder again from {VAE_SOURCE}")
+    return vae
 
 
 def center_crop(image: Image.Image, size):
@@ -169,15 +187,15 @@ def encode_image_folder(autoencoder: LatentAutoencoder | None, image_dir, out_di
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:  # rank 0 writes the manifest; the others check it once it is there
-        _claim(out_dir, manifest)
+        claim(out_dir, manifest)
     barrier()
     if rank != 0:
-        _claim(out_dir, manifest)
-    mine = range(rank, _num_shards(manifest), world_size)
-    _remove_stale_temps(out_dir, {shard_name(k) for k in mine})
-    todo = [k for k in mine if not _is_finished(out_dir / shard_name(k), manifest, k)]
+        claim(out_dir, manifest)
+    mine = range(rank, num_shards(manifest), world_size)
+    remove_stale_temps(out_dir, {shard_name(k) for k in mine})
+    todo = [k for k in mine if not is_finished(out_dir / shard_name(k), manifest, k)]
     for k in track(todo, f"encode {Path(image_dir).name} -> {out_dir.name}", enabled=progress):
-        indices = _shard_indices(manifest, k)
+        indices = shard_indices(manifest, k)
         images = CroppedImages([files[j] for j in order[indices.start:indices.stop]], image_size)
         samples = np.empty((len(indices), *sample_shape), dtype)
         for batch, rows in DataLoader(images, batch_size=batch_size, num_workers=num_workers):

@@ -23,12 +23,12 @@ from dg_lightning.data import ArraySource, NpyRows
 from dg_lightning.generate import (
     MANIFEST,
     ShardError,
-    _num_shards,
-    _read_manifest,
-    _read_shard,
     barrier,
     load_shards,
+    num_shards,
     rank_and_world_size,
+    read_manifest,
+    read_shard,
     shard_name,
     write_atomic,
 )
@@ -174,7 +174,7 @@ def shard_source(folder, name=None):
     reads only its rows. Gives the same samples and labels in the same order as load_shards. Rank 0 writes the
     files (each atomically); every rank waits for them."""
     folder = Path(folder)
-    manifest = _read_manifest(folder / MANIFEST)
+    manifest = read_manifest(folder / MANIFEST)
     labelled = manifest["num_classes"] is not None
     done = (folder / NPY_SAMPLES).is_file() and (not labelled or (folder / NPY_LABELS).is_file())
     if rank_and_world_size()[0] == 0 and not done:
@@ -199,9 +199,9 @@ def _write_npy(folder, manifest):
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(manifest["dtype"])), "fortran_order": False,
                   "shape": shape}
         np.lib.format.write_array_header_1_0(f, header)
-        for k in range(_num_shards(manifest)):
+        for k in range(num_shards(manifest)):
             try:
-                arrays = _read_shard(folder / shard_name(k), manifest, k)
+                arrays = read_shard(folder / shard_name(k), manifest, k)
             except ShardError as e:
                 raise ShardError(f"{e}. Rerun the stage that wrote {folder} with the same settings to make it again.") from e
             f.write(np.ascontiguousarray(arrays["samples"]).data)
