@@ -130,6 +130,19 @@ def shard_name(k):
     return f"shard-{k:06d}.npz"
 
 
+def claim_shards(out_dir, manifest, rank, world_size):
+    """Claim out_dir for `manifest` (rank 0 writes it, the others check it once it is there), remove this rank's stale
+    temporary files, and return (this rank's shard indices, those of them not finished yet)."""
+    if rank == 0:  # rank 0 writes the manifest; the others check it once it is there
+        claim(out_dir, manifest)
+    barrier()
+    if rank != 0:
+        claim(out_dir, manifest)
+    mine = range(rank, num_shards(manifest), world_size)
+    remove_stale_temps(out_dir, {shard_name(k) for k in mine})
+    return mine, [k for k in mine if not is_finished(out_dir / shard_name(k), manifest, k)]
+
+
 def generate(
     sample_fn,
     out_dir,
@@ -195,15 +208,7 @@ def generate(
         "fingerprint": fingerprint,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0:  # rank 0 writes the manifest; the others check it once it is there
-        claim(out_dir, manifest)
-    barrier()
-    if rank != 0:
-        claim(out_dir, manifest)
-
-    mine = range(rank, num_shards(manifest), world_size)
-    remove_stale_temps(out_dir, {shard_name(k) for k in mine})
-    todo = [k for k in mine if not is_finished(out_dir / shard_name(k), manifest, k)]
+    mine, todo = claim_shards(out_dir, manifest, rank, world_size)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress) as bar:
         total = sum(len(shard_indices(manifest, k)) for k in mine)

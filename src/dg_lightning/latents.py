@@ -23,11 +23,8 @@ from dg_lightning.generate import (
     FORMAT,
     SampleNoise,
     barrier,
-    claim,
-    is_finished,
-    num_shards,
+    claim_shards,
     rank_and_world_size,
-    remove_stale_temps,
     sample_seed,
     shard_indices,
     shard_name,
@@ -186,14 +183,7 @@ def encode_image_folder(autoencoder: LatentAutoencoder | None, image_dir, out_di
                 "num_classes": len(classes), "dtype": dtype, "fingerprint": fingerprint}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0:  # rank 0 writes the manifest; the others check it once it is there
-        claim(out_dir, manifest)
-    barrier()
-    if rank != 0:
-        claim(out_dir, manifest)
-    mine = range(rank, num_shards(manifest), world_size)
-    remove_stale_temps(out_dir, {shard_name(k) for k in mine})
-    todo = [k for k in mine if not is_finished(out_dir / shard_name(k), manifest, k)]
+    _, todo = claim_shards(out_dir, manifest, rank, world_size)
     for k in track(todo, f"encode {Path(image_dir).name} -> {out_dir.name}", enabled=progress):
         indices = shard_indices(manifest, k)
         images = CroppedImages([files[j] for j in order[indices.start:indices.stop]], image_size)
