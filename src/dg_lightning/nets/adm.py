@@ -137,7 +137,44 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-class EncoderUNet(nn.Module):
+class ADMTrunk(nn.Module):
+    """What ADM's encoder and U-Net share: the time embedding (sinusoidal embedding of ADM timesteps, then a 2-layer MLP of
+    width 4 * model_channels, plus a learned class embedding with num_classes) and the down half (see down_half)."""
+
+    def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
+                 channel_mult, num_head_channels, use_scale_shift_norm, resblock_updown, num_classes, pool="attention"):
+        super().__init__()
+        self.widths = [int(mult * model_channels) for mult in channel_mult]
+        check_config(image_size, self.widths, attention_resolutions, num_head_channels, pool)
+        self.image_size, self.in_channels, self.model_channels = image_size, in_channels, model_channels
+        self.out_channels, self.num_classes = out_channels, num_classes
+
+        emb_channels = 4 * model_channels
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
+        )
+        self.label_emb = None if num_classes is None else nn.Embedding(num_classes, emb_channels)
+        self.res_block = partial(ResBlock, emb_channels=emb_channels, use_scale_shift_norm=use_scale_shift_norm)
+        self.input_blocks, self.middle_block, self.skip_channels, self.factor = down_half(
+            in_channels, self.widths, num_res_blocks, attention_resolutions, num_head_channels, self.res_block,
+            resblock_updown
+        )
+
+    def embed(self, timesteps, class_labels):
+        """The time embedding of timesteps (B,), plus the class embedding of class_labels (B,) for a conditional net."""
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        return emb if self.label_emb is None else emb + self.label_emb(class_labels)
+
+    def down(self, x, emb):
+        """(the middle block's output, the output of every input block in order: the U-Net's skips) for x and emb."""
+        skips, h = [], x
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        return self.middle_block(h, emb), skips
+
+
+class EncoderUNet(ADMTrunk):
     """ADM's noise-aware encoder (guided-diffusion `EncoderUNetModel`), the down half of a U-Net plus a pooling head.
 
     Per level (channel_mult): num_res_blocks ResBlocks to width model_channels * mult, each followed by
@@ -164,28 +201,11 @@ class EncoderUNet(nn.Module):
         pool="attention",
         num_classes=None,
     ):
-        super().__init__()
-        widths = [int(mult * model_channels) for mult in channel_mult]
-        check_config(image_size, widths, attention_resolutions, num_head_channels, pool)
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
-        self.num_classes = num_classes
-
-        emb_channels = 4 * model_channels
-        self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
-        )
-        self.label_emb = None if num_classes is None else nn.Embedding(num_classes, emb_channels)
-
-        res_block = partial(ResBlock, emb_channels=emb_channels, use_scale_shift_norm=use_scale_shift_norm)
-        self.input_blocks, self.middle_block, _, factor = down_half(
-            in_channels, widths, num_res_blocks, attention_resolutions, num_head_channels, res_block, resblock_updown
-        )
-        channels = widths[-1]
+        super().__init__(image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
+                         channel_mult, num_head_channels, use_scale_shift_norm, resblock_updown, num_classes, pool)
+        channels = self.widths[-1]
         self.feature_channels = channels
-        self.feature_size = image_size // factor
+        self.feature_size = image_size // self.factor
 
         if pool == "attention":
             pool_layer = AttentionPool2d(self.feature_size, channels, num_head_channels, out_channels)
@@ -203,13 +223,7 @@ class EncoderUNet(nn.Module):
         """Logits [B, out_channels] of x [B, in_channels, image_size, image_size] at ADM timesteps (B,) (DDPM-index scale,
         fractional allowed); with features=True, the middle-block map [B, feature_channels, feature_size, feature_size]."""
         check_inputs(self, x, timesteps, class_labels)
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
-        if self.label_emb is not None:
-            emb = emb + self.label_emb(class_labels)
-        h = x
-        for block in self.input_blocks:
-            h = block(h, emb)
-        h = self.middle_block(h, emb)
+        h, _ = self.down(x, self.embed(timesteps, class_labels))
         return h if features else self.out(h)
 
 

@@ -8,23 +8,18 @@ The network predicts, from x_k at the DDPM timestep k and a class label y, the n
 and, with learn_sigma (out_channels = 2C), the learned-range variance interpolation v in [-1, 1] (channels C..2C-1).
 """
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dg_lightning.nets.adm import (
+    ADMTrunk,
     AttentionBlock,
     GroupNorm32,
-    ResBlock,
     TimestepEmbedSequential,
-    check_config,
     check_inputs,
-    down_half,
     zero_init,
 )
-from dg_lightning.nets.embedding import timestep_embedding
 
 
 class Upsample(nn.Module):
@@ -38,7 +33,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
-class UNet(nn.Module):
+class UNet(ADMTrunk):
     """ADM's U-Net (guided-diffusion `UNetModel`): (x_k [B, C, H, W], timesteps k (B,), y (B,)) -> [B, out_channels, H, W].
 
     The down half (stem conv, per-level ResBlocks with attention at the factors in attention_resolutions,
@@ -64,25 +59,9 @@ class UNet(nn.Module):
         resblock_updown=True,
         num_classes=None,
     ):
-        super().__init__()
-        widths = [int(mult * model_channels) for mult in channel_mult]
-        check_config(image_size, widths, attention_resolutions, num_head_channels, pool="attention")
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
-        self.num_classes = num_classes
-
-        emb_channels = 4 * model_channels
-        self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
-        )
-        self.label_emb = None if num_classes is None else nn.Embedding(num_classes, emb_channels)
-
-        res_block = partial(ResBlock, emb_channels=emb_channels, use_scale_shift_norm=use_scale_shift_norm)
-        self.input_blocks, self.middle_block, skip_channels, factor = down_half(
-            in_channels, widths, num_res_blocks, attention_resolutions, num_head_channels, res_block, resblock_updown
-        )
+        super().__init__(image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
+                         channel_mult, num_head_channels, use_scale_shift_norm, resblock_updown, num_classes)
+        widths, skip_channels, factor, res_block = self.widths, list(self.skip_channels), self.factor, self.res_block
         channels = widths[-1]
         blocks = []
         for level in reversed(range(len(widths))):
@@ -105,15 +84,8 @@ class UNet(nn.Module):
         """Output [B, out_channels, image_size, image_size] (eps, then v with learn_sigma) of x [B, in_channels,
         image_size, image_size] at DDPM timesteps (B,) (fractional allowed) and integer labels y (B,)."""
         check_inputs(self, x, timesteps, y, labels_name="y (class labels)")
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
-        if self.label_emb is not None:
-            emb = emb + self.label_emb(y)
-        skips = []
-        h = x
-        for block in self.input_blocks:
-            h = block(h, emb)
-            skips.append(h)
-        h = self.middle_block(h, emb)
+        emb = self.embed(timesteps, y)
+        h, skips = self.down(x, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h)
