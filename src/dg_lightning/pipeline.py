@@ -221,7 +221,8 @@ def feature_network(cfg: DictConfig, images, labels):
     if m.features == "inception":
         inception = inception_features(m.inception_path)
         return GreyAsRGB(inception) if cfg.score.net.img_channels == 1 else inception
-    weights = stage_dir(cfg, "feature_net", ["metrics.feature_net", "metrics.feature_steps", *DIGITS_DATA_KEYS]) / "feature_net.pt"
+    keys = ["seed", "metrics.feature_net", "metrics.feature_steps", *DIGITS_DATA_KEYS]  # seed: the initial weights
+    weights = stage_dir(cfg, "feature_net", keys) / "feature_net.pt"
     if not weights.exists():
         atomic_save(train_feature_classifier(build_network(cfg, m.feature_net), images, labels, m.feature_steps).state_dict(),
                     weights)
