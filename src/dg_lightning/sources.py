@@ -32,6 +32,7 @@ from dg_lightning.generate import (
     shard_name,
     write_atomic,
 )
+from dg_lightning.progress import track
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 NPY_SAMPLES, NPY_LABELS = "samples.npy", "labels.npy"  # a shard folder's samples and labels as one file each
@@ -199,7 +200,7 @@ def _write_npy(folder, manifest):
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(manifest["dtype"])), "fortran_order": False,
                   "shape": shape}
         np.lib.format.write_array_header_1_0(f, header)
-        for k in range(num_shards(manifest)):
+        for k in track(range(num_shards(manifest)), f"copy {folder.name} -> {NPY_SAMPLES}"):
             try:
                 arrays = read_shard(folder / shard_name(k), manifest, k)
             except ShardError as e:
