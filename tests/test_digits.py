@@ -60,11 +60,28 @@ def test_reduced_digits_run_goes_through_every_stage_and_reuses_them(tmp_path):
         assert 1.0 <= metrics[f"{prefix}/is"] <= 10.0
     assert metrics["eval_floor/fid"] < metrics["eval_unguided/fid"]  # a 20-step score model is far from the data
     assert metrics["sampling/best_epoch"] in (0, 1)
-    # A different DG weight reuses every cached stage (the unguided samples too): no new stage folder;
-    # select=best samples with the head the sampling callback kept.
-    run("guidance.dg.weight=1.0", "discriminator.select=best")
+    # A different DG weight reuses every cached stage (the unguided samples too): no new stage folder.
+    run("guidance.dg.weight=1.0")
     assert len(list(cache.iterdir())) == 6
-    assert (train_dir / "sampling" / "best_discriminator.pt").exists()
+    # select=best samples with the head the sampling callback kept by its guided FID: a train folder of its own.
+    run("guidance.dg.weight=1.0", "discriminator.select=best")
+    (best_dir,) = set(cache.glob("train-*")) - {train_dir}
+    assert len(list(cache.iterdir())) == 7 and (best_dir / "sampling" / "best_discriminator.pt").exists()
+
+
+def test_train_stage_key_has_the_guidance_only_when_the_callback_picks_the_weights(compose_cfg):
+    def train_dir(*overrides):
+        cfg = compose_cfg("experiment=digits_edm_g++", *overrides)
+        return pipeline.stage_dir(cfg, "train", pipeline.digits_train_keys(cfg))
+
+    # select=last: a DG weight or window sweep reuses one trained head.
+    assert train_dir("guidance.dg.weight=1.0") == train_dir("guidance.dg.weight=2.0", "guidance.dg.t_max=0.5")
+    # select=best: the epoch kept is the one with the best guided FID, which the guidance changes.
+    best = ["discriminator.select=best"]
+    assert train_dir(*best, "guidance.dg.weight=1.0") != train_dir(*best, "guidance.dg.weight=2.0")
+    assert train_dir(*best, "guidance.dg.t_max=0.5") != train_dir(*best)
+    # Each head seed trains a head of its own.
+    assert train_dir("discriminator.seed=1") != train_dir("discriminator.seed=2") != train_dir()
 
 
 def test_user_data_source_is_split_like_sklearn_digits(tmp_path):

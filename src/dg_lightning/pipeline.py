@@ -30,8 +30,8 @@ from dg_lightning.samplers import edm_sampler
 from dg_lightning.sde import LinearVP
 from dg_lightning.sources import load_source
 from dg_lightning.stages import (atomic_save, build_accel, build_loggers, build_network, dg_guidance, finished_metrics,
-                                 fingerprint, finish_loggers, fit, launch, sampler_kwargs, stage_dir, train_discriminator,
-                                 write_metrics)
+                                 fingerprint, finish_loggers, fit, head_seed, launch, sampler_kwargs, stage_dir,
+                                 train_discriminator, write_metrics)
 from dg_lightning.toy import MixtureDenoiser, OptimalDiscriminator
 
 TOY_STAGES = ("generate", "train", "sample")
@@ -79,7 +79,7 @@ def run_toy2d(cfg: DictConfig):
         # Stage 2: the discriminator on real vs fake, diffused on the fly.
         real = data.sample(cfg.data.num_real, generator=_generator(cfg.seed, 0))
         net = train_discriminator(cfg, ArraySource(real.numpy(), name="data.mixture samples"), ArraySource(fakes.numpy(), name="fakes"),
-                                  build_network(cfg, cfg.discriminator.net), loggers,
+                                  build_network(cfg, cfg.discriminator.net, head_seed(cfg)), loggers,
                                   keys=["seed", "data", "score", "sampler", "discriminator", "trainer.max_steps", "trainer.max_epochs"])
     if stop >= 2:
         # Stage 3: the same latents sampled with no DG, the trained discriminator, and the exact d*.
@@ -256,6 +256,16 @@ def best_epoch_record(callback, folder):
     return found
 
 
+def digits_train_keys(cfg: DictConfig):
+    """The config keys of the digits train stage (the head's weights and the sampling callback's best pick)."""
+    keys = ["seed", "score", "sampler", "data", "trainer.max_epochs", "trainer.max_steps", *FEATURE_KEYS,
+            "metrics.sampling_callback", *(f"discriminator.{k}" for k in cfg.discriminator if k != "select")]
+    # select=last: guidance settings only change the callback's samples, not the weights used, so DG weight and
+    # window sweeps reuse one trained head; select=best: the weights used are the epoch the callback picked by its
+    # guided FID, which depends on the guidance.
+    return [*keys, "guidance"] if cfg.discriminator.select == "best" else keys
+
+
 def run_digits(cfg: DictConfig):
     """The digits experiment: pretrain score model and classifier -> fakes -> DG head -> sample with/without DG -> evaluate."""
     d = cfg.data
@@ -274,11 +284,9 @@ def run_digits(cfg: DictConfig):
         fakes = ArraySource(*load_shards(fake_dir), name=f"fakes in {fake_dir}")
     if stop >= 3:
         features = feature_network(cfg, train_images, train_labels)
-        head = build_network(cfg, _with(cfg.discriminator.head, num_classes=conditional_classes(cfg)))
+        head = build_network(cfg, _with(cfg.discriminator.head, num_classes=conditional_classes(cfg)), head_seed(cfg))
         discriminator = Discriminator(classifier, head)
-        keys = ["seed", "score", "sampler", "data", "trainer.max_epochs", "trainer.max_steps", *FEATURE_KEYS,
-                "metrics.sampling_callback",
-                *(f"discriminator.{k}" for k in cfg.discriminator if k != "select")]  # select only picks the weights used
+        keys = digits_train_keys(cfg)
         train_dir = stage_dir(cfg, "train", keys)
         callback = sampling_callback(cfg, denoiser, features, held_out, train_dir)
         discriminator = train_discriminator(cfg, train, fakes, discriminator, loggers, keys, callbacks=[callback])
@@ -365,14 +373,15 @@ def check_edm_config(cfg: DictConfig):
 
 def edm_discriminator(cfg: DictConfig):
     """DG's discriminator on the released ADM classifier (frozen) with the released head at discriminator.head_path or a
-    new head (discriminator.head, initialised from cfg.seed); the head is trainable."""
+    new head (discriminator.head, initialised from stages.head_seed); the head is trainable."""
     d = cfg.discriminator
     overrides = OmegaConf.to_container(d.classifier.overrides, resolve=True)
     if d.head_path is not None:
         net = load_dg_discriminator(d.classifier.path, d.head_path, d.classifier.config, d.head.num_classes, **overrides)
     else:
         extractor = load_adm_classifier(d.classifier.path, d.classifier.config, **overrides)
-        net = Discriminator(extractor, build_network(cfg, d.head), ADM_CLASSIFIERS[d.classifier.config].time_map)
+        head = build_network(cfg, d.head, head_seed(cfg))
+        net = Discriminator(extractor, head, ADM_CLASSIFIERS[d.classifier.config].time_map)
     net.head.requires_grad_(True)
     return net
 
@@ -454,6 +463,7 @@ def pipelines():
 def run(cfg: DictConfig):
     """Validate the config before any compute, then run the experiment's pipeline; returns its metrics."""
     validate(cfg)
+    head_seed(cfg)  # a bad discriminator.seed stops the run here, before any compute
     known = pipelines()
     if cfg.pipeline not in known:
         raise ConfigError("pipeline", f"unknown pipeline {cfg.pipeline!r}", f"use one of {sorted(known)}")

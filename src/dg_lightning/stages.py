@@ -123,21 +123,33 @@ def launch(cfg: DictConfig):
     L.Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.get("num_nodes", 1), strategy="ddp").launch()
 
 
-def build_network(cfg: DictConfig, node):
-    """Instantiate a network config right after seeding with cfg.seed: its initial weights do not depend on
-    which earlier stages ran and which were loaded from the cache."""
-    L.seed_everything(cfg.seed, verbose=False)
+def head_seed(cfg: DictConfig):
+    """The seed of the DG head's initialisation and whole training stream: discriminator.seed, or cfg.seed when it
+    is null (or absent), so a sweep over discriminator.seed varies the head alone."""
+    seed = cfg.discriminator.get("seed")
+    if seed is None:
+        return cfg.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**32 - 1:
+        raise ConfigError("discriminator.seed", f"must be null or an integer in [0, 2**32 - 1], got {seed!r}",
+                          "use null (the head follows seed) or e.g. discriminator.seed=1 to vary the head alone")
+    return seed
+
+
+def build_network(cfg: DictConfig, node, seed=None):
+    """Instantiate a network config right after seeding with `seed` (default cfg.seed): its initial weights do not
+    depend on which earlier stages ran and which were loaded from the cache."""
+    L.seed_everything(cfg.seed if seed is None else seed, verbose=False)
     return instantiate(node)
 
 
-def fit(cfg: DictConfig, module, data, folder, loggers=(), callbacks=(), ckpt_path=None, **trainer_overrides):
+def fit(cfg: DictConfig, module, data, folder, loggers=(), callbacks=(), ckpt_path=None, seed=None, **trainer_overrides):
     """Fit a LightningModule with cfg.trainer (plus the configured callbacks) in folder, from the checkpoint at
     ckpt_path when given; returns the trainer.
 
-    The global RNG is re-seeded with cfg.seed first, so a stage gives the same result whether or not the
-    stages before it were loaded from the cache.
+    The global RNG is re-seeded with `seed` (default cfg.seed) first, so a stage gives the same result whether or
+    not the stages before it were loaded from the cache.
     """
-    L.seed_everything(cfg.seed, verbose=False)
+    L.seed_everything(cfg.seed if seed is None else seed, verbose=False)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(callbacks)
     trainer = instantiate(cfg.trainer, default_root_dir=str(folder), logger=list(loggers) or False, callbacks=callbacks,
                           **trainer_overrides)
@@ -150,23 +162,23 @@ def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, n
 
     Every epoch ends with a checkpoint (checkpoints/epochNNN.ckpt and last.ckpt); a killed training resumes from
     last.ckpt. EpochSeed re-seeds the global RNGs (batch order, diffusion times and noise) at each epoch from
-    (cfg.seed, epoch, rank), so the resumed run ends with the same weights as an uninterrupted one.
+    (head_seed(cfg), epoch, rank), so the resumed run ends with the same weights as an uninterrupted one.
     """
     folder = stage_dir(cfg, "train", keys)
     weights = folder / "discriminator.pt"
     if weights.exists():
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         return net
-    d = cfg.data
+    d, seed = cfg.data, head_seed(cfg)
     datamodule = RealFakeDataModule(real, fake, batch_size=d.batch_size, t_min=d.t_min, importance=d.importance_sampling,
-                                    num_workers=d.num_workers, seed=cfg.seed, conditional=cfg.discriminator.get("conditional", False))
+                                    num_workers=d.num_workers, seed=seed, conditional=cfg.discriminator.get("conditional", False))
     module = DiscriminatorModule(net, cfg.discriminator.objective, cfg.discriminator.lr, cfg.discriminator.weight_decay,
                                  accel=build_accel(cfg))
     every_epoch = ModelCheckpoint(dirpath=folder / "checkpoints", filename="epoch{epoch:03d}", auto_insert_metric_name=False,
                                   every_n_epochs=1, save_top_k=-1, save_last=True)
     last = folder / "checkpoints" / "last.ckpt"
-    fit(cfg, module, datamodule, folder, loggers, [every_epoch, EpochSeed(cfg.seed), *callbacks],
-        ckpt_path=last if last.exists() else None)
+    fit(cfg, module, datamodule, folder, loggers, [every_epoch, EpochSeed(seed), *callbacks],
+        ckpt_path=last if last.exists() else None, seed=seed)
     atomic_save(net.state_dict(), weights)
     return net
 
