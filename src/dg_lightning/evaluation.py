@@ -17,12 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dg_lightning.generate import write_atomic
-from dg_lightning.metrics import (
-    GenerativeMetrics,
-    InceptionScore,
-    _Features,
-    inception_features,
-)
+from dg_lightning.metrics import ExtractedFeatures, GenerativeMetrics, InceptionScore, inception_features
 
 REFERENCE_SOURCE = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
                     "VIRTUAL_imagenet256_labeled.npz")
@@ -117,8 +112,8 @@ def evaluate(features, samples, reference: ReferenceBatch, batch_size=250, devic
     if samples.dtype != np.uint8 or samples.ndim != 4 or samples.shape[-1] != 3:
         raise ValueError(f"evaluate needs uint8 NHWC RGB samples, got {samples.dtype} {samples.shape}")
     features = features.to(device).eval()
-    pool = GenerativeMetrics(_Features(features.num_features), k=k).to(device)
-    spatial = GenerativeMetrics(_Features(features.num_spatial), precision_recall=False).to(device)
+    pool = GenerativeMetrics(ExtractedFeatures(features.num_features), k=k).to(device)
+    spatial = GenerativeMetrics(ExtractedFeatures(features.num_spatial), precision_recall=False).to(device)
     # FID and sFID read the reference statistics (GenerativeMetrics' fid_reference, here from the batch's arrays)
     pool.reference, spatial.reference = reference.pool, reference.spatial
     logits = []

@@ -250,7 +250,7 @@ def load_fid_reference(path, num_features):
     return mu, sigma
 
 
-class _Features(nn.Module):
+class ExtractedFeatures(nn.Module):
     """Pass-through 'feature extractor' for FrechetInceptionDistance, fed with features already extracted."""
 
     def __init__(self, num_features):
@@ -289,7 +289,7 @@ class GenerativeMetrics(nn.Module):
         self.feature_extractor = feature_extractor
         self.reference = None if fid_reference is None else load_fid_reference(fid_reference, num_features)
         self.fid = FrechetInceptionDistance(
-            feature=_Features(num_features), normalize=False, reset_real_features=reset_real_features
+            feature=ExtractedFeatures(num_features), normalize=False, reset_real_features=reset_real_features
         )
         self.precision_recall = PrecisionRecall(k=k, reset_real_features=reset_real_features) if precision_recall else None
         self.kid = None if kid_subsets is None else KernelDistance(kid_subsets, kid_subset_size, kid_seed, reset_real_features)
