@@ -2,6 +2,7 @@
 # Every benchmark at the GPU sizes, one JSON (and log) each into the folder $1, each under its own time limit
 # so that one slow compile cannot cost the others. SMALL=1 runs the CPU smoke sizes instead.
 #   bash bench/run_all.sh bench/out        (the digits accuracy guard needs DIGITS_WEIGHTS=<folder>, see digits_accuracy.py)
+# EDM_VARIANTS picks edm_sampling.py's variants (default authors,fast); *_LIMIT the time limits (DIT_LIMIT=0 skips DiT).
 set -u
 out=$(realpath -m "${1:-bench/out}")
 mkdir -p "$out"
@@ -28,7 +29,8 @@ if [ "${SMALL:-0}" = 1 ]; then
 else
     # The accuracy guard times nothing and its 8x8 networks barely load the GPU: it runs beside the timed benchmarks.
     [ -n "${DIGITS_WEIGHTS:-}" ] && run digits_accuracy "${DIGITS_LIMIT:-240}" digits_accuracy.py --weights "$DIGITS_WEIGHTS" &
-    run edm_sampling "${EDM_LIMIT:-200}" edm_sampling.py --batch 512 --repeats 1 --variants authors,fast --components --profile
+    run edm_sampling "${EDM_LIMIT:-200}" edm_sampling.py --batch 512 --repeats 1 --variants "${EDM_VARIANTS:-authors,fast}" \
+        --components --profile
     run discriminator_training "${TRAIN_LIMIT:-150}" discriminator_training.py --batches 128,512 --steps 50 --profile
     [ "${DIT_LIMIT:-150}" -gt 0 ] && run dit_sampling "${DIT_LIMIT:-150}" dit_sampling.py --batch 64 --steps 10
     wait

@@ -6,35 +6,44 @@ is the plain float32 path; `Accel.gpu()` is the fast path measured in bench/.
 """
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+ATTENTION_BACKENDS = {None: None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                      "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+GUIDANCE_GRAPHS = ("network", "joint")
 
 
 @dataclass(frozen=True)
 class Accel:
     """How networks run: autocast dtype (None | bf16 | fp16), channels_last, torch.compile mode (None: eager), TF32,
-    cuDNN autotuning of the convolution algorithms for the fixed shapes of sampling and training."""
+    cuDNN autotuning of the convolution algorithms for the fixed shapes of sampling and training, the
+    scaled_dot_product_attention backend (None: PyTorch's choice), and what a compiled guidance term compiles:
+    "network" (the network's forward; autograd takes the input gradient) or "joint" (the log density and its input
+    gradient traced together by torch.func.grad_and_value, one graph for forward and backward)."""
 
     autocast: str | None = None
     channels_last: bool = False
     compile: str | None = None
     tf32: bool = False
     cudnn_benchmark: bool = False
+    attention: str | None = None
+    guidance_graph: str = "network"
 
     def __post_init__(self):
-        if self.autocast not in AUTOCAST_DTYPES:
-            raise ValueError(f"accel.autocast must be one of {list(AUTOCAST_DTYPES)}, got {self.autocast!r}")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"accel.compile must be one of {list(COMPILE_MODES)}, got {self.compile!r}")
+        for key, allowed in (("autocast", AUTOCAST_DTYPES), ("compile", COMPILE_MODES),
+                             ("attention", ATTENTION_BACKENDS), ("guidance_graph", GUIDANCE_GRAPHS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"accel.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
 
     @property
     def is_plain(self):
         """True for the plain float32 eager path (TF32 and cuDNN autotuning aside: process-wide, see set_backends)."""
-        return self.autocast is None and not self.channels_last and self.compile is None
+        return self.autocast is None and not self.channels_last and self.compile is None and self.attention is None
 
     @classmethod
     def gpu(cls, compile="default"):
@@ -56,6 +65,12 @@ def autocast(device_type: str, accel: Accel):
     return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+def attention_backend(accel: Accel):
+    """The context that restricts scaled_dot_product_attention to accel.attention's backend (a null context for None)."""
+    backend = ATTENTION_BACKENDS[accel.attention]
+    return sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
+
+
 def prepare(net: torch.nn.Module, accel: Accel):
     """net made ready in place for `accel`: channels_last weights, and a torch.compile'd forward (static shapes).
 
@@ -64,16 +79,27 @@ def prepare(net: torch.nn.Module, accel: Accel):
     """
     if accel.channels_last:
         net.to(memory_format=torch.channels_last)
-    if accel.compile is not None and getattr(net, "_compiled_call_impl", None) is None:  # not compiled yet
-        net.compile(mode=None if accel.compile == "default" else accel.compile, dynamic=False)
+    if accel.compile is not None and not is_compiled(net):
+        net.compile(mode=compile_mode(accel.compile), dynamic=False)
     return net
 
 
+def is_compiled(net: torch.nn.Module):
+    """True when net.compile() has been called on this module (its forward runs through torch.compile)."""
+    return getattr(net, "_compiled_call_impl", None) is not None
+
+
+def compile_mode(name: str):
+    """torch.compile's mode argument for one of COMPILE_MODES ("default" is torch's None)."""
+    return None if name == "default" else name
+
+
 def run(net, accel: Accel, x, *args, **kwargs):
-    """net(x, *args) under autocast, with a 4-D input x in channels_last; a floating output returned as float32."""
+    """net(x, *args) under autocast and the attention backend, with a 4-D input x in channels_last; a floating output
+    returned as float32."""
     if accel.channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(x.device.type, accel):
+    with autocast(x.device.type, accel), attention_backend(accel):
         out = net(x, *args, **kwargs)
     return out.float() if out.is_floating_point() else out
 
@@ -92,3 +118,13 @@ class Accelerated(torch.nn.Module):
 def accelerate(net: torch.nn.Module, accel: Accel):
     """net wrapped to run as `accel` says; the plain float32 path returns net itself."""
     return net if accel.is_plain else Accelerated(net, accel)
+
+
+def accelerate_for_guidance(net: torch.nn.Module, accel: Accel):
+    """(net wrapped as `accel` says for use inside a guidance term, the compile mode of the guidance's joint graph or
+    None). With guidance_graph="joint" the network itself stays eager and the guidance compiles the log density
+    together with its input gradient; a network compiled already (the discriminator in training) keeps its graph."""
+    joint = accel.guidance_graph == "joint" and accel.compile is not None and not is_compiled(net)
+    if not joint:
+        return accelerate(net, accel), None
+    return accelerate(net, replace(accel, compile=None)), accel.compile

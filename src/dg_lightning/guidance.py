@@ -7,9 +7,12 @@ It is evaluated in the sampler's own coordinates: EDM's x (x_vp = x / sqrt(1 + s
 or DDPM's x_k (already VP). Autograd through the scaling gives grad_x = grad_{x_vp} / sqrt(1 + sigma^2).
 Only the input is differentiated (autograd.grad w.r.t. x): no parameter gradient is accumulated, so a
 discriminator can be used for guidance in the middle of its own training (the sampling callback).
+With `compile`, L and its input gradient are traced together (torch.func.grad_and_value) and compiled as one graph.
 """
 
 import torch
+
+from dg_lightning.accel import compile_mode
 
 from dg_lightning.sde import LinearVP
 
@@ -31,17 +34,38 @@ def value_and_input_grad(log_density, x):
     return value.detach(), grad
 
 
-class GradientGuidance:
-    """A log density in VP coordinates, active per sample on the VP-time window [t_min, t_max]."""
+def functional_value_and_input_grad(log_density, x):
+    """value_and_input_grad by torch.func.grad_and_value: forward and backward are one traceable function of x."""
+    def summed(x_):
+        value = log_density(x_)
+        return value.sum(), value
 
-    def __init__(self, t_min=0.0, t_max=1.0, vp: LinearVP = LinearVP()):
+    grad, (_, value) = torch.func.grad_and_value(summed, has_aux=True)(x)
+    return value, grad
+
+
+class GradientGuidance:
+    """A log density in VP coordinates, active per sample on the VP-time window [t_min, t_max]; with `compile` (a
+    torch.compile mode of accel.COMPILE_MODES) L and its input gradient run as one compiled graph."""
+
+    def __init__(self, t_min=0.0, t_max=1.0, vp: LinearVP = LinearVP(), compile=None):
         if not 0.0 <= t_min < t_max:
             raise ValueError(f"guidance window needs 0 <= t_min < t_max, got t_min={t_min}, t_max={t_max}")
         self.t_min, self.t_max, self.vp = t_min, t_max, vp
+        self._value_and_grad = self._scaled_value_and_grad if compile is None else torch.compile(
+            self._scaled_functional_value_and_grad, mode=compile_mode(compile), dynamic=False)
 
     def log_density(self, x_vp, tau, class_labels):
         """Per-sample log density L(x_vp, tau, y) of shape (B,)."""
         raise NotImplementedError
+
+    def _scaled_value_and_grad(self, x, scale, tau, class_labels):
+        """(L(x * scale, tau, y), its gradient w.r.t. x) by autograd: x is the sampler's coordinates, x * scale VP's."""
+        return value_and_input_grad(lambda x_: self.log_density(x_ * scale, tau, class_labels), x)
+
+    def _scaled_functional_value_and_grad(self, x, scale, tau, class_labels):
+        """_scaled_value_and_grad by torch.func (the function that `compile` compiles)."""
+        return functional_value_and_input_grad(lambda x_: self.log_density(x_ * scale, tau, class_labels), x)
 
     def in_window(self, tau):
         """Per-sample mask: is tau inside [t_min, t_max]?"""
@@ -71,7 +95,7 @@ class GradientGuidance:
         if self._outside(tau, None if host_sigma is None else self.vp.tau_from_edm_sigma(host_sigma)):
             return torch.full_like(sigma, float("inf")), torch.zeros_like(x)
         scale = self.vp.edm_to_vp_scale(sigma).view((-1,) + (1,) * (x.ndim - 1))
-        value, grad = value_and_input_grad(lambda x_: self.log_density(x_ * scale, tau, class_labels), x.float())
+        value, grad = self._value_and_grad(x.float(), scale, tau, class_labels)
         return self._masked(value, grad.to(x.dtype), tau)
 
     def vp_coordinates(self, x_vp, tau, class_labels=None):
@@ -79,15 +103,16 @@ class GradientGuidance:
         tau, host_tau = self._per_sample(tau, x_vp)
         if self._outside(tau, host_tau):
             return torch.full_like(tau, float("inf")), torch.zeros_like(x_vp)
-        value, grad = value_and_input_grad(lambda x_: self.log_density(x_, tau, class_labels), x_vp.float())
+        value, grad = self._value_and_grad(x_vp.float(), torch.ones_like(tau).view((-1,) + (1,) * (x_vp.ndim - 1)),
+                                           tau, class_labels)
         return self._masked(value, grad.to(x_vp.dtype), tau)
 
 
 class DiscriminatorGuidance(GradientGuidance):
     """Discriminator Guidance: L = log(d / (1 - d)) of a discriminator returning logits (x_vp, tau, y) -> (B,)."""
 
-    def __init__(self, discriminator, t_min=0.01, t_max=1.0, clip=None, vp: LinearVP = LinearVP()):
-        super().__init__(t_min, t_max, vp)
+    def __init__(self, discriminator, t_min=0.01, t_max=1.0, clip=None, vp: LinearVP = LinearVP(), compile=None):
+        super().__init__(t_min, t_max, vp, compile)
         self.discriminator, self.clip = discriminator, clip
 
     def log_density(self, x_vp, tau, class_labels):
@@ -98,8 +123,8 @@ class DiscriminatorGuidance(GradientGuidance):
 class ClassifierGuidance(GradientGuidance):
     """Classifier guidance: L = log softmax(classifier(x_vp, tau))[y] for a noise-aware classifier."""
 
-    def __init__(self, classifier, t_min=0.0, t_max=1.0, vp: LinearVP = LinearVP()):
-        super().__init__(t_min, t_max, vp)
+    def __init__(self, classifier, t_min=0.0, t_max=1.0, vp: LinearVP = LinearVP(), compile=None):
+        super().__init__(t_min, t_max, vp, compile)
         self.classifier = classifier
 
     def log_density(self, x_vp, tau, class_labels):

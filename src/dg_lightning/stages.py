@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from dg_lightning.accel import Accel, accelerate, set_backends
+from dg_lightning.accel import Accel, accelerate_for_guidance, set_backends
 from dg_lightning.callbacks import EpochSeed
 from dg_lightning.config import ConfigError
 from dg_lightning.data import ArraySource, RealFakeDataModule
@@ -80,7 +80,8 @@ def build_accel(cfg: DictConfig):
 def dg_guidance(cfg: DictConfig, discriminator):
     """DiscriminatorGuidance over cfg.guidance.dg's window and clipping, the discriminator run as cfg.accel says."""
     dg = cfg.guidance.dg
-    return DiscriminatorGuidance(accelerate(discriminator, build_accel(cfg)), t_min=dg.t_min, t_max=dg.t_max, clip=dg.clip)
+    net, joint_compile = accelerate_for_guidance(discriminator, build_accel(cfg))
+    return DiscriminatorGuidance(net, t_min=dg.t_min, t_max=dg.t_max, clip=dg.clip, compile=joint_compile)
 
 
 def build_loggers(cfg: DictConfig):
