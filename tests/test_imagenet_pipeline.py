@@ -3,22 +3,19 @@ the released formats (a DiT state dict, the latent ADM classifier, an image fold
 stand-in autoencoder of tests/standin_vae.py. Missing or empty inputs stop the run before any compute; a missing latent
 classifier is trained first (discriminator.classifier.train_if_missing)."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import standin_vae
 import torch
+from imagenet_fixtures import CLASSES, Smoke, seeded, write_images_and_reference
 from netutils import randomized_zeros
 from omegaconf import OmegaConf
-from PIL import Image
-from test_run import run_py
 
 from dg_lightning import checkpoints
 from dg_lightning.config import ConfigError
 from dg_lightning.ddpm import DDPMSchedule, ddpm_sampler
-from dg_lightning.evaluation import PooledPixels
 from dg_lightning.generate import SampleNoise
 from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.imagenet import dit_sample_fn
@@ -27,93 +24,47 @@ from dg_lightning.pipeline import run
 
 TESTS = Path(__file__).resolve().parent
 SMOKE = OmegaConf.load(TESTS.parent / "conf" / "smoke" / "imagenet.yaml")
-EXPERIMENT = "imagenet_dit_g++"
-CLASSES = ("n01440764", "n01443537", "n01484850")
-NUM_REFERENCE = 24
+STANDIN = ("score.vae._target_=standin_vae.load", "data.vae._target_=standin_vae.load")
+PIPELINE = Smoke("imagenet_dit_g++", "imagenet", 256, SMOKE.metrics.num_samples, STANDIN)
 
 
 def tiny_dit():
-    return randomized_zeros(dit_nets.DiT(input_size=32, num_classes=1000, **SMOKE.score.overrides))
+    return randomized_zeros(seeded(lambda: dit_nets.DiT(input_size=32, num_classes=1000, **SMOKE.score.overrides)))
 
 
 def write_released_files(folder):
     """The tiny released files under their released names, plus a class-folder image set of odd sizes."""
     folder.mkdir(exist_ok=True)
     torch.save(tiny_dit().state_dict(), folder / "DiT-XL-2-256x256.pt")
-    overrides = OmegaConf.to_container(SMOKE.discriminator.classifier.overrides)
-    torch.save(randomized_zeros(checkpoints.ADM_CLASSIFIERS["latent"].build(**overrides)).state_dict(),
-               folder / "32x32_classifier.pt")
+    classifier = seeded(lambda: checkpoints.ADM_CLASSIFIERS["latent"].build(**SMOKE.discriminator.classifier.overrides))
+    torch.save(randomized_zeros(classifier).state_dict(), folder / "32x32_classifier.pt")
     standin_vae.write(folder / "sd-vae-ft-mse", seed=0)
     standin_vae.write(folder / "sd-vae-ft-ema", seed=1)
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(CLASSES):
-        (folder / "imagenet" / "train" / name).mkdir(parents=True)
-        for j in range(4):
-            pixels = rng.integers(0, 256, (200 + 40 * j, 256 + 100 * c, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(folder / "imagenet" / "train" / name / f"{name}_{j}.JPEG", quality=95)
-    images = rng.integers(0, 256, (NUM_REFERENCE, 256, 256, 3), dtype=np.uint8)
-    with torch.no_grad():
-        pool, spatial, _ = PooledPixels()(torch.from_numpy(images).permute(0, 3, 1, 2))
-    pool, spatial = pool.double().numpy(), spatial.double().numpy()
-    np.savez(folder / "VIRTUAL_imagenet256_labeled.npz", arr_0=images, mu=pool.mean(0), sigma=np.cov(pool, rowvar=False),
-             mu_s=spatial.mean(0), sigma_s=np.cov(spatial, rowvar=False))
+    write_images_and_reference(folder, height=(200, 40), width=(256, 100), reference_size=256)
     return folder
-
-
-STANDIN = ["score.vae._target_=standin_vae.load", "data.vae._target_=standin_vae.load"]
-
-
-def overrides(released, *more):
-    return [f"experiment={EXPERIMENT}", "+smoke=imagenet", f"paths.released_dir={released}", *STANDIN, *more]
-
-
-def cache(tmp_path, stage):
-    return sorted((tmp_path / "logs" / "cache" / EXPERIMENT).glob(f"{stage}-*"))
 
 
 @pytest.mark.slow
 def test_smoke_runs_every_stage_exports_and_dg_weight_zero_is_unguided(tmp_path, compose_cfg, monkeypatch):
     released = write_released_files(tmp_path / "released")
     monkeypatch.setenv("PYTHONPATH", str(TESTS))
-    run_py(tmp_path, *overrides(released))
-
-    (run_dir,) = (tmp_path / "logs" / EXPERIMENT / "runs").iterdir()
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    names = ("fid", "sfid", "is", "precision", "recall")
-    assert set(metrics) == {f"{p}/{k}" for p in ("eval", "eval_unguided") for k in names}
-    assert all(np.isfinite(v) for v in metrics.values())
-    for prefix in ("eval", "eval_unguided"):
-        assert 0 <= metrics[f"{prefix}/precision"] <= 1 and 0 <= metrics[f"{prefix}/recall"] <= 1
-        assert 1 <= metrics[f"{prefix}/is"] <= PooledPixels.num_features
-        assert metrics[f"{prefix}/fid"] > 0 and metrics[f"{prefix}/sfid"] > 0
-    assert metrics["eval/fid"] != metrics["eval_unguided/fid"]  # DG changed the samples
-
-    # The evaluator's sample batches: arr_0 uint8 NHWC at data.image_size, arr_1 the per-sample labels.
-    with np.load(run_dir / "eval_samples.npz") as npz:
-        assert sorted(npz.files) == ["arr_0", "arr_1"]
-        assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (SMOKE.metrics.num_samples, 256, 256, 3)
-        assert npz["arr_1"].dtype == np.int64 and 0 <= npz["arr_1"].min() and npz["arr_1"].max() < 1000
-        dg_labels = npz["arr_1"]
-    with np.load(run_dir / "eval_unguided_samples.npz") as npz:
-        assert np.array_equal(npz["arr_1"], dg_labels)  # same seeds, same labels
+    _, metrics = PIPELINE.run_every_stage(tmp_path, released)
 
     # Stage outputs: real latents labelled by class folder, fakes as latents with labels.
-    (real,) = cache(tmp_path, "encode")
+    (real,) = PIPELINE.cache(tmp_path, "encode")
     shard = np.load(real / "shard-000000.npz")
     assert shard["samples"].dtype == np.float32 and shard["samples"].shape == (4 * len(CLASSES), 4, 32, 32)
     assert np.array_equal(shard["labels"], np.repeat(np.arange(len(CLASSES)), 4))
-    (fakes,) = cache(tmp_path, "generate")
+    (fakes,) = PIPELINE.cache(tmp_path, "generate")
     shard = np.load(fakes / "shard-000000.npz")
     assert shard["samples"].shape == (SMOKE.data.num_fake, 4, 32, 32) and len(set(shard["labels"])) > 1
 
     # A DG weight of 0 gives exactly the unguided samples and metrics, reusing the latents, fakes and head.
-    zero = run(compose_cfg(*overrides(released, "logger=csv", "guidance.dg.weight=0")))
-    assert all(zero[f"eval/{k}"] == zero[f"eval_unguided/{k}"] == metrics[f"eval_unguided/{k}"] for k in names)
-    assert len(cache(tmp_path, "encode")) == len(cache(tmp_path, "generate")) == len(cache(tmp_path, "train")) == 1
+    PIPELINE.check_dg_weight_zero_is_the_baseline(tmp_path, compose_cfg, released, metrics)
 
 
 def test_sampler_wiring_matches_ddpm_sampler_with_the_dit_g_plus_plus_schedule(tmp_path, compose_cfg):
-    cfg = compose_cfg(*overrides(tmp_path, "sampler.respacing=25"))
+    cfg = compose_cfg(*PIPELINE.overrides(tmp_path, "sampler.respacing=25"))
     net = tiny_dit().eval()
     discriminator = checkpoints.adm.Discriminator(
         randomized_zeros(checkpoints.ADM_CLASSIFIERS["latent"].build(**cfg.discriminator.classifier.overrides)),
@@ -151,25 +102,23 @@ def test_a_missing_released_file_stops_the_run_before_any_compute(tmp_path, comp
         path.rmdir()
     else:
         path.unlink()
-    with pytest.raises(ConfigError, match=rf"config key '{key}': .*{remove} does not exist.*download it from"):
-        run(compose_cfg(*overrides(released, "logger=csv", *more)))
-    assert not (tmp_path / "logs" / "cache").exists()
+    PIPELINE.check_stops_before_any_compute(tmp_path, compose_cfg, released,
+                                            rf"config key '{key}': .*{remove} does not exist.*download it from", *more)
 
 
 def test_an_empty_image_folder_stops_the_run_before_any_compute(tmp_path, compose_cfg):
     released = write_released_files(tmp_path / "released")
     for image in (released / "imagenet" / "train").rglob("*.JPEG"):
         image.unlink()
-    with pytest.raises(ConfigError, match=r"config key 'data.image_dir': .*not a folder of class subfolders with images"):
-        run(compose_cfg(*overrides(released, "logger=csv")))
-    assert not (tmp_path / "logs" / "cache").exists()
+    PIPELINE.check_stops_before_any_compute(tmp_path, compose_cfg, released,
+                                            r"config key 'data.image_dir': .*not a folder of class subfolders with images")
 
 
 def test_a_missing_latent_classifier_is_trained_on_the_real_latents_and_used_by_the_head(tmp_path, compose_cfg):
     released = write_released_files(tmp_path / "released")
     (released / "32x32_classifier.pt").unlink()
-    run(compose_cfg(*overrides(released, "logger=csv", "stage=train")))
-    (folder,) = cache(tmp_path, "pretrain_classifier")
+    run(compose_cfg(*PIPELINE.overrides(released, "logger=csv", "stage=train")))
+    (folder,) = PIPELINE.cache(tmp_path, "pretrain_classifier")
     weights = torch.load(folder / "classifier.pt", weights_only=True)
     trained = checkpoints.load_adm_classifier(folder / "classifier.pt", "latent", **SMOKE.discriminator.classifier.overrides)
     torch.manual_seed(0)  # the stage's initialisation: build_network seeds with cfg.seed = 0
@@ -178,27 +127,27 @@ def test_a_missing_latent_classifier_is_trained_on_the_real_latents_and_used_by_
     assert trained.feature_channels == SMOKE.discriminator.head.in_channels
 
     # The head was trained on the features of exactly that classifier, read from the stage's file.
-    (train,) = cache(tmp_path, "train")
+    (train,) = PIPELINE.cache(tmp_path, "train")
     discriminator = torch.load(train / "discriminator.pt", weights_only=True)
     assert all(torch.equal(discriminator[f"feature_extractor.{k}"], v) for k, v in weights.items())
-    assert not cache(tmp_path, "sample_dg")
+    assert not PIPELINE.cache(tmp_path, "sample_dg")
 
     # A released head cannot sit on a classifier trained here.
     head = released / "discriminator_7.pt"
     torch.save(randomized_zeros(checkpoints.adm.dg_head(96, 1000), seed=1).state_dict(), head)
     with pytest.raises(ConfigError, match=r"config key 'discriminator.classifier.path': .*trained on the released "
                                           r"classifier's features"):
-        run(compose_cfg(*overrides(released, "logger=csv", f"discriminator.head_path={head}")))
+        run(compose_cfg(*PIPELINE.overrides(released, "logger=csv", f"discriminator.head_path={head}")))
 
 
 def test_guiding_with_a_released_head_needs_no_images_fakes_or_training(tmp_path, compose_cfg):
     released = write_released_files(tmp_path / "released")
     head = released / "discriminator_7.pt"
     torch.save(randomized_zeros(checkpoints.adm.dg_head(96, 1000), seed=1).state_dict(), head)
-    metrics = run(compose_cfg(*overrides(released, "logger=csv", f"discriminator.head_path={head}",
+    metrics = run(compose_cfg(*PIPELINE.overrides(released, "logger=csv", f"discriminator.head_path={head}",
                                          "trainer.max_epochs=0", "data.image_dir=null", "data.vae.path=null")))
     assert np.isfinite(metrics["eval/fid"]) and metrics["eval/fid"] != metrics["eval_unguided/fid"]
-    assert not cache(tmp_path, "encode") and not cache(tmp_path, "generate") and not cache(tmp_path, "train")
+    assert not any(PIPELINE.cache(tmp_path, stage) for stage in ("encode", "generate", "train"))
 
 
 def test_load_dit_is_strict_and_names_the_file_and_architecture(tmp_path):

@@ -45,7 +45,8 @@ from dg_lightning.latents import (
     encode_image_folder,
     round_trip,
 )
-from dg_lightning.pipeline import edm_discriminator, require_released
+from dg_lightning.nets.unet import adm256_cond
+from dg_lightning.pipeline import check_discriminator_config, edm_discriminator, require_released
 from dg_lightning.pretrain import NoisyClassifierModule, clean_loader
 from dg_lightning.sources import IMAGE_SUFFIXES, shard_source
 from dg_lightning.stages import (
@@ -97,20 +98,13 @@ def _trains_classifier(cfg: DictConfig):
 
 
 def check_common(cfg: DictConfig):
-    """ConfigError before any compute for inconsistent conditioning, a bad DDPM schedule, no discriminator to guide
-    with, or no (or an empty) image folder to train on (both ImageNet pipelines)."""
-    d = cfg.discriminator
-    if d.conditional != (d.head.num_classes is not None):
-        raise ConfigError("discriminator.head.num_classes", f"is {d.head.num_classes} but discriminator.conditional is "
-                          f"{d.conditional}", "DG's ImageNet heads are conditional with num_classes=1000")
+    """ConfigError before any compute for check_discriminator_config's problems, a bad DDPM schedule, or no (or an
+    empty) image folder to train on (both ImageNet pipelines)."""
+    check_discriminator_config(cfg, "discriminator_7.pt")
     try:
         DDPMSchedule(cfg.sampler.num_timesteps, str(cfg.sampler.respacing))
     except ValueError as exc:
         raise ConfigError("sampler.respacing", str(exc), "use e.g. 250 of num_timesteps=1000") from exc
-    if cfg.trainer.max_epochs == 0 and d.head_path is None:
-        raise ConfigError("trainer.max_epochs", "is 0 (train nothing) but discriminator.head_path is null, so there is no "
-                          "discriminator to guide with", "give a released head (discriminator.head_path=.../"
-                          "discriminator_7.pt) or train one (trainer.max_epochs > 0)")
     if cfg.trainer.max_epochs != 0:
         image_dir = cfg.data.image_dir
         if image_dir is None or not Path(image_dir).is_dir() or not any(
@@ -144,6 +138,27 @@ def sample_to(cfg: DictConfig, sample_fn, folder, num_samples, base_seed, keys, 
              num_classes=cfg.data.num_classes, out_shape=(3, size, size) if images else None,
              dtype="uint8" if images else "float32", fingerprint=fingerprint(cfg, keys), device=device)
     return folder
+
+
+def sample_and_evaluate(cfg: DictConfig, build_sample_fn, discriminator, sample_keys, fake_keys, shape, stop, loggers,
+                        device):
+    """Stages sample (stop >= 3) and evaluate (stop >= 4) of both ImageNet pipelines: uint8 samples of generate's
+    sample_fn build_sample_fn(discriminator) (G++, DG on) and build_sample_fn(None) (the baseline, DG off) from the
+    same seeds and labels, each built right before it samples; then evaluate_folders. Writes metrics.json, closes the
+    loggers and returns the metrics; sample_keys determine the baseline's samples, fake_keys the fakes the head saw."""
+    m, out_dir, metrics = cfg.metrics, Path(cfg.paths.output_dir), {}
+    if stop >= 3:
+        discriminator.to(device).eval().requires_grad_(False)
+        guided_keys = [*sample_keys, *train_keys(fake_keys), "guidance"]
+        folders = {prefix: sample_to(cfg, build_sample_fn(guide), stage_dir(cfg, stage, keys), m.num_samples,
+                                     m.sampling_seed, keys, shape, True, device)
+                   for prefix, stage, keys, guide in (("eval", "sample_dg", guided_keys, discriminator),
+                                                      ("eval_unguided", "sample_unguided", sample_keys, None))}
+        if stop >= 4:
+            metrics.update(evaluate_folders(cfg, folders, out_dir, device))
+    write_metrics(out_dir, metrics)
+    finish_loggers(loggers, metrics)
+    return metrics
 
 
 def encode_real(cfg: DictConfig, encoder, device):
@@ -243,14 +258,15 @@ def run_imagenet(cfg: DictConfig):
     same seeds at equal steps, decoded -> FID, sFID, IS, precision, recall against ADM's reference batch, and the
     samples exported as evaluator npz files."""
     check_imagenet_config(cfg)
-    d, m, s = cfg.data, cfg.metrics, cfg.score
-    stop, out_dir, metrics, loggers, device = _stop(cfg), Path(cfg.paths.output_dir), {}, build_loggers(cfg), _device(cfg)
+    d, s = cfg.data, cfg.score
+    stop, loggers, device = _stop(cfg), build_loggers(cfg), _device(cfg)
     dit = load_dit(s.checkpoint, s.model, s.input_size, d.num_classes, in_channels=s.in_channels,
                    **OmegaConf.to_container(s.overrides, resolve=True)).to(device)
     decoder = LatentAutoencoder(instantiate(s.vae)).to(device)
     shape = (s.in_channels, s.input_size, s.input_size)
 
-    if cfg.trainer.max_epochs != 0:  # else: the released head as it is, no real latents or fakes needed
+    discriminator = None
+    if cfg.trainer.max_epochs != 0:
         encoder = LatentAutoencoder(instantiate(d.vae)).to(device)
         real = encode_real(cfg, encoder, device)
         if stop >= 1:
@@ -261,24 +277,10 @@ def run_imagenet(cfg: DictConfig):
             cfg = with_latent_classifier(cfg, real)
             fake = shard_source(fake_dir, name=f"fake latents in {fake_dir}")
             discriminator = train_discriminator(cfg, real, fake, edm_discriminator(cfg), loggers, train_keys(FAKE_KEYS))
-    if stop >= 3:
-        if cfg.trainer.max_epochs == 0:
-            discriminator = edm_discriminator(cfg)
-        discriminator.to(device).eval().requires_grad_(False)
-        guided_keys = [*SAMPLE_KEYS, *train_keys(FAKE_KEYS), "guidance"]
-        folders = {
-            "eval": sample_to(cfg, dit_sample_fn(cfg, dit, discriminator, decoder=decoder),
-                              stage_dir(cfg, "sample_dg", guided_keys), m.num_samples, m.sampling_seed, guided_keys,
-                              shape, True, device),
-            "eval_unguided": sample_to(cfg, dit_sample_fn(cfg, dit, decoder=decoder),
-                                       stage_dir(cfg, "sample_unguided", SAMPLE_KEYS), m.num_samples, m.sampling_seed,
-                                       SAMPLE_KEYS, shape, True, device),
-        }
-    if stop >= 4:
-        metrics.update(evaluate_folders(cfg, folders, out_dir, device))
-    write_metrics(out_dir, metrics)
-    finish_loggers(loggers, metrics)
-    return metrics
+    elif stop >= 3:  # the released head as it is, no real latents or fakes needed
+        discriminator = edm_discriminator(cfg)
+    return sample_and_evaluate(cfg, lambda guide: dit_sample_fn(cfg, dit, guide, decoder=decoder), discriminator,
+                               SAMPLE_KEYS, FAKE_KEYS, shape, stop, loggers, device)
 
 
 # --- ADM-G++ ---
@@ -292,9 +294,20 @@ def adm_released_files(cfg: DictConfig):
     return files
 
 
+def adm_image_sizes(cfg: DictConfig):
+    """{config key: the image size of the network its file is loaded into}: the UNet of load_adm_unet and the
+    classifier of edm_discriminator, built from score.overrides and discriminator.classifier on the meta device (their
+    architectures alone: no file read, no weights allocated)."""
+    c = cfg.discriminator.classifier
+    with torch.device("meta"):
+        unet = adm256_cond(**OmegaConf.to_container(cfg.score.overrides, resolve=True))
+        classifier = ADM_CLASSIFIERS[c.config].build(**OmegaConf.to_container(c.overrides, resolve=True))
+    return {"score.checkpoint": unet.image_size, "discriminator.classifier.path": classifier.image_size}
+
+
 def check_adm_config(cfg: DictConfig):
-    """ConfigError before any compute for check_common's problems, negative guidance scales, a non-positive DG boost
-    or a missing released file."""
+    """ConfigError before any compute for check_common's problems, negative guidance scales, a non-positive DG boost,
+    a UNet or classifier on another image size than data.image_size, or a missing released file."""
     check_common(cfg)
     s = cfg.sampler
     for key, value in (("sampler.cg_scale", s.cg_scale), ("sampler.cg_scale_late", s.cg_scale_late),
@@ -304,6 +317,11 @@ def check_adm_config(cfg: DictConfig):
     if s.dg_boost <= 0:
         raise ConfigError("sampler.dg_boost", f"must be > 0, got {s.dg_boost}", "1 is no boost; the paper's ADM-G++ uses "
                           "1 / 0.75 = 1.3333")
+    for key, size in adm_image_sizes(cfg).items():
+        if size != cfg.data.image_size:
+            raise ConfigError(key, f"{OmegaConf.select(cfg, key)} is loaded into a network on {size}x{size} images but "
+                              f"data.image_size is {cfg.data.image_size}", "use the 256x256 files with "
+                              "data.image_size=256")
     require_released(cfg, adm_released_files(cfg))
 
 
@@ -337,16 +355,11 @@ def run_imagenet_adm(cfg: DictConfig):
     conditional DG head on the 256 classifier's 512x8x8 features -> ADM-G++ (CG + DG with Table D.1's schedules)
     and ADM-G (the same CG, no DG) from the same seeds at equal steps -> ADM's evaluation, as run_imagenet."""
     check_adm_config(cfg)
-    d, m = cfg.data, cfg.metrics
-    stop, out_dir, metrics, loggers, device = _stop(cfg), Path(cfg.paths.output_dir), {}, build_loggers(cfg), _device(cfg)
+    d = cfg.data
+    stop, loggers, device = _stop(cfg), build_loggers(cfg), _device(cfg)
     model = load_adm_unet(cfg.score.checkpoint, **OmegaConf.to_container(cfg.score.overrides, resolve=True)).to(device)
     discriminator = edm_discriminator(cfg).to(device)
     classifier = discriminator.feature_extractor  # the whole 256 classifier: its logits guide, its features feed DG
-    sizes = {"score.checkpoint": model.image_size, "discriminator.classifier.path": classifier.image_size}
-    for key, size in sizes.items():
-        if size != d.image_size:
-            raise ConfigError(key, f"{OmegaConf.select(cfg, key)} works on {size}x{size} images but data.image_size is "
-                              f"{d.image_size}", "use the 256x256 files with data.image_size=256")
     shape = (3, d.image_size, d.image_size)
 
     if cfg.trainer.max_epochs != 0:  # else: the released head as it is, no real images or fakes needed
@@ -358,19 +371,5 @@ def run_imagenet_adm(cfg: DictConfig):
         if stop >= 2:
             fake = shard_source(fake_dir, name=f"fake images in {fake_dir}")
             discriminator = train_discriminator(cfg, real, fake, discriminator, loggers, train_keys(ADM_FAKE_KEYS))
-    if stop >= 3:
-        discriminator.to(device).eval().requires_grad_(False)
-        guided_keys = [*ADM_SAMPLE_KEYS, *train_keys(ADM_FAKE_KEYS), "guidance"]
-        folders = {
-            "eval": sample_to(cfg, adm_sample_fn(cfg, model, classifier, discriminator),
-                              stage_dir(cfg, "sample_dg", guided_keys), m.num_samples, m.sampling_seed, guided_keys,
-                              shape, True, device),
-            "eval_unguided": sample_to(cfg, adm_sample_fn(cfg, model, classifier),
-                                       stage_dir(cfg, "sample_unguided", ADM_SAMPLE_KEYS), m.num_samples,
-                                       m.sampling_seed, ADM_SAMPLE_KEYS, shape, True, device),
-        }
-    if stop >= 4:
-        metrics.update(evaluate_folders(cfg, folders, out_dir, device))
-    write_metrics(out_dir, metrics)
-    finish_loggers(loggers, metrics)
-    return metrics
+    return sample_and_evaluate(cfg, lambda guide: adm_sample_fn(cfg, model, classifier, guide), discriminator,
+                               ADM_SAMPLE_KEYS, ADM_FAKE_KEYS, shape, stop, loggers, device)

@@ -349,21 +349,27 @@ def require_released(cfg: DictConfig, files):
                               f"paths.released_dir ({OmegaConf.select(cfg, 'paths.released_dir')}) or set {key}=/path/to/it")
 
 
-def check_edm_config(cfg: DictConfig):
-    """ConfigError before any compute for an unknown classifier, inconsistent conditioning, no discriminator to guide
-    with, no real data to train on, or a missing released file (naming the key, the file and where to get it)."""
+def check_discriminator_config(cfg: DictConfig, released_head):
+    """ConfigError for an unknown ADM classifier, a head whose num_classes disagrees with discriminator.conditional, or
+    no discriminator to guide with (trainer.max_epochs=0 and no head_path; released_head names the file to give)."""
     d = cfg.discriminator
     if d.classifier.config not in ADM_CLASSIFIERS:
         raise ConfigError("discriminator.classifier.config", f"unknown ADM classifier {d.classifier.config!r}",
-                          f"use one of {sorted(ADM_CLASSIFIERS)} (cifar10: DG's 32x32_classifier.pt, adm64: ADM's 64x64)")
+                          f"use one of {sorted(ADM_CLASSIFIERS)}")
     if d.conditional != (d.head.num_classes is not None):
         raise ConfigError("discriminator.head.num_classes", f"is {d.head.num_classes} but discriminator.conditional is "
                           f"{d.conditional}", "a conditional head takes num_classes=1000 (the released layout), an "
                           "unconditional one null")
     if cfg.trainer.max_epochs == 0 and d.head_path is None:
         raise ConfigError("trainer.max_epochs", "is 0 (train nothing) but discriminator.head_path is null, so there is no "
-                          "discriminator to guide with", "give a released head (discriminator.head_path=.../discriminator_60.pt) "
+                          "discriminator to guide with", f"give a released head (discriminator.head_path=.../{released_head}) "
                           "or train one (trainer.max_epochs > 0)")
+
+
+def check_edm_config(cfg: DictConfig):
+    """ConfigError before any compute for check_discriminator_config's problems, no real data to train on, or a
+    missing released file (naming the key, the file and where to get it)."""
+    check_discriminator_config(cfg, "discriminator_60.pt")
     if cfg.trainer.max_epochs != 0 and cfg.data.path is None:
         raise ConfigError("data.path", "is null but training the discriminator needs real images",
                           "set data.path to true_data.npz, EDM's dataset zip or an image folder, or guide with a released "
