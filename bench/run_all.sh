@@ -2,7 +2,7 @@
 # Every benchmark at the GPU sizes, one JSON (and log) each into the folder $1, each under its own time limit
 # so that one slow compile cannot cost the others. SMALL=1 runs the CPU smoke sizes instead.
 #   bash bench/run_all.sh bench/out        (the digits accuracy guard needs DIGITS_WEIGHTS=<folder>, see digits_accuracy.py)
-# EDM_VARIANTS picks edm_sampling.py's variants (default authors,fast); *_LIMIT the time limits (DIT_LIMIT=0 skips DiT).
+# EDM_VARIANTS picks edm_sampling.py's variants (default authors,fast); *_LIMIT the time limits (0 skips that one).
 set -u
 out=$(realpath -m "${1:-bench/out}")
 mkdir -p "$out"
@@ -10,9 +10,10 @@ cd "$(dirname "$0")"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 python=${PYTHON:-python3}
 
-run() {  # name, time limit in seconds, script and its arguments
+run() {  # name, time limit in seconds (0: skip it), script and its arguments
     local name=$1 limit=$2
     shift 2
+    [ "$limit" -gt 0 ] || return 0
     echo "== $name (limit ${limit}s)"
     timeout "$limit" "$python" "$@" --out "$out/$name.json" >"$out/$name.log" 2>&1
     echo "exit $?"
@@ -32,7 +33,7 @@ else
     run edm_sampling "${EDM_LIMIT:-200}" edm_sampling.py --batch 512 --repeats 1 --variants "${EDM_VARIANTS:-authors,fast}" \
         --components --profile
     run discriminator_training "${TRAIN_LIMIT:-150}" discriminator_training.py --batches 128,512 --steps 50 --profile
-    [ "${DIT_LIMIT:-150}" -gt 0 ] && run dit_sampling "${DIT_LIMIT:-150}" dit_sampling.py --batch 64 --steps 10
+    run dit_sampling "${DIT_LIMIT:-150}" dit_sampling.py --batch 64 --steps 10
     wait
 fi
 exit 0
