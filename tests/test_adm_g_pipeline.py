@@ -17,6 +17,7 @@ from dg_lightning.generate import SampleNoise
 from dg_lightning.guidance import ClassifierGuidance, DiscriminatorGuidance
 from dg_lightning.imagenet import adm_sample_fn
 from dg_lightning.nets import adm, unet
+from dg_lightning.sources import shard_source
 
 SMOKE = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "smoke" / "imagenet_adm.yaml")
 SIZE = SMOKE.data.image_size
@@ -49,17 +50,19 @@ def test_smoke_runs_every_stage_in_pixel_space_and_dg_weight_zero_is_adm_g(tmp_p
     released = write_released_files(tmp_path / "released")
     _, metrics = PIPELINE.run_every_stage(tmp_path, released)
 
-    # Real images are stored as uint8 centre crops (no autoencoder), fakes as uint8 ADM-G images; both were read
-    # memory-mapped from the .npy copies beside the shards.
+    # Real images are stored as uint8 centre crops (no autoencoder), fakes as uint8 ADM-G images; both are read in
+    # place from the shards (no copy beside them).
     (real,) = PIPELINE.cache(tmp_path, "encode")
     shard = np.load(real / "shard-000000.npz")
     assert shard["samples"].dtype == np.uint8 and shard["samples"].shape == (4 * len(CLASSES), SIZE, SIZE, 3)
-    assert np.array_equal(np.load(real / "samples.npy", mmap_mode="r"), shard["samples"])
-    assert np.array_equal(np.load(real / "labels.npy"), np.repeat(np.arange(len(CLASSES)), 4))
+    source = shard_source(real)
+    assert np.array_equal(source.samples[:], shard["samples"])
+    assert np.array_equal(source.labels.numpy(), np.repeat(np.arange(len(CLASSES)), 4))
     (fakes,) = PIPELINE.cache(tmp_path, "generate")
     shard = np.load(fakes / "shard-000000.npz")
     assert shard["samples"].dtype == np.uint8 and shard["samples"].shape == (SMOKE.data.num_fake, SIZE, SIZE, 3)
-    assert np.array_equal(np.load(fakes / "samples.npy"), shard["samples"])
+    assert np.array_equal(shard_source(fakes).samples[:], shard["samples"])
+    assert not any((folder / "samples.npy").exists() for folder in (real, fakes))
 
     # DG weight 0: ADM-G++ is exactly ADM-G with the same CG schedule, reusing the crops, fakes and head.
     PIPELINE.check_dg_weight_zero_is_the_baseline(tmp_path, compose_cfg, released, metrics)

@@ -1,4 +1,4 @@
-"""ImageNet-scale real data: shard folders read memory-mapped (sources.shard_source, data.NpyRows) give the data module
+"""ImageNet-scale real data: shard folders read in place (sources.shard_source, data.ShardRows) give the data module
 exactly the batches of the in-memory arrays, and the encode stage stores ADM-G++'s pixel-space crops as uint8."""
 
 import os
@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dg_lightning.data import ArraySource, NpyRows, RealFakeDataModule
-from dg_lightning.generate import SampleNoise, generate, load_shards, sample_seed
+from dg_lightning.data import ArraySource, RealFakeDataModule, ShardRows
+from dg_lightning.generate import MANIFEST, SampleNoise, generate, load_shards, sample_seed
 from dg_lightning.latents import center_crop, encode_image_folder, image_folder
-from dg_lightning.sources import NPY_LABELS, NPY_SAMPLES, SourceError, shard_source
+from dg_lightning.sources import shard_source
 
 
 def write_shards(folder, num_samples, images=False, num_classes=5):
@@ -34,47 +34,89 @@ def batches(datamodule, epochs=2):
 
 
 @pytest.mark.parametrize("images", [False, True], ids=["latents", "uint8 images"])
-def test_memory_mapped_shards_give_the_data_module_exactly_the_in_memory_batches(tmp_path, images):
+def test_shard_rows_give_the_data_module_exactly_the_in_memory_batches(tmp_path, images):
     real_dir, fake_dir = write_shards(tmp_path / "real", 37, images), write_shards(tmp_path / "fake", 23, images)
     in_memory = [ArraySource(*load_shards(folder)) for folder in (real_dir, fake_dir)]
-    mapped = [shard_source(folder) for folder in (real_dir, fake_dir)]
-    assert isinstance(mapped[0].samples, NpyRows) and mapped[0].is_image == in_memory[0].is_image == images
-    assert np.array_equal(mapped[0].samples[np.arange(37)], in_memory[0].samples)
-    assert torch.equal(mapped[0].labels, in_memory[0].labels)
+    on_disk = [shard_source(folder) for folder in (real_dir, fake_dir)]
+    assert isinstance(on_disk[0].samples, ShardRows) and on_disk[0].is_image == in_memory[0].is_image == images
+    assert np.array_equal(on_disk[0].samples[np.arange(37)], in_memory[0].samples)
+    assert torch.equal(on_disk[0].labels, in_memory[0].labels)
+    assert sorted(p.name for p in real_dir.iterdir()) == [MANIFEST] + [f"shard-00000{k}.npz" for k in range(4)]
 
     expected = batches(RealFakeDataModule(*in_memory, batch_size=8, seed=3, conditional=True))
-    found = batches(RealFakeDataModule(*mapped, batch_size=8, seed=3, conditional=True))
+    found = batches(RealFakeDataModule(*on_disk, batch_size=8, seed=3, conditional=True))
     assert len(found) == len(expected) == 2 * (37 // 4)
     for a, b in zip(found, expected):
         assert a.keys() == b.keys() == {"x0", "is_real", "class_labels"}
         assert all(torch.equal(a[key], b[key]) for key in a)
     torch.manual_seed(0)
-    diffused = RealFakeDataModule(*mapped, batch_size=8, conditional=True).diffuse(dict(found[0]))
+    diffused = RealFakeDataModule(*on_disk, batch_size=8, conditional=True).diffuse(dict(found[0]))
     torch.manual_seed(0)
     reference = RealFakeDataModule(*in_memory, batch_size=8, conditional=True).diffuse(dict(expected[0]))
     assert torch.equal(diffused["x_t"], reference["x_t"]) and torch.equal(diffused["t"], reference["t"])
 
 
-def test_rows_pickle_as_the_path_and_the_npy_files_are_written_once(tmp_path):
-    folder = write_shards(tmp_path / "latents", 37)
+def test_shard_rows_index_like_the_in_memory_array_and_pickle_as_paths(tmp_path):
+    folder = write_shards(tmp_path / "images", 37, images=True)  # shards of 10 rows, the last one of 7
+    samples, labels = load_shards(folder)
     source = shard_source(folder)
-    data = pickle.dumps(source.samples)
-    assert len(data) < 1000  # the path, not the 37 x 64 bytes of samples (nor 21 GB of ImageNet latents)
-    assert np.array_equal(pickle.loads(data)[[36, 0, 5]], source.samples[[36, 0, 5]])
+    rows = source.samples
+    assert rows.shape == samples.shape and rows.dtype == samples.dtype and len(rows) == 37
+    random = np.random.default_rng(0).integers(-37, 37, (5, 64))  # duplicates, negatives, every shard
+    indices = [0, 9, 10, 36, -1, -37, slice(None), slice(5, 33), slice(36, 2, -3), slice(8, 12), slice(30, 30),
+               [36, 0, 5, 5, 35], np.array([], np.int64), random[0], random, torch.arange(36, 20, -2)]
+    for index in indices:
+        expected = samples[np.asarray(index) if isinstance(index, torch.Tensor) else index]
+        found = rows[index]
+        assert found.shape == expected.shape and np.array_equal(found, expected), index
+    assert torch.equal(source.labels, torch.from_numpy(labels))
+    for bad in (37, -38, [0, 37], np.array([0.5])):
+        with pytest.raises(IndexError):
+            rows[bad]
 
-    written = os.stat(folder / NPY_SAMPLES).st_mtime_ns
-    shard_source(folder)
-    assert os.stat(folder / NPY_SAMPLES).st_mtime_ns == written  # reused
-    (folder / NPY_LABELS).unlink()  # a pair left incomplete is written again
-    assert torch.equal(shard_source(folder).labels, source.labels)
-    np.save(folder / NPY_SAMPLES, np.zeros((36, 4, 2, 2), np.float32))
-    with pytest.raises(SourceError, match=r"samples.npy holds float32 \(36, 4, 2, 2\) but the shards .* hold float32 "
-                                          r"\(37, 4, 2, 2\); delete it"):
+    data = pickle.dumps(rows)
+    assert len(data) < 2000  # the paths and offsets, not the 37 x 192 bytes of samples (nor 78 GB of ImageNet crops)
+    assert np.array_equal(pickle.loads(data)[random[1]], samples[random[1]])
+
+
+def rewrite(path, save=np.savez, **changes):
+    """Write shard `path` again with `save`, some arrays changed."""
+    with np.load(path) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    save(path, **{**arrays, **changes})
+
+
+DAMAGES = {
+    "compressed": (lambda p: rewrite(p, np.savez_compressed), r"samples.npy is compressed \(np.savez_compressed\)"),
+    "fortran": (lambda p: rewrite(p, samples=np.asfortranarray(np.load(p)["samples"])),
+                "samples.npy holds Fortran-order data"),
+    "truncated": (lambda p: os.truncate(p, os.path.getsize(p) // 2), "unreadable, truncated or corrupt"),
+    "missing": (os.remove, r"unreadable, truncated or corrupt.*FileNotFoundError"),
+    "dtype": (lambda p: rewrite(p, samples=np.load(p)["samples"].astype(np.float32)),
+              r"'samples' is float32 \(10, 8, 8, 3\), the manifest promises uint8 \(10, 8, 8, 3\)"),
+    "indices": (lambda p: rewrite(p, indices=np.arange(10, dtype=np.int64)), r"'indices' is not int64 10..19"),
+    "labels": (lambda p: rewrite(p, labels=np.full(10, 5, np.int64)),
+               r"'labels' is int64 \(10,\); expected .* in \[0, 5\)"),
+    "keys": (lambda p: rewrite(p, extra=np.zeros(1)), r"has arrays \['extra', 'indices', 'labels', 'samples'\]"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_shard_is_named_before_any_row_is_read(tmp_path, damage):
+    folder = write_shards(tmp_path / "images", 37, images=True)
+    make, problem = DAMAGES[damage]
+    make(folder / "shard-000001.npz")
+    with pytest.raises(ValueError, match=rf"shard-000001.npz: {problem}.*Rerun the stage that wrote .*images"):
         shard_source(folder)
-    (folder / "shard-000001.npz").unlink()
-    (folder / NPY_SAMPLES).unlink()
-    with pytest.raises(ValueError, match=r"shard-000001.npz: unreadable.*Rerun the stage"):
-        shard_source(folder)
+
+
+def test_a_shard_truncated_after_the_check_fails_the_read_clearly(tmp_path):
+    folder = write_shards(tmp_path / "images", 37, images=True)
+    samples, rows = load_shards(folder)[0], shard_source(folder).samples
+    os.truncate(folder / "shard-000003.npz", os.path.getsize(folder / "shard-000003.npz") // 2)
+    assert np.array_equal(rows[[0, 12]], samples[[0, 12]])  # the other shards stay readable
+    with pytest.raises(OSError, match=r"shard-000003.npz ends before row 6: it was truncated"):
+        rows[[0, 36]]
 
 
 def test_without_an_autoencoder_the_encode_stage_stores_the_uint8_crops(tmp_path):

@@ -6,6 +6,7 @@ after the batch reaches the device, draws a new VP time t and new noise z for ev
 x_t = alpha(t) x0 + sigma_vp(t) z. Nothing diffused is cached: every draw is fresh (augmentation).
 """
 
+import itertools
 import zipfile
 from pathlib import Path
 
@@ -65,32 +66,56 @@ def load_digits_split(split, num_held_out=597, seed=0, source=None, num_classes=
     return images[chosen], labels[chosen]
 
 
-class NpyRows:
-    """The rows of a .npy file memory-mapped read-only (np.load(mmap_mode="r")): indexing reads only the rows asked for
-    into memory, so a sample set larger than RAM (1.28M ImageNet latents, 21 GB) can feed the data loaders; pickling
-    (DataLoader workers started by spawn or forkserver) sends the path, not the data."""
+class ShardRows:
+    """The rows of arrays stored uncompressed in several files, read from disk on demand: file k holds lengths[k]
+    consecutive C-order rows of `dtype` and `sample_shape` starting at byte offsets[k] (a shard's samples.npy member,
+    sources.shard_source). Rows follow file order, so a sample set larger than RAM (ImageNet's crops, 78 GB) can feed
+    the data loaders without a copy. No file stays open (ImageNet has ~1,300 shards, each loader worker would hold
+    them all): a call opens each shard its rows lie in once and reads every run of consecutive rows with one read,
+    so a random batch of B rows costs about B opens, seeks and reads of one row each, and a slice a few large reads.
+    Pickling (DataLoader workers started by spawn or forkserver) sends the paths and offsets, not the data."""
 
-    def __init__(self, path):
-        self.path = Path(path)
-        self.array = np.load(self.path, mmap_mode="r")
-        self.shape, self.dtype = self.array.shape, self.array.dtype
+    def __init__(self, files, offsets, lengths, dtype, sample_shape):
+        self.files, self.offsets = [Path(f) for f in files], np.asarray(offsets, np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])  # file k: rows starts[k]..starts[k+1]-1
+        self.dtype, self.sample_shape = np.dtype(dtype), tuple(sample_shape)
+        self.shape = (int(self.starts[-1]), *self.sample_shape)
+        self.row_bytes = self.dtype.itemsize * int(np.prod(self.sample_shape, dtype=np.int64))
 
     def __len__(self):
-        return len(self.array)
+        return self.shape[0]
+
+    def _rows(self, index):
+        """The non-negative row numbers that index (an int, a slice or an integer index array) selects."""
+        if isinstance(index, slice):
+            return np.arange(*index.indices(len(self)))
+        rows = np.asarray(index)
+        if not np.issubdtype(rows.dtype, np.integer):
+            raise IndexError(f"rows are indexed by an int, a slice or an integer array, got {rows.dtype}")
+        if rows.size and (rows.min() < -len(self) or rows.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        return np.where(rows < 0, rows + len(self), rows)
 
     def __getitem__(self, index):
-        """The rows at index (an int, a slice or an index array) as an in-memory array."""
-        return np.array(self.array[index])
-
-    def __getstate__(self):
-        return {"path": self.path}
-
-    def __setstate__(self, state):
-        self.__init__(state["path"])
+        """The rows at index (an int, a slice or an index array), in that order, as an in-memory array."""
+        rows = self._rows(index)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        data = np.empty((len(unique), self.row_bytes), np.uint8)
+        shard = np.searchsorted(self.starts, unique, side="right") - 1
+        first = np.flatnonzero((np.diff(unique, prepend=-2) != 1) | (np.diff(shard, prepend=-1) != 0))
+        runs = zip(first, [*first[1:], len(unique)])  # [start, stop): consecutive rows of one file
+        for k, runs_in_k in itertools.groupby(runs, key=lambda run: shard[run[0]]):
+            with open(self.files[k], "rb", buffering=0) as f:
+                for start, stop in runs_in_k:
+                    f.seek(int(self.offsets[k] + (unique[start] - self.starts[k]) * self.row_bytes))
+                    if f.readinto(memoryview(data[start:stop]).cast("B")) != (stop - start) * self.row_bytes:
+                        raise OSError(f"{self.files[k]} ends before row {unique[stop - 1] - self.starts[k]}: it was "
+                                      "truncated or replaced after it was checked; rerun the stage that wrote it")
+        return data[inverse.reshape(-1)].view(self.dtype).reshape(*rows.shape, *self.sample_shape)
 
 
 class ArraySource(Dataset):
-    """Clean samples x0 (an array, or NpyRows read from disk) with optional class labels; uint8 NHWC images become
+    """Clean samples x0 (an array, or ShardRows read from disk) with optional class labels; uint8 NHWC images become
     float NCHW in [-1, 1]."""
 
     def __init__(self, samples, labels=None, name="source"):
@@ -100,7 +125,7 @@ class ArraySource(Dataset):
             raise ValueError(f"{name} has {len(samples)} samples but {len(labels)} labels")
         self.samples, self.name = samples, name
         self.labels = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-        self.is_image = isinstance(samples, (np.ndarray, NpyRows)) and samples.dtype == np.uint8
+        self.is_image = isinstance(samples, (np.ndarray, ShardRows)) and samples.dtype == np.uint8
 
     def __len__(self):
         return len(self.samples)

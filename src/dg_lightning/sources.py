@@ -8,34 +8,31 @@
   {"labels": [[file name, label], ...]} or {"labels": null};
 - a folder of dg_lightning shards (generate.py: `manifest.json` and `shard-*.npz`).
 Every reader checks the whole file before returning and raises SourceError naming the file and the expected form.
-shard_source reads a shard folder without holding it in memory (ImageNet's real latents and images).
+shard_source reads a shard folder's rows straight from its shards, never all in memory (ImageNet's real latents
+and images); it checks every shard's headers and small members, not the bytes of every sample.
 """
 
 import io
 import json
+import struct
 import zipfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from dg_lightning.data import ArraySource, NpyRows
+from dg_lightning.data import ArraySource, ShardRows
 from dg_lightning.generate import (
     MANIFEST,
     ShardError,
-    barrier,
     load_shards,
     num_shards,
-    rank_and_world_size,
     read_manifest,
-    read_shard,
+    shard_indices,
     shard_name,
-    write_atomic,
 )
-from dg_lightning.progress import track
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-NPY_SAMPLES, NPY_LABELS = "samples.npy", "labels.npy"  # a shard folder's samples and labels as one file each
 NPZ_FORMS = "arrays 'arr_0' (true_data.npz) or 'samples' and 'label' (true_data_label.npz)"
 
 
@@ -169,45 +166,81 @@ def load_source(path, name=None, resolution=None, channels=None, labels=None, ma
     return ArraySource(images[:max_size], found, name=name or str(path))
 
 
+def stored_npy(path, member):
+    """(offset, dtype, shape) of the .npy `member` stored uncompressed in the zip (.npz) at `path`: its C-order array
+    data are the bytes [offset, offset + dtype.itemsize * prod(shape)) of the file. The data start after the member's
+    local header, whose name and extra field lengths are read there (np.savez's zip64 extra field is not in the
+    central directory). ShardError naming the file when the member is compressed, Fortran-ordered or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            info = zipfile.ZipFile(f).getinfo(member)
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ShardError(f"{path}: {member} is compressed (np.savez_compressed), so its rows cannot be read "
+                                 "in place; expected np.savez's uncompressed members, as generate.py writes them")
+            f.seek(info.header_offset)
+            signature, name_length, extra_length = struct.unpack("<4s22xHH", f.read(30))
+            start = info.header_offset + 30 + name_length + extra_length
+            f.seek(start)
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            shape, fortran_order, dtype = read_header[version](f)
+            offset = f.tell()
+    except ShardError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, struct.error, zipfile.BadZipFile) as e:
+        raise ShardError(f"{path}: unreadable, truncated or corrupt: cannot locate {member} in it "
+                         f"({type(e).__name__}: {e})") from e
+    if signature != b"PK\x03\x04" or offset - start + dtype.itemsize * np.prod(shape, dtype=np.int64) != info.file_size:
+        raise ShardError(f"{path}: {member}'s local zip header or .npy header does not match its {info.file_size} "
+                         "bytes; the file is corrupt")
+    if fortran_order or dtype.hasobject:
+        raise ShardError(f"{path}: {member} holds {'Python objects' if dtype.hasobject else 'Fortran-order data'}; "
+                         "expected a C-order array of numbers, as np.savez writes")
+    return offset, dtype, shape
+
+
+def _check_shard(path, manifest, k):
+    """(byte offset of the samples' rows, int64 labels or None) of shard k, checked against the manifest like
+    generate.read_shard but without reading the samples: their .npy header (dtype, shape) and size in the zip
+    directory, then the small members (indices = the shard's rows, labels). Reading every sample instead would cost
+    minutes at each start of every rank (78 GB of ImageNet crops); write_atomic's renames leave only whole shards."""
+    indices, classes = shard_indices(manifest, k), manifest["num_classes"]
+    offset, dtype, shape = stored_npy(path, "samples.npy")
+    expected = (len(indices), *manifest["sample_shape"])
+    if dtype != manifest["dtype"] or shape != expected:
+        raise ShardError(f"{path}: 'samples' is {dtype} {shape}, the manifest promises {manifest['dtype']} {expected}")
+    try:
+        with np.load(path) as npz:
+            keys, small = set(npz.files), {key: npz[key] for key in ("indices", "labels") if key in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ShardError(f"{path}: unreadable, truncated or corrupt ({type(e).__name__}: {e})") from e
+    if keys != {"samples", "indices"} | ({"labels"} if classes else set()):
+        raise ShardError(f"{path}: has arrays {sorted(keys)}; expected 'samples', 'indices'"
+                         + (" and 'labels' (the run is conditional)" if classes else " and no labels"))
+    if small["indices"].dtype != np.int64 or not np.array_equal(small["indices"], np.asarray(indices)):
+        raise ShardError(f"{path}: 'indices' is not int64 {indices.start}..{indices.stop - 1}, the shard's rows")
+    labels = small.get("labels")
+    if classes and (labels.dtype != np.int64 or labels.shape != (len(indices),) or labels.min() < 0
+                    or labels.max() >= classes):
+        raise ShardError(f"{path}: 'labels' is {labels.dtype} {labels.shape}; expected int64 ({len(indices)},) "
+                         f"in [0, {classes})")
+    return offset, labels
+
+
 def shard_source(folder, name=None):
-    """ArraySource of a finished shard folder (generate.py's format) whose samples stay on disk: copied once, one shard
-    at a time, into <folder>/samples.npy (and labels.npy), then memory-mapped read-only (data.NpyRows), so a batch
-    reads only its rows. Gives the same samples and labels in the same order as load_shards. Rank 0 writes the
-    files (each atomically); every rank waits for them."""
+    """ArraySource of a finished shard folder (generate.py's format) whose samples stay in the shards: every shard is
+    checked against the manifest first (_check_shard), then batches read their rows straight from the shards'
+    uncompressed samples.npy members (data.ShardRows), labels are held in memory. Gives the same samples and labels
+    in the same order as load_shards, and writes nothing."""
     folder = Path(folder)
     manifest = read_manifest(folder / MANIFEST)
-    labelled = manifest["num_classes"] is not None
-    done = (folder / NPY_SAMPLES).is_file() and (not labelled or (folder / NPY_LABELS).is_file())
-    if rank_and_world_size()[0] == 0 and not done:
-        _write_npy(folder, manifest)
-    barrier()
-    samples = NpyRows(folder / NPY_SAMPLES)
-    shape = (manifest["num_samples"], *manifest["sample_shape"])
-    if samples.shape != shape or samples.dtype != manifest["dtype"]:
-        raise SourceError(f"{samples.path} holds {samples.dtype} {samples.shape} but the shards of {folder} hold "
-                          f"{manifest['dtype']} {shape}; delete it (and {NPY_LABELS}) to write it again")
-    labels = np.load(folder / NPY_LABELS) if labelled else None
+    files = [folder / shard_name(k) for k in range(num_shards(manifest))]
+    try:
+        checked = [_check_shard(path, manifest, k) for k, path in enumerate(files)]
+    except ShardError as e:
+        raise ShardError(f"{e}. Rerun the stage that wrote {folder} with the same settings to make it again.") from e
+    offsets, labels = zip(*checked)
+    lengths = [len(shard_indices(manifest, k)) for k in range(len(files))]
+    samples = ShardRows(files, offsets, lengths, manifest["dtype"], manifest["sample_shape"])
+    labels = np.concatenate(labels) if manifest["num_classes"] is not None else None
     return ArraySource(samples, labels, name=name or str(folder))
-
-
-def _write_npy(folder, manifest):
-    """samples.npy (and labels.npy) of a shard folder, streamed from the shards one at a time (each checked against
-    the manifest), each file written atomically; shard_source rewrites both unless both exist."""
-    shape = (manifest["num_samples"], *manifest["sample_shape"])
-    labels = []
-
-    def write_samples(f):
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(manifest["dtype"])), "fortran_order": False,
-                  "shape": shape}
-        np.lib.format.write_array_header_1_0(f, header)
-        for k in track(range(num_shards(manifest)), f"copy {folder.name} -> {NPY_SAMPLES}"):
-            try:
-                arrays = read_shard(folder / shard_name(k), manifest, k)
-            except ShardError as e:
-                raise ShardError(f"{e}. Rerun the stage that wrote {folder} with the same settings to make it again.") from e
-            f.write(np.ascontiguousarray(arrays["samples"]).data)
-            labels.append(arrays.get("labels"))
-
-    write_atomic(folder / NPY_SAMPLES, write_samples)
-    if manifest["num_classes"] is not None:
-        write_atomic(folder / NPY_LABELS, lambda f: np.save(f, np.concatenate(labels)))
