@@ -93,11 +93,11 @@ DAMAGES = {
     "truncated": (lambda p: os.truncate(p, os.path.getsize(p) // 2), "unreadable, truncated or corrupt"),
     "missing": (os.remove, r"unreadable, truncated or corrupt.*FileNotFoundError"),
     "dtype": (lambda p: rewrite(p, samples=np.load(p)["samples"].astype(np.float32)),
-              r"'samples' is float32 \(10, 8, 8, 3\), the manifest promises uint8 \(10, 8, 8, 3\)"),
-    "indices": (lambda p: rewrite(p, indices=np.arange(10, dtype=np.int64)), r"'indices' is not int64 10..19"),
+              r"'samples' is float32 \(10, 8, 8, 3\); expected an .npz with 'samples' uint8 \(10, 8, 8, 3\)"),
+    "indices": (lambda p: rewrite(p, indices=np.arange(10, dtype=np.int64)), r"'indices' is int64 \(10,\) and not the shard's range; .*'indices' int64 10..19"),
     "labels": (lambda p: rewrite(p, labels=np.full(10, 5, np.int64)),
-               r"'labels' is int64 \(10,\); expected .* in \[0, 5\)"),
-    "keys": (lambda p: rewrite(p, extra=np.zeros(1)), r"has arrays \['extra', 'indices', 'labels', 'samples'\]"),
+               r"'labels' is int64 \(10,\) with values out of range.* in \[0, 5\)"),
+    "keys": (lambda p: rewrite(p, extra=np.zeros(1)), r"has keys \['extra', 'indices', 'labels', 'samples'\]"),
 }
 
 

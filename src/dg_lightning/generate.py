@@ -329,35 +329,45 @@ def is_finished(path, manifest, k):
 
 def read_shard(path, manifest, k):
     """The arrays of shard k, checked against the manifest; ShardError naming the file, the problem and the expected form."""
-    indices = shard_indices(manifest, k)
-    n, classes = len(indices), manifest["num_classes"]
-    expected = (
-        f"expected an .npz with 'samples' {manifest['dtype']} {(n, *manifest['sample_shape'])}, "
-        f"'indices' int64 {indices.start}..{indices.stop - 1}"
-        + (f", 'labels' int64 ({n},) in [0, {classes})" if classes else "")
-    )
-
-    def fail(problem):
-        return ShardError(f"{path}: {problem}; {expected}")
-
     try:
         with np.load(path) as npz:
             arrays = {key: npz[key] for key in npz.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise fail(f"unreadable, truncated or corrupt ({type(e).__name__}: {e})") from e
-    keys = {"samples", "indices"} | ({"labels"} if classes else set())
-    if set(arrays) != keys:
-        raise fail(f"has keys {sorted(arrays)}")
-    samples, idx = arrays["samples"], arrays["indices"]
-    if samples.dtype != manifest["dtype"] or samples.shape != (n, *manifest["sample_shape"]):
-        raise fail(f"'samples' is {samples.dtype} {samples.shape}")
+        raise shard_error(path, manifest, k, f"unreadable, truncated or corrupt ({type(e).__name__}: {e})") from e
+    check_shard(path, manifest, k, arrays)
+    return arrays
+
+
+def shard_error(path, manifest, k, problem):
+    """ShardError for shard k at `path`: the file, the problem and the form the manifest promises."""
+    indices, classes = shard_indices(manifest, k), manifest["num_classes"]
+    n = len(indices)
+    return ShardError(
+        f"{path}: {problem}; expected an .npz with 'samples' {manifest['dtype']} {(n, *manifest['sample_shape'])}, "
+        f"'indices' int64 {indices.start}..{indices.stop - 1}" + (f", 'labels' int64 ({n},) in [0, {classes})" if classes else "")
+    )
+
+
+def check_shard(path, manifest, k, arrays, samples_form=None):
+    """ShardError unless shard k's arrays match the manifest: the names, the samples' dtype and shape, indices = the
+    shard's rows, labels in range. samples_form = (dtype, shape) stands in for arrays["samples"] when only the
+    samples' .npy header was read (sources.shard_source)."""
+    indices, classes = shard_indices(manifest, k), manifest["num_classes"]
+    n = len(indices)
+    names = set(arrays) | ({"samples"} if samples_form is not None else set())
+    if names != {"samples", "indices"} | ({"labels"} if classes else set()):
+        raise shard_error(path, manifest, k, f"has keys {sorted(names)}")
+    dtype, shape = samples_form or (arrays["samples"].dtype, arrays["samples"].shape)
+    if dtype != manifest["dtype"] or tuple(shape) != (n, *manifest["sample_shape"]):
+        raise shard_error(path, manifest, k, f"'samples' is {dtype} {tuple(shape)}")
+    idx = arrays["indices"]
     if idx.dtype != np.int64 or not np.array_equal(idx, np.arange(indices.start, indices.stop)):
-        raise fail(f"'indices' is {idx.dtype} {idx.shape} and not the shard's range")
+        raise shard_error(path, manifest, k, f"'indices' is {idx.dtype} {idx.shape} and not the shard's range")
     if classes:
         labels = arrays["labels"]
         if labels.dtype != np.int64 or labels.shape != (n,) or labels.min() < 0 or labels.max() >= classes:
-            raise fail(f"'labels' is {labels.dtype} {labels.shape} with values out of range or of the wrong form")
-    return arrays
+            raise shard_error(path, manifest, k, f"'labels' is {labels.dtype} {labels.shape} with values out of range "
+                              "or of the wrong form")
 
 
 def _make_shard(sample_fn, manifest, out_shape, k, batch_size, device, advance):

@@ -25,9 +25,11 @@ from dg_lightning.data import ArraySource, ShardRows
 from dg_lightning.generate import (
     MANIFEST,
     ShardError,
+    check_shard,
     load_shards,
     num_shards,
     read_manifest,
+    shard_error,
     shard_indices,
     shard_name,
 )
@@ -200,31 +202,18 @@ def stored_npy(path, member):
 
 
 def _check_shard(path, manifest, k):
-    """(byte offset of the samples' rows, int64 labels or None) of shard k, checked against the manifest like
-    generate.read_shard but without reading the samples: their .npy header (dtype, shape) and size in the zip
-    directory, then the small members (indices = the shard's rows, labels). Reading every sample instead would cost
-    minutes at each start of every rank (78 GB of ImageNet crops); write_atomic's renames leave only whole shards."""
-    indices, classes = shard_indices(manifest, k), manifest["num_classes"]
+    """(byte offset of the samples' rows, int64 labels or None) of shard k, checked against the manifest as
+    generate.read_shard checks it but without reading the samples: only their .npy header (stored_npy) and the small
+    members. Reading every sample instead would cost minutes at each start of every rank (78 GB of ImageNet crops);
+    write_atomic's renames leave only whole shards."""
     offset, dtype, shape = stored_npy(path, "samples.npy")
-    expected = (len(indices), *manifest["sample_shape"])
-    if dtype != manifest["dtype"] or shape != expected:
-        raise ShardError(f"{path}: 'samples' is {dtype} {shape}, the manifest promises {manifest['dtype']} {expected}")
     try:
         with np.load(path) as npz:
-            keys, small = set(npz.files), {key: npz[key] for key in ("indices", "labels") if key in npz.files}
+            small = {key: npz[key] for key in npz.files if key != "samples"}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ShardError(f"{path}: unreadable, truncated or corrupt ({type(e).__name__}: {e})") from e
-    if keys != {"samples", "indices"} | ({"labels"} if classes else set()):
-        raise ShardError(f"{path}: has arrays {sorted(keys)}; expected 'samples', 'indices'"
-                         + (" and 'labels' (the run is conditional)" if classes else " and no labels"))
-    if small["indices"].dtype != np.int64 or not np.array_equal(small["indices"], np.asarray(indices)):
-        raise ShardError(f"{path}: 'indices' is not int64 {indices.start}..{indices.stop - 1}, the shard's rows")
-    labels = small.get("labels")
-    if classes and (labels.dtype != np.int64 or labels.shape != (len(indices),) or labels.min() < 0
-                    or labels.max() >= classes):
-        raise ShardError(f"{path}: 'labels' is {labels.dtype} {labels.shape}; expected int64 ({len(indices)},) "
-                         f"in [0, {classes})")
-    return offset, labels
+        raise shard_error(path, manifest, k, f"unreadable, truncated or corrupt ({type(e).__name__}: {e})") from e
+    check_shard(path, manifest, k, small, samples_form=(dtype, shape))
+    return offset, small.get("labels")
 
 
 def shard_source(folder, name=None):
