@@ -292,7 +292,10 @@ def test_adm_g_plus_plus_steps_combine_the_schedules():
         return ddpm.ddpm_sampler(zero_model, latents, labels, schedule, randn_like=lambda x: next(draws), classifier=cg,
                                  cg_scale=0.75, dg=dg, dg_weight=1.0, dg_switch_step=0, **kwargs)
 
+    forwards = []
+    cg.classifier = lambda x_vp, tau, forward=cg.classifier: forwards.append(tau) or forward(x_vp, tau)
     out = sample(cg_scale_late=1.5, cg_switch_step=500, eds=True, dg_boost=1 / 0.75, dg_norm_ratio=True)
+    assert len(forwards) == 3  # one classifier forward per step: EDS reads the logits of the gradient's forward
 
     x, signs = latents, []
     for step, i in enumerate((2, 1, 0)):

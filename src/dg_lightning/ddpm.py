@@ -171,7 +171,7 @@ def ddpm_sampler(
     switched at 200, DG weight 1 above 100 (SPEC §5).
     ADM-G++'s adaptive schedules (Table D.1), each off by default:
       w_CG = switched_scale(k, cg_scale, cg_scale_late, cg_switch_step) (0.75 while k > 650, 1.5 after), times
-             eds_scale per sample when eds (the classifier run once more, without gradient, for its entropy);
+             eds_scale per sample when eds (from the logits of the classifier-guidance forward);
       w_DG = dg_weight, times ||grad log p(y | x_k)|| / ||grad log(d / (1 - d))|| per sample when dg_norm_ratio,
              times dg_boost on odd steps where log(d / (1 - d)) < 0 (boosted_dg_weight; 1 / 0.75 in the paper).
     """
@@ -217,10 +217,9 @@ def ddpm_sampler(
         grads_and_weights, grad_cg = [], None
         cg_weight = switched_scale(k, cg_scale, cg_scale_late, cg_switch_step)
         if classifier is not None and (cg_weight != 0.0 or dg_norm_ratio):
-            grad_cg = classifier.vp_coordinates(x, tau, class_labels)[1]
-            if eds:
-                with torch.no_grad():
-                    cg_weight = eds_scale(cg_weight, classifier.classifier(x, torch.full_like(t, tau)))
+            _, grad_cg, logits = classifier.vp_coordinates(x, tau, class_labels, with_aux=True)
+            if eds and logits is not None:  # the logits of the forward that gave grad_cg (None outside CG's window)
+                cg_weight = eds_scale(cg_weight, logits)
             grads_and_weights.append((grad_cg, _per_sample(cg_weight, x)))
         if dg_weight != 0.0 and k > dg_switch_step:
             log_ratio, grad_dg = dg.vp_coordinates(x, tau, class_labels)

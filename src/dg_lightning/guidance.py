@@ -13,7 +13,6 @@ With `compile`, L and its input gradient are traced together (torch.func.grad_an
 import torch
 
 from dg_lightning.accel import compile_mode
-
 from dg_lightning.sde import LinearVP
 
 
@@ -25,23 +24,24 @@ def log_ratio_from_logit(logit, clip=None):
     return torch.log(d) - torch.log1p(-d)
 
 
-def value_and_input_grad(log_density, x):
-    """Per-sample values L(x) of shape (B,) and grad_x of sum_b L, without differentiating any parameter."""
+def value_and_input_grad(log_density_and_aux, x):
+    """(per-sample values L(x) (B,), grad_x of sum_b L, aux) for log_density_and_aux(x) = (L(x), aux), aux a by-product
+    of the same forward (or None); no parameter is differentiated, nothing returned keeps a graph."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        value = log_density(x)
+        value, aux = log_density_and_aux(x)
         (grad,) = torch.autograd.grad(value.sum(), x)
-    return value.detach(), grad
+    return value.detach(), grad, None if aux is None else aux.detach()
 
 
-def functional_value_and_input_grad(log_density, x):
+def functional_value_and_input_grad(log_density_and_aux, x):
     """value_and_input_grad by torch.func.grad_and_value: forward and backward are one traceable function of x."""
     def summed(x_):
-        value = log_density(x_)
-        return value.sum(), value
+        value, aux = log_density_and_aux(x_)
+        return value.sum(), (value, aux)
 
-    grad, (_, value) = torch.func.grad_and_value(summed, has_aux=True)(x)
-    return value, grad
+    grad, (_, (value, aux)) = torch.func.grad_and_value(summed, has_aux=True)(x)
+    return value, grad, aux
 
 
 class GradientGuidance:
@@ -59,13 +59,17 @@ class GradientGuidance:
         """Per-sample log density L(x_vp, tau, y) of shape (B,)."""
         raise NotImplementedError
 
+    def log_density_and_aux(self, x_vp, tau, class_labels):
+        """(L(x_vp, tau, y), a by-product of its forward that a sampler may use, or None)."""
+        return self.log_density(x_vp, tau, class_labels), None
+
     def _scaled_value_and_grad(self, x, scale, tau, class_labels):
-        """(L(x * scale, tau, y), its gradient w.r.t. x) by autograd: x is the sampler's coordinates, x * scale VP's."""
-        return value_and_input_grad(lambda x_: self.log_density(x_ * scale, tau, class_labels), x)
+        """(L(x * scale, tau, y), its gradient w.r.t. x, aux) by autograd: x is the sampler's coordinates, x * scale VP's."""
+        return value_and_input_grad(lambda x_: self.log_density_and_aux(x_ * scale, tau, class_labels), x)
 
     def _scaled_functional_value_and_grad(self, x, scale, tau, class_labels):
         """_scaled_value_and_grad by torch.func (the function that `compile` compiles)."""
-        return functional_value_and_input_grad(lambda x_: self.log_density(x_ * scale, tau, class_labels), x)
+        return functional_value_and_input_grad(lambda x_: self.log_density_and_aux(x_ * scale, tau, class_labels), x)
 
     def in_window(self, tau):
         """Per-sample mask: is tau inside [t_min, t_max]?"""
@@ -95,17 +99,20 @@ class GradientGuidance:
         if self._outside(tau, None if host_sigma is None else self.vp.tau_from_edm_sigma(host_sigma)):
             return torch.full_like(sigma, float("inf")), torch.zeros_like(x)
         scale = self.vp.edm_to_vp_scale(sigma).view((-1,) + (1,) * (x.ndim - 1))
-        value, grad = self._value_and_grad(x.float(), scale, tau, class_labels)
+        value, grad, _ = self._value_and_grad(x.float(), scale, tau, class_labels)
         return self._masked(value, grad.to(x.dtype), tau)
 
-    def vp_coordinates(self, x_vp, tau, class_labels=None):
-        """(L, grad L) at VP coordinates x_vp with VP time tau per sample (B,) or one float (the DDPM samplers)."""
+    def vp_coordinates(self, x_vp, tau, class_labels=None, with_aux=False):
+        """(L, grad L) at VP coordinates x_vp with VP time tau per sample (B,) or one float (the DDPM samplers); with_aux:
+        (L, grad L, log_density_and_aux's by-product), the by-product None when no sample is in the window."""
         tau, host_tau = self._per_sample(tau, x_vp)
         if self._outside(tau, host_tau):
-            return torch.full_like(tau, float("inf")), torch.zeros_like(x_vp)
-        value, grad = self._value_and_grad(x_vp.float(), torch.ones_like(tau).view((-1,) + (1,) * (x_vp.ndim - 1)),
-                                           tau, class_labels)
-        return self._masked(value, grad.to(x_vp.dtype), tau)
+            outside = torch.full_like(tau, float("inf")), torch.zeros_like(x_vp)
+            return (*outside, None) if with_aux else outside
+        value, grad, aux = self._value_and_grad(x_vp.float(), torch.ones_like(tau).view((-1,) + (1,) * (x_vp.ndim - 1)),
+                                                tau, class_labels)
+        masked = self._masked(value, grad.to(x_vp.dtype), tau)
+        return (*masked, aux) if with_aux else masked
 
 
 class DiscriminatorGuidance(GradientGuidance):
@@ -129,10 +136,14 @@ class ClassifierGuidance(GradientGuidance):
 
     def log_density(self, x_vp, tau, class_labels):
         """log p(y | x_vp, tau) for the given int64 class labels."""
+        return self.log_density_and_aux(x_vp, tau, class_labels)[0]
+
+    def log_density_and_aux(self, x_vp, tau, class_labels):
+        """(log p(y | x_vp, tau), the classifier's logits (B, C): entropy-driven sampling's input) for int64 labels."""
         if class_labels is None:
             raise ValueError("classifier guidance needs class labels; sample with a conditional setting (num_classes > 0)")
-        log_probs = torch.log_softmax(self.classifier(x_vp, tau), dim=-1)
-        return log_probs.gather(1, class_labels.view(-1, 1)).squeeze(1)
+        logits = self.classifier(x_vp, tau)
+        return torch.log_softmax(logits, dim=-1).gather(1, class_labels.view(-1, 1)).squeeze(1), logits
 
 
 def shifted_mean(mean, variance, grads_and_weights):
