@@ -38,10 +38,10 @@ def functional_value_and_input_grad(log_density_and_aux, x):
     """value_and_input_grad by torch.func.grad_and_value: forward and backward are one traceable function of x."""
     def summed(x_):
         value, aux = log_density_and_aux(x_)
-        return value.sum(), (value, aux)
+        return value.sum(), (value,) if aux is None else (value, aux)  # torch.func's aux holds tensors only
 
-    grad, (_, (value, aux)) = torch.func.grad_and_value(summed, has_aux=True)(x)
-    return value, grad, aux
+    grad, (_, (value, *aux)) = torch.func.grad_and_value(summed, has_aux=True)(x)
+    return value, grad, aux[0] if aux else None
 
 
 class GradientGuidance:
