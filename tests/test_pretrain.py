@@ -37,10 +37,11 @@ def half_images(n):
     return np.where(labels[:, None, None, None] == 0, left, left[:, ::-1]), labels
 
 
-def fit(module, source, steps, batch_size, tmp_path):
+def fit(module, source, steps, batch_size, tmp_path, callbacks=()):
     """Train module on source for a number of optimiser steps on the CPU; returns the trainer."""
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=list(callbacks))
     trainer.fit(module, clean_loader(source, batch_size))
     return trainer
 
@@ -80,23 +81,21 @@ def test_ema_decay_halves_the_weight_of_the_past_every_halflife():
 
 
 class RecordParameters(L.Callback):
-    """Keeps a copy of the net's parameters after every optimiser step."""
+    """Keeps a copy of the parameters of the module's `network` (net or ema) that callbacks see after every optimiser
+    step."""
 
-    def __init__(self):
-        self.steps = []
+    def __init__(self, network="net"):
+        self.network, self.steps = network, []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.steps.append([p.detach().clone() for p in module.net.parameters()])
+        self.steps.append([p.detach().clone() for p in getattr(module, self.network).parameters()])
 
 
 def fit_recorded(module, source, steps, batch_size, tmp_path):
     """Train module like fit and return [initial parameters, parameters after step 1, ...]."""
     record = RecordParameters()
     record.steps.append([p.detach().clone() for p in module.net.parameters()])
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=[record])
-    trainer.fit(module, clean_loader(source, batch_size))
+    fit(module, source, steps, batch_size, tmp_path, [record])
     return record.steps
 
 
@@ -121,6 +120,19 @@ def test_score_module_ema_decay_follows_the_images_seen(tmp_path):
     _, after_1, after_2 = fit_recorded(ramped, source, 2, 8, tmp_path)
     assert_ema_is_mean(ramped, after_1, after_2)
     assert not ramped.ema_network().training and ramped.net.training
+
+
+def test_score_module_updates_the_ema_before_the_callbacks_see_the_step(tmp_path):
+    """A checkpoint saved by a callback after step k (ModelCheckpoint every n steps) must hold the EMA updated with
+    step k, or a run resumed from it is one EMA update short."""
+    images, labels = half_images(8)
+    module = ScoreModule(tiny_denoiser(), EDMLoss(), ema_halflife_images=8, ema_rampup_ratio=None)
+    record = RecordParameters("ema")
+    fit(module, ArraySource(images, labels), 2, 8, tmp_path, [record])
+    after_1, after_2 = record.steps
+    assert any(not torch.equal(p1, p2) for p1, p2 in zip(after_1, after_2))
+    for seen, final in zip(after_2, module.ema_network().parameters()):
+        assert torch.equal(seen, final)
 
 
 # --- score model ---

@@ -1,12 +1,15 @@
-"""Resumption: a killed discriminator training resumes from last.ckpt to the weights of an uninterrupted run, and a
-re-launched sweep point that finished is skipped."""
+"""Resumption: a killed discriminator training or pretraining (digits score model, noise-aware classifier) resumes
+from last.ckpt to the weights of an uninterrupted run."""
+
+import shutil
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 
-from dg_lightning.data import ArraySource
+from dg_lightning import pipeline, stages
+from dg_lightning.data import ArraySource, load_digits_split
 from dg_lightning.stages import build_network, stage_dir, train_discriminator
 
 EPOCHS, KILL_AT = 4, 2
@@ -59,3 +62,76 @@ def test_killed_training_resumes_from_last_checkpoint_to_the_uninterrupted_weigh
         assert torch.equal(resumed[name], value), name
     # The resumed run trained on: its weights moved away from the ones it was killed with.
     assert any(not torch.equal(value, killed["state_dict"][f"discriminator.{name}"]) for name, value in resumed.items())
+
+
+# --- pretraining (stages.pretrain) ---
+
+class Steps(L.Callback):
+    """Appends trainer.global_step to the file at `path` before each optimiser step; raises Killed instead at step
+    kill_at (the steps before it are done)."""
+
+    def __init__(self, path, kill_at=None):
+        self.path, self.kill_at = path, kill_at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.kill_at:
+            raise Killed(f"killed at step {self.kill_at}")
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.global_step}\n")
+
+
+MAX_STEPS, PER_EPOCH, CHECKPOINT_EPOCHS = 12, 3, 2  # last.ckpt after steps 6 and 12, the last steps of epochs 1 and 3
+PRETRAIN = ["experiment=digits_edm_g++", "callbacks={}", "data.num_held_out=1597",  # 200 training digits: 3 batches of 64
+            f"score.max_steps={MAX_STEPS}", "score.batch_size=64", "score.warmup_steps=2",
+            f"discriminator.classifier.max_steps={MAX_STEPS}", "discriminator.classifier.batch_size=64"]
+PRETRAINED = {"pretrain_score": pipeline.pretrained_score, "pretrain_classifier": pipeline.pretrained_classifier}
+
+
+@pytest.mark.parametrize("stage", PRETRAINED)
+def test_killed_pretraining_resumes_from_the_last_epoch_checkpoint_to_the_uninterrupted_weights(compose_cfg, tmp_path,
+                                                                                              monkeypatch, stage):
+    def pretrained(cache, steps_file, kill_at=None):
+        cfg = compose_cfg(*PRETRAIN, f"paths.cache_dir={tmp_path / cache}",
+                          f"+callbacks.steps={{_target_: test_resume.Steps, path: '{tmp_path / steps_file}', kill_at: {kill_at}}}")
+        d = cfg.data
+        train = ArraySource(*load_digits_split("train", d.num_held_out, d.split_seed, d.source, d.num_classes))
+        assert len(train) // 64 == PER_EPOCH
+        return PRETRAINED[stage](cfg, train).state_dict()
+
+    def steps(name):
+        path = tmp_path / name
+        return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+    monkeypatch.setattr(stages, "PRETRAIN_CHECKPOINT_STEPS", 10**6)  # no checkpoint
+    uninterrupted = pretrained("a", "a.txt")
+    assert steps("a.txt") == list(range(MAX_STEPS))
+
+    monkeypatch.setattr(stages, "PRETRAIN_CHECKPOINT_STEPS", CHECKPOINT_EPOCHS * PER_EPOCH)
+    with pytest.raises(Killed):
+        pretrained("b", "killed.txt", kill_at=8)
+    (folder,) = (tmp_path / "b" / "digits_edm_g++").glob(f"{stage}-*")
+    assert [p.name for p in (folder / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert not list(folder.glob("*.pt"))
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+    # Resumed: steps 6 to 11 only, then killed again between the last step and the weights file.
+    def killed_writing(obj, path):
+        raise Killed(f"killed writing {path}")
+
+    with monkeypatch.context() as m:
+        m.setattr(stages, "atomic_save", killed_writing)
+        with pytest.raises(Killed, match="killed writing"):
+            pretrained("b", "resumed.txt")
+    assert steps("killed.txt") == list(range(8)) and steps("resumed.txt") == list(range(6, MAX_STEPS))
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == MAX_STEPS
+
+    # Resumed from the checkpoint of the last step: no step is redone, and the weights are the uninterrupted ones.
+    resumed = pretrained("b", "last.txt")
+    assert steps("last.txt") == []
+    for name, value in uninterrupted.items():
+        assert torch.equal(resumed[name], value), name
+
+    # The stage's output is its weights file alone: without the checkpoints it is read as it is.
+    shutil.rmtree(folder / "checkpoints")
+    cached = pretrained("b", "cached.txt")
+    assert steps("cached.txt") == [] and all(torch.equal(cached[name], value) for name, value in resumed.items())

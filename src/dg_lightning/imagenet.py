@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from dg_lightning.accel import accelerate, accelerate_for_guidance
@@ -50,14 +49,13 @@ from dg_lightning.pipeline import check_discriminator_config, edm_discriminator,
 from dg_lightning.pretrain import NoisyClassifierModule, clean_loader
 from dg_lightning.sources import IMAGE_SUFFIXES, shard_source
 from dg_lightning.stages import (
-    atomic_save,
     build_accel,
     build_loggers,
     build_network,
     dg_guidance,
     fingerprint,
     finish_loggers,
-    fit,
+    pretrain,
     stage_dir,
     train_discriminator,
     write_metrics,
@@ -221,9 +219,8 @@ def with_latent_classifier(cfg: DictConfig, real):
         net = build_network(cfg, {"_target_": f"{build.__module__}.{build.__qualname__}",
                                   **OmegaConf.to_container(c.overrides, resolve=True)})
         module = NoisyClassifierModule(net, lr=c.lr, weight_decay=c.weight_decay, t_min=cfg.data.t_min, importance=False)
-        fit(cfg, module, clean_loader(real, c.batch_size, num_workers=cfg.data.num_workers), folder,
-            [CSVLogger(folder, name="", version="")], max_steps=c.max_steps, max_epochs=-1)
-        atomic_save(module.classifier.state_dict(), weights)
+        pretrain(cfg, module, clean_loader(real, c.batch_size, num_workers=cfg.data.num_workers), c.max_steps,
+                 module.classifier, weights)
     trained = copy.deepcopy(cfg)
     OmegaConf.update(trained, "discriminator.classifier.path", str(weights))
     return trained

@@ -12,7 +12,6 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
@@ -30,7 +29,7 @@ from dg_lightning.samplers import edm_sampler
 from dg_lightning.sde import LinearVP
 from dg_lightning.sources import load_source
 from dg_lightning.stages import (atomic_save, build_accel, build_loggers, build_network, dg_guidance, finished_metrics,
-                                 fingerprint, finish_loggers, fit, head_seed, launch, sampler_kwargs, stage_dir,
+                                 fingerprint, finish_loggers, head_seed, launch, pretrain, sampler_kwargs, stage_dir,
                                  train_discriminator, write_metrics)
 from dg_lightning.toy import MixtureDenoiser, OptimalDiscriminator
 
@@ -150,9 +149,7 @@ def pretrained_score(cfg: DictConfig, train: ArraySource):
         s = cfg.score
         module = ScoreModule(build_network(cfg, net), instantiate(s.loss), lr=s.lr, warmup_steps=s.warmup_steps,
                              ema_halflife_images=s.ema_halflife_images)
-        fit(cfg, module, clean_loader(train, s.batch_size), folder, [CSVLogger(folder, name="", version="")],
-            max_steps=s.max_steps, max_epochs=-1)
-        atomic_save(module.ema_network().state_dict(), weights)
+        pretrain(cfg, module, clean_loader(train, s.batch_size), s.max_steps, module.ema_network(), weights)
     return IndexLabels(_frozen(instantiate(net), weights))
 
 
@@ -163,9 +160,7 @@ def pretrained_classifier(cfg: DictConfig, train: ArraySource):
     weights = folder / "classifier.pt"
     if not weights.exists():
         module = NoisyClassifierModule(build_network(cfg, c.net), lr=c.lr, weight_decay=c.weight_decay, t_min=cfg.data.t_min)
-        fit(cfg, module, clean_loader(train, c.batch_size), folder, [CSVLogger(folder, name="", version="")],
-            max_steps=c.max_steps, max_epochs=-1)
-        atomic_save(module.classifier.state_dict(), weights)
+        pretrain(cfg, module, clean_loader(train, c.batch_size), c.max_steps, module.classifier, weights)
     return _frozen(instantiate(c.net), weights)
 
 

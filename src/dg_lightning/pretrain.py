@@ -105,13 +105,15 @@ class ScoreModule(L.LightningModule):
         x0 = batch["x0"]
         loss = self.loss(self.net, x0, self.class_labels(batch)).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        self.batch_images = x0.shape[0] * self.trainer.world_size  # images in this step over all processes, for the EMA
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        """EMA update after the optimiser step, counting images over all processes."""
-        batch_images = batch["x0"].shape[0] * self.trainer.world_size
-        images_seen = (self.global_step - 1) * batch_images
-        decay = ema_decay(batch_images, images_seen, self.hparams.ema_halflife_images, self.hparams.ema_rampup_ratio)
+    def optimizer_step(self, *args, **kwargs):
+        """The optimiser step, then the EMA update: before the callbacks' on_train_batch_end, so a checkpoint saved
+        there holds the EMA of the weights it holds."""
+        super().optimizer_step(*args, **kwargs)
+        images_seen = self.global_step * self.batch_images  # global_step counts this step only after the hook
+        decay = ema_decay(self.batch_images, images_seen, self.hparams.ema_halflife_images, self.hparams.ema_rampup_ratio)
         ema_update(self.ema, self.net, decay)
 
     def configure_optimizers(self):

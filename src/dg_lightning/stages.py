@@ -1,4 +1,5 @@
-"""Building blocks shared by the pipelines: stage caching, atomic files, loggers, discriminator training.
+"""Building blocks shared by the pipelines: stage caching, atomic files, loggers, resumable pretraining, discriminator
+training.
 
 A stage whose output exists for the same config (its fingerprint) is loaded from paths.cache_dir
 instead of rerun, so a sweep over sampling settings reuses the trained discriminator.
@@ -7,9 +8,11 @@ instead of rerun, so a sweep over sampling settings reuses the trained discrimin
 import hashlib
 import json
 import os
+import random
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import wandb
 from hydra.core.hydra_config import HydraConfig
@@ -17,7 +20,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from dg_lightning.accel import Accel, accelerate_for_guidance, set_backends
@@ -156,6 +159,50 @@ def fit(cfg: DictConfig, module, data, folder, loggers=(), callbacks=(), ckpt_pa
                           **trainer_overrides)
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer
+
+
+PRETRAIN_CHECKPOINT_STEPS = 200  # about this many optimiser steps between pretraining checkpoints, in whole epochs
+
+
+class RNGStates(L.Callback):
+    """Keeps the global RNG states (torch on the CPU and every CUDA device, numpy, random) in each checkpoint and sets
+    them back on resume. It never draws from them, so an uninterrupted run is unchanged; a resumed run draws the batch
+    order and noise that the killed run would have drawn next."""
+
+    def state_dict(self):
+        """The current states, numpy's key array as an int64 tensor (the checkpoint loads with weights_only=True)."""
+        kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+        return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
+                "random": random.getstate()}
+
+    def load_state_dict(self, state_dict):
+        """Set the global RNGs to the saved states (CUDA: on the devices that this process has)."""
+        torch.set_rng_state(state_dict["torch"])
+        for device, state in enumerate(state_dict["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device)
+        kind, keys, *rest = state_dict["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+        random.setstate(state_dict["random"])
+
+
+def pretrain(cfg: DictConfig, module, loader, max_steps, network, weights: Path):
+    """Fit module on loader for max_steps optimiser steps in weights.parent (CSV log there), then atomic_save the state
+    dict of network (the part of module that the stage exports, e.g. its EMA copy) to weights.
+
+    Every k steps, k = PRETRAIN_CHECKPOINT_STEPS rounded to whole epochs (at least one), checkpoints/last.ckpt (the only
+    checkpoint kept) is rewritten with the global RNG states (RNGStates); a killed run resumes from it. Lightning
+    resumes a checkpoint from an epoch's last step where the run stood (from a step inside an epoch it would restart
+    the epoch's loader), so with a single-process loader (num_workers=0) on one device the resumed run ends with the
+    weights of an uninterrupted one; a loader with worker processes draws one seed more when it starts again.
+    """
+    folder, per_epoch = weights.parent, len(loader)
+    checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", save_top_k=0, save_last=True, enable_version_counter=False,
+                                 every_n_train_steps=per_epoch * max(1, round(PRETRAIN_CHECKPOINT_STEPS / per_epoch)))
+    last = folder / "checkpoints" / "last.ckpt"
+    fit(cfg, module, loader, folder, [CSVLogger(folder, name="", version="")], [checkpoint, RNGStates()],
+        ckpt_path=last if last.exists() else None, max_steps=max_steps, max_epochs=-1)
+    atomic_save(network.state_dict(), weights)
 
 
 def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, net, loggers, keys, callbacks=()):
