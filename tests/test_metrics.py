@@ -36,14 +36,18 @@ def brute_force_precision_recall(real, fake, k):
     return precision, recall
 
 
-def fed_precision_recall(real, fake, batch=17, **kwargs):
-    """PrecisionRecall fed in uneven batches of `batch` rows."""
-    metric = PrecisionRecall(**kwargs)
+def fed(metric, real, fake, batch):
+    """metric.compute() after feeding it real then fake features in uneven batches of `batch` rows."""
     for chunk in real.split(batch):
         metric.update(chunk, real=True)
     for chunk in fake.split(batch):
         metric.update(chunk, real=False)
-    return {name: value.item() for name, value in metric.compute().items()}
+    return metric.compute()
+
+
+def fed_precision_recall(real, fake, batch=17, **kwargs):
+    """PrecisionRecall fed in uneven batches of `batch` rows."""
+    return {name: value.item() for name, value in fed(PrecisionRecall(**kwargs), real, fake, batch).items()}
 
 
 class FlattenFeatures(nn.Module):
@@ -305,12 +309,7 @@ def numpy_unbiased_mmd(x, y):
 
 def fed_kid(real, fake, batch=13, **kwargs):
     """KernelDistance fed in uneven batches."""
-    metric = KernelDistance(**kwargs)
-    for chunk in real.split(batch):
-        metric.update(chunk, real=True)
-    for chunk in fake.split(batch):
-        metric.update(chunk, real=False)
-    return metric.compute().item()
+    return fed(KernelDistance(**kwargs), real, fake, batch).item()
 
 
 def test_kid_full_sets_match_numpy_and_vanish_for_identical_sets():
