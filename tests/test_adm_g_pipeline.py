@@ -46,7 +46,7 @@ def write_released_files(folder):
 
 
 @pytest.mark.slow
-def test_smoke_runs_every_stage_in_pixel_space_and_dg_weight_zero_is_adm_g(tmp_path, compose_cfg):
+def test_smoke_runs_every_stage_in_pixel_space_and_dg_weight_zero_is_adm_g(tmp_path):
     released = write_released_files(tmp_path / "released")
     _, metrics = PIPELINE.run_every_stage(tmp_path, released)
 
@@ -65,7 +65,7 @@ def test_smoke_runs_every_stage_in_pixel_space_and_dg_weight_zero_is_adm_g(tmp_p
     assert not any((folder / "samples.npy").exists() for folder in (real, fakes))
 
     # DG weight 0: ADM-G++ is exactly ADM-G with the same CG schedule, reusing the crops, fakes and head.
-    PIPELINE.check_dg_weight_zero_is_the_baseline(tmp_path, compose_cfg, released, metrics)
+    PIPELINE.check_dg_weight_zero_is_the_baseline(tmp_path, released, metrics)
 
 
 def test_sampler_wiring_matches_ddpm_sampler_with_the_table_d1_schedules(tmp_path, compose_cfg):

@@ -45,7 +45,7 @@ def write_released_files(folder):
 
 
 @pytest.mark.slow
-def test_smoke_runs_every_stage_exports_and_dg_weight_zero_is_unguided(tmp_path, compose_cfg, monkeypatch):
+def test_smoke_runs_every_stage_exports_and_dg_weight_zero_is_unguided(tmp_path, monkeypatch):
     released = write_released_files(tmp_path / "released")
     monkeypatch.setenv("PYTHONPATH", str(TESTS))
     _, metrics = PIPELINE.run_every_stage(tmp_path, released)
@@ -60,7 +60,7 @@ def test_smoke_runs_every_stage_exports_and_dg_weight_zero_is_unguided(tmp_path,
     assert shard["samples"].shape == (SMOKE.data.num_fake, 4, 32, 32) and len(set(shard["labels"])) > 1
 
     # A DG weight of 0 gives exactly the unguided samples and metrics, reusing the latents, fakes and head.
-    PIPELINE.check_dg_weight_zero_is_the_baseline(tmp_path, compose_cfg, released, metrics)
+    PIPELINE.check_dg_weight_zero_is_the_baseline(tmp_path, released, metrics)
 
 
 def test_sampler_wiring_matches_ddpm_sampler_with_the_dit_g_plus_plus_schedule(tmp_path, compose_cfg):
