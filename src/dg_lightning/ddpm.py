@@ -216,12 +216,13 @@ def ddpm_sampler(
         step = len(schedule.timesteps) - 1 - i  # 0 at the first (noisiest) step
         grads_and_weights, grad_cg = [], None
         cg_weight = switched_scale(k, cg_scale, cg_scale_late, cg_switch_step)
-        if classifier is not None and (cg_weight != 0.0 or dg_norm_ratio):
+        dg_on = dg_weight != 0.0 and k > dg_switch_step
+        if classifier is not None and (cg_weight != 0.0 or (dg_norm_ratio and dg_on)):  # the norm ratio needs grad_cg
             _, grad_cg, logits = classifier.vp_coordinates(x, tau, class_labels, with_aux=True)
             if eds and logits is not None:  # the logits of the forward that gave grad_cg (None outside CG's window)
                 cg_weight = eds_scale(cg_weight, logits)
             grads_and_weights.append((grad_cg, _per_sample(cg_weight, x)))
-        if dg_weight != 0.0 and k > dg_switch_step:
+        if dg_on:
             log_ratio, grad_dg = dg.vp_coordinates(x, tau, class_labels)
             weight = norm_ratio_dg_weight(dg_weight, grad_dg, grad_cg) if dg_norm_ratio else dg_weight
             if dg_boost != 1.0:

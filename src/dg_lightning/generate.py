@@ -74,11 +74,12 @@ class SampleNoise:
         return torch.stack([draw(g) for g in self.generators]).to(device or self.device)
 
 
-def rank_and_world_size():
-    """(rank, number of ranks) of this process in torch.distributed's default group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def rank_and_world_size(rank=None, world_size=None):
+    """(rank, number of ranks) of this process in torch.distributed's default group, (0, 1) without one; a rank or
+    world_size given replaces the group's."""
+    in_group = dist.is_available() and dist.is_initialized()
+    group_rank, group_size = (dist.get_rank(), dist.get_world_size()) if in_group else (0, 1)
+    return group_rank if rank is None else rank, group_size if world_size is None else world_size
 
 
 def barrier():
@@ -178,8 +179,7 @@ def generate(
     """
     out_dir = Path(out_dir)
     out_shape = tuple(int(s) for s in (shape if out_shape is None else out_shape))
-    group_rank, group_size = rank_and_world_size()
-    rank, world_size = group_rank if rank is None else rank, group_size if world_size is None else world_size
+    rank, world_size = rank_and_world_size(rank, world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"generate needs 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if min(num_samples, batch_size, shard_size) < 1:

@@ -52,8 +52,9 @@ class GradientGuidance:
         if not 0.0 <= t_min < t_max:
             raise ValueError(f"guidance window needs 0 <= t_min < t_max, got t_min={t_min}, t_max={t_max}")
         self.t_min, self.t_max, self.vp = t_min, t_max, vp
+        self._engine = value_and_input_grad if compile is None else functional_value_and_input_grad
         self._value_and_grad = self._scaled_value_and_grad if compile is None else torch.compile(
-            self._scaled_functional_value_and_grad, mode=compile_mode(compile), dynamic=False)
+            self._scaled_value_and_grad, mode=compile_mode(compile), dynamic=False)
 
     def log_density(self, x_vp, tau, class_labels):
         """Per-sample log density L(x_vp, tau, y) of shape (B,)."""
@@ -64,12 +65,9 @@ class GradientGuidance:
         return self.log_density(x_vp, tau, class_labels), None
 
     def _scaled_value_and_grad(self, x, scale, tau, class_labels):
-        """(L(x * scale, tau, y), its gradient w.r.t. x, aux) by autograd: x is the sampler's coordinates, x * scale VP's."""
-        return value_and_input_grad(lambda x_: self.log_density_and_aux(x_ * scale, tau, class_labels), x)
-
-    def _scaled_functional_value_and_grad(self, x, scale, tau, class_labels):
-        """_scaled_value_and_grad by torch.func (the function that `compile` compiles)."""
-        return functional_value_and_input_grad(lambda x_: self.log_density_and_aux(x_ * scale, tau, class_labels), x)
+        """(L(x * scale, tau, y), its gradient w.r.t. x, aux) by autograd, or by torch.func when compiled: x is the
+        sampler's coordinates, x * scale VP's (scale None: x is already VP's)."""
+        return self._engine(lambda x_: self.log_density_and_aux(x_ if scale is None else x_ * scale, tau, class_labels), x)
 
     def in_window(self, tau):
         """Per-sample mask: is tau inside [t_min, t_max]?"""
@@ -109,8 +107,7 @@ class GradientGuidance:
         if self._outside(tau, host_tau):
             outside = torch.full_like(tau, float("inf")), torch.zeros_like(x_vp)
             return (*outside, None) if with_aux else outside
-        value, grad, aux = self._value_and_grad(x_vp.float(), torch.ones_like(tau).view((-1,) + (1,) * (x_vp.ndim - 1)),
-                                                tau, class_labels)
+        value, grad, aux = self._value_and_grad(x_vp.float(), None, tau, class_labels)
         masked = self._masked(value, grad.to(x_vp.dtype), tau)
         return (*masked, aux) if with_aux else masked
 

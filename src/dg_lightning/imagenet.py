@@ -341,7 +341,7 @@ def adm_sample_fn(cfg: DictConfig, model, classifier, discriminator=None, fake_c
         with torch.no_grad():  # guidance enables the input gradient itself
             return ddpm_sampler(model_fn, latents, class_labels, schedule, classifier=cg, dg=guidance,
                                 dg_weight=dg.weight if guidance else 0.0, dg_switch_step=s.dg_switch_step,
-                                dg_boost=s.dg_boost, dg_norm_ratio=s.dg_norm_ratio and guidance is not None,
+                                dg_boost=s.dg_boost, dg_norm_ratio=s.dg_norm_ratio,
                                 clip_denoised=s.clip_denoised, randn_like=noise.randn_like, **cg_kwargs)
 
     return sample_fn

@@ -167,8 +167,7 @@ def encode_image_folder(autoencoder: LatentAutoencoder | None, image_dir, out_di
     labels in dg_lightning.generate's format; finished shards are kept, a folder of another run raises.
     """
     files, labels, classes = image_folder(image_dir)
-    group_rank, group_size = rank_and_world_size()
-    rank, world_size = group_rank if rank is None else rank, group_size if world_size is None else world_size
+    rank, world_size = rank_and_world_size(rank, world_size)
     order = np.arange(len(files))
     if num_samples is not None and num_samples < len(files):
         order = np.sort(np.random.default_rng(base_seed).permutation(len(files))[:num_samples])

@@ -231,5 +231,5 @@ def shard_source(folder, name=None):
     offsets, labels = zip(*checked)
     lengths = [len(shard_indices(manifest, k)) for k in range(len(files))]
     samples = ShardRows(files, offsets, lengths, manifest["dtype"], manifest["sample_shape"])
-    labels = np.concatenate(labels) if manifest["num_classes"] is not None else None
+    labels = np.concatenate(labels) if manifest["num_classes"] else None  # as check_shard: 0 classes is unlabelled
     return ArraySource(samples, labels, name=name or str(folder))
