@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import secrets
+import struct
 import zipfile
 from pathlib import Path
 
@@ -316,11 +317,12 @@ def remove_stale_temps(out_dir, names):
 
 
 def is_finished(path, manifest, k):
-    """Whether shard k exists and is valid; a damaged shard is logged and counts as not finished."""
+    """Whether shard k exists and is valid (check_shard_headers: the samples themselves are not read); a damaged shard
+    is logged and counts as not finished."""
     if not path.exists():
         return False
     try:
-        read_shard(path, manifest, k)
+        check_shard_headers(path, manifest, k)
     except ShardError as e:
         log.warning("%s; making it again", e)
         return False
@@ -368,6 +370,54 @@ def check_shard(path, manifest, k, arrays, samples_form=None):
         if labels.dtype != np.int64 or labels.shape != (n,) or labels.min() < 0 or labels.max() >= classes:
             raise shard_error(path, manifest, k, f"'labels' is {labels.dtype} {labels.shape} with values out of range "
                               "or of the wrong form")
+
+
+def stored_npy(path, member):
+    """(offset, dtype, shape) of the .npy `member` stored uncompressed in the zip (.npz) at `path`: its C-order array
+    data are the bytes [offset, offset + dtype.itemsize * prod(shape)) of the file. The data start after the member's
+    local header, whose name and extra field lengths are read there (np.savez's zip64 extra field is not in the
+    central directory). ShardError naming the file when the member is compressed, Fortran-ordered or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            info = zipfile.ZipFile(f).getinfo(member)
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ShardError(f"{path}: {member} is compressed (np.savez_compressed), so its rows cannot be read "
+                                 "in place; expected np.savez's uncompressed members, as generate.py writes them")
+            f.seek(info.header_offset)
+            signature, name_length, extra_length = struct.unpack("<4s22xHH", f.read(30))
+            start = info.header_offset + 30 + name_length + extra_length
+            f.seek(start)
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            shape, fortran_order, dtype = read_header[version](f)
+            offset = f.tell()
+    except ShardError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, struct.error, zipfile.BadZipFile) as e:
+        raise ShardError(f"{path}: unreadable, truncated or corrupt: cannot locate {member} in it "
+                         f"({type(e).__name__}: {e})") from e
+    if signature != b"PK\x03\x04" or offset - start + dtype.itemsize * np.prod(shape, dtype=np.int64) != info.file_size:
+        raise ShardError(f"{path}: {member}'s local zip header or .npy header does not match its {info.file_size} "
+                         "bytes; the file is corrupt")
+    if fortran_order or dtype.hasobject:
+        raise ShardError(f"{path}: {member} holds {'Python objects' if dtype.hasobject else 'Fortran-order data'}; "
+                         "expected a C-order array of numbers, as np.savez writes")
+    return offset, dtype, shape
+
+
+def check_shard_headers(path, manifest, k):
+    """(byte offset of the samples' rows, int64 labels or None) of shard k, checked against the manifest as read_shard
+    checks it but without reading the samples: only their .npy header (stored_npy) and the small members. Reading every
+    sample instead would cost minutes at each start of every rank (78 GB of ImageNet crops); write_atomic's renames
+    leave only whole shards, so a damaged shard is a cut or replaced file, which this check catches."""
+    offset, dtype, shape = stored_npy(path, "samples.npy")
+    try:
+        with np.load(path) as npz:
+            small = {key: npz[key] for key in npz.files if key != "samples"}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise shard_error(path, manifest, k, f"unreadable, truncated or corrupt ({type(e).__name__}: {e})") from e
+    check_shard(path, manifest, k, small, samples_form=(dtype, shape))
+    return offset, small.get("labels")
 
 
 def _make_shard(sample_fn, manifest, out_shape, k, batch_size, device, advance):

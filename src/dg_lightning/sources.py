@@ -14,7 +14,6 @@ and images); it checks every shard's headers and small members, not the bytes of
 
 import io
 import json
-import struct
 import zipfile
 from pathlib import Path
 
@@ -25,11 +24,10 @@ from dg_lightning.data import ArraySource, ShardRows
 from dg_lightning.generate import (
     MANIFEST,
     ShardError,
-    check_shard,
+    check_shard_headers,
     load_shards,
     num_shards,
     read_manifest,
-    shard_error,
     shard_indices,
     shard_name,
 )
@@ -168,64 +166,16 @@ def load_source(path, name=None, resolution=None, channels=None, labels=None, ma
     return ArraySource(images[:max_size], found, name=name or str(path))
 
 
-def stored_npy(path, member):
-    """(offset, dtype, shape) of the .npy `member` stored uncompressed in the zip (.npz) at `path`: its C-order array
-    data are the bytes [offset, offset + dtype.itemsize * prod(shape)) of the file. The data start after the member's
-    local header, whose name and extra field lengths are read there (np.savez's zip64 extra field is not in the
-    central directory). ShardError naming the file when the member is compressed, Fortran-ordered or unreadable."""
-    try:
-        with open(path, "rb") as f:
-            info = zipfile.ZipFile(f).getinfo(member)
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise ShardError(f"{path}: {member} is compressed (np.savez_compressed), so its rows cannot be read "
-                                 "in place; expected np.savez's uncompressed members, as generate.py writes them")
-            f.seek(info.header_offset)
-            signature, name_length, extra_length = struct.unpack("<4s22xHH", f.read(30))
-            start = info.header_offset + 30 + name_length + extra_length
-            f.seek(start)
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            shape, fortran_order, dtype = read_header[version](f)
-            offset = f.tell()
-    except ShardError:
-        raise
-    except (OSError, ValueError, EOFError, KeyError, struct.error, zipfile.BadZipFile) as e:
-        raise ShardError(f"{path}: unreadable, truncated or corrupt: cannot locate {member} in it "
-                         f"({type(e).__name__}: {e})") from e
-    if signature != b"PK\x03\x04" or offset - start + dtype.itemsize * np.prod(shape, dtype=np.int64) != info.file_size:
-        raise ShardError(f"{path}: {member}'s local zip header or .npy header does not match its {info.file_size} "
-                         "bytes; the file is corrupt")
-    if fortran_order or dtype.hasobject:
-        raise ShardError(f"{path}: {member} holds {'Python objects' if dtype.hasobject else 'Fortran-order data'}; "
-                         "expected a C-order array of numbers, as np.savez writes")
-    return offset, dtype, shape
-
-
-def _check_shard(path, manifest, k):
-    """(byte offset of the samples' rows, int64 labels or None) of shard k, checked against the manifest as
-    generate.read_shard checks it but without reading the samples: only their .npy header (stored_npy) and the small
-    members. Reading every sample instead would cost minutes at each start of every rank (78 GB of ImageNet crops);
-    write_atomic's renames leave only whole shards."""
-    offset, dtype, shape = stored_npy(path, "samples.npy")
-    try:
-        with np.load(path) as npz:
-            small = {key: npz[key] for key in npz.files if key != "samples"}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise shard_error(path, manifest, k, f"unreadable, truncated or corrupt ({type(e).__name__}: {e})") from e
-    check_shard(path, manifest, k, small, samples_form=(dtype, shape))
-    return offset, small.get("labels")
-
-
 def shard_source(folder, name=None):
     """ArraySource of a finished shard folder (generate.py's format) whose samples stay in the shards: every shard is
-    checked against the manifest first (_check_shard), then batches read their rows straight from the shards'
+    checked against the manifest first (generate.check_shard_headers), then batches read their rows straight from the shards'
     uncompressed samples.npy members (data.ShardRows), labels are held in memory. Gives the same samples and labels
     in the same order as load_shards, and writes nothing."""
     folder = Path(folder)
     manifest = read_manifest(folder / MANIFEST)
     files = [folder / shard_name(k) for k in range(num_shards(manifest))]
     try:
-        checked = [_check_shard(path, manifest, k) for k, path in enumerate(files)]
+        checked = [check_shard_headers(path, manifest, k) for k, path in enumerate(files)]
     except ShardError as e:
         raise ShardError(f"{e}. Rerun the stage that wrote {folder} with the same settings to make it again.") from e
     offsets, labels = zip(*checked)
