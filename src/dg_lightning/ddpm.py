@@ -105,7 +105,8 @@ def eds_scale(scale, logits):
     prediction (H = log C) keeps the scale, a confident one raises it. H is floored at float32's eps (a one-hot
     prediction would divide by zero)."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    entropy = -torch.special.xlogy(log_probs.exp(), log_probs.exp()).sum(-1)
+    probs = log_probs.exp()
+    entropy = -torch.special.xlogy(probs, probs).sum(-1)
     return scale * math.log(logits.shape[-1]) / entropy.clamp_min(torch.finfo(torch.float32).eps)
 
 
@@ -127,8 +128,8 @@ def boosted_dg_weight(weight, log_ratio, step, boost):
     return torch.where(log_ratio < 0, boost * weight, weight)
 
 
-def _per_sample(weight, x):
-    """A float weight as it is, a per-sample weight (B,) shaped to broadcast over x's sample dimensions."""
+def _broadcast_weight(weight, x):
+    """A per-sample weight (B,) shaped (B, 1, ..., 1) in x's dtype, to broadcast over x; a float weight as it is."""
     return weight.view((-1,) + (1,) * (x.ndim - 1)).to(x.dtype) if torch.is_tensor(weight) else weight
 
 
@@ -221,13 +222,13 @@ def ddpm_sampler(
             _, grad_cg, logits = classifier.vp_coordinates(x, tau, class_labels, with_aux=True)
             if eds and logits is not None:  # the logits of the forward that gave grad_cg (None outside CG's window)
                 cg_weight = eds_scale(cg_weight, logits)
-            grads_and_weights.append((grad_cg, _per_sample(cg_weight, x)))
+            grads_and_weights.append((grad_cg, _broadcast_weight(cg_weight, x)))
         if dg_on:
             log_ratio, grad_dg = dg.vp_coordinates(x, tau, class_labels)
             weight = norm_ratio_dg_weight(dg_weight, grad_dg, grad_cg) if dg_norm_ratio else dg_weight
             if dg_boost != 1.0:
                 weight = boosted_dg_weight(weight, log_ratio, step, dg_boost)
-            grads_and_weights.append((grad_dg, _per_sample(weight, x)))
+            grads_and_weights.append((grad_dg, _broadcast_weight(weight, x)))
         if grads_and_weights:
             mean = shifted_mean(mean, torch.exp(log_variance), grads_and_weights)
 
