@@ -1,18 +1,20 @@
 """Sharded, resumable generation: per-sample seeds, rank splits, resume after a crash or SIGKILL, errors."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from dg_lightning.generate import (MANIFEST, SampleNoise, ShardError, generate, load_shards, sample_batches, sample_seed,
-                                  shard_name, write_atomic)
+from dg_lightning.generate import (MANIFEST, SampleNoise, ShardError, check_shard_headers, generate, load_shards,
+                                  sample_batches, sample_seed, shard_name, write_atomic)
 
 SHAPE = (3, 4, 5)  # C, H, W: stored as (4, 5, 3)
 N, SHARD = 20, 6  # shards of 6, 6, 6, 2
@@ -252,6 +254,25 @@ def test_load_shards_errors(tmp_path):
     (folder / MANIFEST).write_text("{broken")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_shards(folder)
+
+
+def test_shard_header_check_parses_the_zip_once_and_locates_the_samples(tmp_path, monkeypatch):
+    generate(toy_fn, tmp_path, N, SHAPE, shard_size=SHARD, num_classes=5, progress=False)
+    path, manifest = tmp_path / shard_name(2), json.loads((tmp_path / MANIFEST).read_text())
+    parses = []
+
+    class CountingZipFile(zipfile.ZipFile):
+        def __init__(self, *args, **kwargs):
+            parses.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(zipfile, "ZipFile", CountingZipFile)
+    offset, labels = check_shard_headers(path, manifest, 2)
+    assert len(parses) == 1  # one central-directory parse serves the samples' header and the small members
+    with np.load(path) as npz:
+        samples, stored_labels = npz["samples"], npz["labels"]
+    assert path.read_bytes()[offset:offset + samples.nbytes] == samples.tobytes()
+    assert labels.dtype == np.int64 and np.array_equal(labels, stored_labels)
 
 
 def test_quantisation_follows_edm(tmp_path):

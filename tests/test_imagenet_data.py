@@ -91,7 +91,6 @@ DAMAGES = {
     "fortran": (lambda p: rewrite(p, samples=np.asfortranarray(np.load(p)["samples"])),
                 "samples.npy holds Fortran-order data"),
     "truncated": (lambda p: os.truncate(p, os.path.getsize(p) // 2), "unreadable, truncated or corrupt"),
-    "missing": (os.remove, r"unreadable, truncated or corrupt.*FileNotFoundError"),
     "dtype": (lambda p: rewrite(p, samples=np.load(p)["samples"].astype(np.float32)),
               r"'samples' is float32 \(10, 8, 8, 3\); expected an .npz with 'samples' uint8 \(10, 8, 8, 3\)"),
     "indices": (lambda p: rewrite(p, indices=np.arange(10, dtype=np.int64)), r"'indices' is int64 \(10,\) and not the shard's range; .*'indices' int64 10..19"),

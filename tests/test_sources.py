@@ -3,6 +3,7 @@ bad files refused with the file and the expected form named."""
 
 import io
 import json
+import re
 import zipfile
 
 import numpy as np
@@ -10,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dg_lightning.generate import generate
-from dg_lightning.sources import SourceError, load_source
+from dg_lightning import sources
+from dg_lightning.generate import MANIFEST, generate, load_shards, shard_name
+from dg_lightning.sources import SourceError, load_source, shard_source
 
 
 def random_images(n, size=8, channels=3, seed=0):
@@ -165,3 +167,32 @@ def test_shard_folder_reads_the_generated_samples_and_labels(tmp_path):
     source = load_source(tmp_path / "fakes", labels=True)
     assert source.samples.shape == (5, 4, 4, 3) and source.samples.dtype == np.uint8
     assert source.labels.shape == (5,) and 0 <= source.labels.min() and source.labels.max() < 10
+
+
+def _unfinished_folder(tmp_path, case):
+    """(folder, what its error must say) for a missing folder, one without a manifest, or a run with a deleted shard."""
+    if case == "missing folder":
+        return tmp_path / "nowhere", re.escape(f"{tmp_path / 'nowhere'}: no such folder; generate the samples first")
+    if case == "no manifest":
+        (tmp_path / "foreign").mkdir()
+        (tmp_path / "foreign" / "samples.npz").write_bytes(b"x")
+        return tmp_path / "foreign", re.escape(f"{tmp_path / 'foreign' / MANIFEST}: no manifest") + ".*Generate into"
+    generate(lambda latents, labels, noise: latents.clamp(-1, 1), tmp_path / "run", 5, (3, 4, 4), shard_size=2,
+             progress=False)
+    (tmp_path / "run" / shard_name(1)).unlink()
+    return tmp_path / "run", (re.escape(f"{tmp_path / 'run'}: 1 of 3 shards are missing (shard-000001.npz)")
+                              + ".*Rerun it with the same settings")
+
+
+@pytest.mark.parametrize("case", ["missing folder", "no manifest", "deleted shard"])
+def test_shard_source_names_an_unfinished_folder_as_load_shards_does_before_reading_a_shard(tmp_path, monkeypatch, case):
+    def no_shard_read(*args):
+        raise AssertionError("a shard was read before the folder was checked")
+
+    monkeypatch.setattr(sources, "check_shard_headers", no_shard_read)
+    folder, match = _unfinished_folder(tmp_path, case)
+    with pytest.raises(FileNotFoundError, match=match) as from_source:
+        shard_source(folder)
+    with pytest.raises(FileNotFoundError) as from_load:
+        load_shards(folder)
+    assert str(from_source.value) == str(from_load.value)

@@ -228,6 +228,27 @@ def load_shards(folder, expect_shape=None, expect_labels=None):
     requires a conditional/unconditional run. Every shard is checked against the manifest.
     """
     folder = Path(folder)
+    manifest = finished_manifest(folder, expect_shape, expect_labels)
+    count = num_shards(manifest)
+    samples = np.empty((manifest["num_samples"], *manifest["sample_shape"]), manifest["dtype"])
+    labels = np.empty(manifest["num_samples"], np.int64) if manifest["num_classes"] else None
+    for k in range(count):
+        try:
+            arrays = read_shard(folder / shard_name(k), manifest, k)
+        except ShardError as e:
+            raise ShardError(f"{e}. Rerun the generation with the same settings to make this shard again.") from e
+        rows = slice(k * manifest["shard_size"], k * manifest["shard_size"] + len(arrays["indices"]))
+        samples[rows] = arrays["samples"]
+        if labels is not None:
+            labels[rows] = arrays["labels"]
+    return samples, labels
+
+
+def finished_manifest(folder, expect_shape=None, expect_labels=None):
+    """The manifest of the finished run in `folder`, after checking (before reading any sample) that the folder exists
+    and is not empty, that its manifest is valid and, when given, has this per-sample shape / labels or none, and that
+    every shard file is there. FileNotFoundError or ValueError naming the folder and how to fix it."""
+    folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder; generate the samples first (dg_lightning.generate.generate)")
     if not any(folder.iterdir()):
@@ -241,7 +262,6 @@ def load_shards(folder, expect_shape=None, expect_labels=None):
     if expect_labels is not None and expect_labels != (manifest["num_classes"] is not None):
         found = f"conditional ({manifest['num_classes']} classes)" if manifest["num_classes"] else "unconditional (no labels)"
         raise ValueError(f"{folder / MANIFEST}: the run is {found}, expected {'labels' if expect_labels else 'no labels'}")
-
     count = num_shards(manifest)
     missing = [shard_name(k) for k in range(count) if not (folder / shard_name(k)).is_file()]
     if missing:
@@ -250,18 +270,7 @@ def load_shards(folder, expect_shape=None, expect_labels=None):
             f"{folder}: {len(missing)} of {count} shards are missing ({shown}): the generation did not finish. "
             f"Rerun it with the same settings to resume; finished shards are kept."
         )
-    samples = np.empty((manifest["num_samples"], *manifest["sample_shape"]), manifest["dtype"])
-    labels = np.empty(manifest["num_samples"], np.int64) if manifest["num_classes"] else None
-    for k in range(count):
-        try:
-            arrays = read_shard(folder / shard_name(k), manifest, k)
-        except ShardError as e:
-            raise ShardError(f"{e}. Rerun the generation with the same settings to make this shard again.") from e
-        rows = slice(k * manifest["shard_size"], k * manifest["shard_size"] + len(arrays["indices"]))
-        samples[rows] = arrays["samples"]
-        if labels is not None:
-            labels[rows] = arrays["labels"]
-    return samples, labels
+    return manifest
 
 
 def num_shards(manifest):
@@ -372,49 +381,57 @@ def check_shard(path, manifest, k, arrays, samples_form=None):
                               "or of the wrong form")
 
 
-def stored_npy(path, member):
-    """(offset, dtype, shape) of the .npy `member` stored uncompressed in the zip (.npz) at `path`: its C-order array
-    data are the bytes [offset, offset + dtype.itemsize * prod(shape)) of the file. The data start after the member's
-    local header, whose name and extra field lengths are read there (np.savez's zip64 extra field is not in the
-    central directory). ShardError naming the file when the member is compressed, Fortran-ordered or unreadable."""
-    try:
-        with open(path, "rb") as f:
-            info = zipfile.ZipFile(f).getinfo(member)
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise ShardError(f"{path}: {member} is compressed (np.savez_compressed), so its rows cannot be read "
-                                 "in place; expected np.savez's uncompressed members, as generate.py writes them")
-            f.seek(info.header_offset)
-            signature, name_length, extra_length = struct.unpack("<4s22xHH", f.read(30))
-            start = info.header_offset + 30 + name_length + extra_length
-            f.seek(start)
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            shape, fortran_order, dtype = read_header[version](f)
-            offset = f.tell()
-    except ShardError:
-        raise
-    except (OSError, ValueError, EOFError, KeyError, struct.error, zipfile.BadZipFile) as e:
-        raise ShardError(f"{path}: unreadable, truncated or corrupt: cannot locate {member} in it "
-                         f"({type(e).__name__}: {e})") from e
+def stored_npy(path, f, info):
+    """(offset, dtype, shape) of the .npy member `info` (its ZipInfo) stored uncompressed in the zip (.npz) open as the
+    binary file f at `path`: its C-order array data are the bytes [offset, offset + dtype.itemsize * prod(shape)) of
+    the file. The data start after the member's local header, whose name and extra field lengths are read there
+    (np.savez's zip64 extra field is not in the central directory). ShardError naming the file when the member is
+    compressed, Fortran-ordered or its headers disagree; read errors propagate (check_shard_headers names them)."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ShardError(f"{path}: {info.filename} is compressed (np.savez_compressed), so its rows cannot be read "
+                         "in place; expected np.savez's uncompressed members, as generate.py writes them")
+    f.seek(info.header_offset)
+    signature, name_length, extra_length = struct.unpack("<4s22xHH", f.read(30))
+    start = info.header_offset + 30 + name_length + extra_length
+    f.seek(start)
+    version = np.lib.format.read_magic(f)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    shape, fortran_order, dtype = read_header[version](f)
+    offset = f.tell()
     if signature != b"PK\x03\x04" or offset - start + dtype.itemsize * np.prod(shape, dtype=np.int64) != info.file_size:
-        raise ShardError(f"{path}: {member}'s local zip header or .npy header does not match its {info.file_size} "
-                         "bytes; the file is corrupt")
+        raise ShardError(f"{path}: {info.filename}'s local zip header or .npy header does not match its "
+                         f"{info.file_size} bytes; the file is corrupt")
     if fortran_order or dtype.hasobject:
-        raise ShardError(f"{path}: {member} holds {'Python objects' if dtype.hasobject else 'Fortran-order data'}; "
+        raise ShardError(f"{path}: {info.filename} holds {'Python objects' if dtype.hasobject else 'Fortran-order data'}; "
                          "expected a C-order array of numbers, as np.savez writes")
     return offset, dtype, shape
 
 
+def npz_arrays(archive, skip):
+    """The arrays of the .npz open as the zipfile.ZipFile `archive`, but member `skip`, keyed as np.load keys them
+    (member name without .npy); pickled objects are refused."""
+    arrays = {}
+    for name in archive.namelist():
+        if name != skip:
+            with archive.open(name) as data:
+                arrays[name.removesuffix(".npy")] = np.lib.format.read_array(data, allow_pickle=False)
+    return arrays
+
+
 def check_shard_headers(path, manifest, k):
     """(byte offset of the samples' rows, int64 labels or None) of shard k, checked against the manifest as read_shard
-    checks it but without reading the samples: only their .npy header (stored_npy) and the small members. Reading every
-    sample instead would cost minutes at each start of every rank (78 GB of ImageNet crops); write_atomic's renames
-    leave only whole shards, so a damaged shard is a cut or replaced file, which this check catches."""
-    offset, dtype, shape = stored_npy(path, "samples.npy")
+    checks it but without reading the samples: only their .npy header (stored_npy) and the small members, through one
+    parse of the zip. Reading every sample instead would cost minutes at each start of every rank (78 GB of ImageNet
+    crops); write_atomic's renames leave only whole shards, so a damaged shard is a cut or replaced file, which this
+    check catches."""
+    member = "samples.npy"
     try:
-        with np.load(path) as npz:
-            small = {key: npz[key] for key in npz.files if key != "samples"}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+            offset, dtype, shape = stored_npy(path, f, archive.getinfo(member))
+            small = npz_arrays(archive, skip=member)
+    except ShardError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, struct.error, zipfile.BadZipFile) as e:
         raise shard_error(path, manifest, k, f"unreadable, truncated or corrupt ({type(e).__name__}: {e})") from e
     check_shard(path, manifest, k, small, samples_form=(dtype, shape))
     return offset, small.get("labels")

@@ -25,9 +25,9 @@ from dg_lightning.generate import (
     MANIFEST,
     ShardError,
     check_shard_headers,
+    finished_manifest,
     load_shards,
     num_shards,
-    read_manifest,
     shard_indices,
     shard_name,
 )
@@ -167,12 +167,13 @@ def load_source(path, name=None, resolution=None, channels=None, labels=None, ma
 
 
 def shard_source(folder, name=None):
-    """ArraySource of a finished shard folder (generate.py's format) whose samples stay in the shards: every shard is
-    checked against the manifest first (generate.check_shard_headers), then batches read their rows straight from the shards'
+    """ArraySource of a finished shard folder (generate.py's format) whose samples stay in the shards: the folder, its
+    manifest and every shard file are checked first (generate.finished_manifest, as load_shards checks them), then every
+    shard's headers against the manifest (generate.check_shard_headers); batches read their rows straight from the shards'
     uncompressed samples.npy members (data.ShardRows), labels are held in memory. Gives the same samples and labels
     in the same order as load_shards, and writes nothing."""
     folder = Path(folder)
-    manifest = read_manifest(folder / MANIFEST)
+    manifest = finished_manifest(folder)
     files = [folder / shard_name(k) for k in range(num_shards(manifest))]
     try:
         checked = [check_shard_headers(path, manifest, k) for k, path in enumerate(files)]
