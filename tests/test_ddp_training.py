@@ -97,3 +97,75 @@ def test_ddp_discriminator_training_keeps_ranks_in_sync_and_learns(tmp_path):
     with torch.no_grad():
         losses = [BCELoss()(net(x_t, t), is_real).mean().item() for net in (untrained, trained)]
     assert losses[1] < losses[0] - 0.05, losses
+
+
+PRETRAIN_SCRIPT = '''
+import sys
+import lightning as L, numpy as np, torch, torch.distributed as dist
+from hydra import compose, initialize_config_dir
+from torch import nn
+from dg_lightning import stages
+from dg_lightning.data import ArraySource
+from dg_lightning.pretrain import clean_loader
+torch.set_num_threads(1)
+out, conf, cache, tag, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+with initialize_config_dir(config_dir=conf, version_base="1.3"):
+    cfg = compose("config", overrides=["trainer=ddp_cpu", "callbacks={}", f"paths.cache_dir={out}/{cache}"])
+stages.launch(cfg)
+stages.PRETRAIN_CHECKPOINT_STEPS = 4  # last.ckpt every 2 epochs of 2 steps
+
+
+class Noisy(L.LightningModule):
+    """w pulled towards the batch mean plus fresh global-RNG noise; each rank writes its (step, noise) lines."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2))
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == kill_at:
+            raise RuntimeError("killed")
+        noise = torch.randn(2)
+        with open(f"{out}/{tag}-rank{self.global_rank}.txt", "a") as f:
+            f.write(f"{self.global_step} {noise.tolist()}\\n")
+        return ((self.w - batch["x0"].mean(0) - noise) ** 2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+module = Noisy()
+loader = clean_loader(ArraySource(np.arange(16, dtype=np.float32).reshape(8, 2), name="points"), 2)
+stages.pretrain(cfg, module, loader, 8, module, stages.stage_dir(cfg, "pretrain_noisy", ["seed"]) / "w.pt")
+'''
+
+
+@pytest.mark.slow
+def test_ddp_pretraining_draws_different_noise_per_rank_and_resumes_every_ranks_stream(tmp_path):
+    script = tmp_path / "pretrain_ddp.py"
+    script.write_text(PRETRAIN_SCRIPT)
+
+    def pretrain(cache, tag, kill_at=-1):
+        return subprocess.run([sys.executable, str(script), str(tmp_path), str(ROOT / "conf"), cache, tag, str(kill_at)],
+                              check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    def lines(tag, rank):
+        return (tmp_path / f"{tag}-rank{rank}.txt").read_text().splitlines()
+
+    result = pretrain("a", "uninterrupted")
+    assert result.returncode == 0, result.stderr[-3000:]
+    uninterrupted = [lines("uninterrupted", r) for r in range(2)]
+    assert [len(u) for u in uninterrupted] == [8, 8]  # 8 steps of 2 per epoch on each rank
+    # The ranks are seeded apart: their noise differs at every step.
+    assert all(a.split(" ", 1)[1] != b.split(" ", 1)[1] for a, b in zip(*uninterrupted))
+
+    assert pretrain("b", "killed", kill_at=6).returncode != 0
+    (folder,) = (tmp_path / "b" / "toy2d").glob("pretrain_noisy-*")
+    killed = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+    assert killed["global_step"] == 4 and len(killed["callbacks"]["RNGStates"]["ranks"]) == 2
+    result = pretrain("b", "resumed")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Each rank resumes its own stream: steps 4 to 7 draw the uninterrupted run's noise, and the weights agree.
+    assert [lines("resumed", r) for r in range(2)] == [u[4:] for u in uninterrupted]
+    (done,) = (tmp_path / "a" / "toy2d").glob("pretrain_noisy-*")
+    assert torch.equal(torch.load(folder / "w.pt", weights_only=True)["w"], torch.load(done / "w.pt", weights_only=True)["w"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dg_lightning import pipeline, stages
+from dg_lightning.callbacks import RNGStates
 from dg_lightning.data import ArraySource, load_digits_split
 from dg_lightning.stages import build_network, stage_dir, train_discriminator
 
@@ -81,17 +82,18 @@ class Steps(L.Callback):
 
 
 MAX_STEPS, PER_EPOCH, CHECKPOINT_EPOCHS = 12, 3, 2  # last.ckpt after steps 6 and 12, the last steps of epochs 1 and 3
-PRETRAIN = ["experiment=digits_edm_g++", "callbacks={}", "data.num_held_out=1597",  # 200 training digits: 3 batches of 64
+PRETRAIN = ["experiment=digits_edm_g++", "callbacks={}", "data.num_held_out=1597", "trainer.log_every_n_steps=1",  # 200 training digits: 3 batches of 64
             f"score.max_steps={MAX_STEPS}", "score.batch_size=64", "score.warmup_steps=2",
             f"discriminator.classifier.max_steps={MAX_STEPS}", "discriminator.classifier.batch_size=64"]
 PRETRAINED = {"pretrain_score": pipeline.pretrained_score, "pretrain_classifier": pipeline.pretrained_classifier}
 
 
-@pytest.mark.parametrize("stage", PRETRAINED)
+@pytest.mark.parametrize("stage,num_workers", [("pretrain_score", 0), ("pretrain_classifier", 0), ("pretrain_score", 1)])
 def test_killed_pretraining_resumes_from_the_last_epoch_checkpoint_to_the_uninterrupted_weights(compose_cfg, tmp_path,
-                                                                                              monkeypatch, stage):
+                                                                                              monkeypatch, stage,
+                                                                                              num_workers):
     def pretrained(cache, steps_file, kill_at=None):
-        cfg = compose_cfg(*PRETRAIN, f"paths.cache_dir={tmp_path / cache}",
+        cfg = compose_cfg(*PRETRAIN, f"paths.cache_dir={tmp_path / cache}", f"data.num_workers={num_workers}",
                           f"+callbacks.steps={{_target_: test_resume.Steps, path: '{tmp_path / steps_file}', kill_at: {kill_at}}}")
         d = cfg.data
         train = ArraySource(*load_digits_split("train", d.num_held_out, d.split_seed, d.source, d.num_classes))
@@ -131,7 +133,24 @@ def test_killed_pretraining_resumes_from_the_last_epoch_checkpoint_to_the_uninte
     for name, value in uninterrupted.items():
         assert torch.equal(resumed[name], value), name
 
+    # The loss log (metrics.csv) keeps the killed run's rows before step 6: one row per step, the uninterrupted ones.
+    (done,) = (tmp_path / "a" / "digits_edm_g++").glob(f"{stage}-*")
+    logged = [(done if run == "a" else folder) / "metrics.csv" for run in "ab"]
+    assert logged[1].read_text() == logged[0].read_text() and len(logged[0].read_text().splitlines()) == 1 + MAX_STEPS
+
     # The stage's output is its weights file alone: without the checkpoints it is read as it is.
     shutil.rmtree(folder / "checkpoints")
     cached = pretrained("b", "cached.txt")
     assert steps("cached.txt") == [] and all(torch.equal(cached[name], value) for name, value in resumed.items())
+
+
+def test_rng_states_refuse_a_checkpoint_of_another_number_of_ranks():
+    states = RNGStates(0).state_dict()
+    assert len(states["ranks"]) == 1
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    RNGStates(0).load_state_dict(RNGStates(0).state_dict())
+    assert torch.equal(torch.rand(3), expected)  # one rank: its own states back
+    with pytest.raises(ValueError, match="the RNG states of 2 ranks, this run has 1; resume with 2 devices"):
+        RNGStates(0).load_state_dict({"ranks": states["ranks"] * 2})

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torchmetrics.utilities.distributed import gather_all_tensors
 from torchvision.utils import save_image
 
-from dg_lightning.generate import sample_batches, to_uint8, write_atomic
+from dg_lightning.generate import rank_and_world_size, sample_batches, to_uint8, write_atomic
 from dg_lightning.metrics import GenerativeMetrics
 from dg_lightning.progress import track
 
@@ -41,6 +41,14 @@ def frozen(module):
             p.requires_grad_(flag)
 
 
+def seed_global_rngs(*entropy):
+    """Seed torch (every device), numpy and random from one hash of the integers `entropy` (numpy's SeedSequence)."""
+    state = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+    torch.manual_seed(state)
+    np.random.seed(state)
+    random.seed(state)
+
+
 class EpochSeed(L.Callback):
     """Re-seeds the global RNGs (torch on every device, numpy, random) at the start of each training epoch from
     (seed, epoch, global rank).
@@ -55,10 +63,53 @@ class EpochSeed(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         """Seed torch, numpy and random with a hash of (seed, epoch, rank)."""
-        state = np.random.SeedSequence((self.seed, trainer.current_epoch, trainer.global_rank)).generate_state(1)[0]
-        torch.manual_seed(int(state))
-        np.random.seed(int(state))
-        random.seed(int(state))
+        seed_global_rngs(self.seed, trainer.current_epoch, trainer.global_rank)
+
+
+class RNGStates(L.Callback):
+    """Keeps every rank's global RNG states (torch on the CPU and every CUDA device, numpy, random) in each checkpoint
+    and sets each rank's back on resume; it never draws from them. Rank 0 keeps the states that `seed` gave it, so a
+    one-process run is unchanged; rank r > 0 is re-seeded from (seed, r) at setup, so ranks draw different noise.
+    A resumed run draws, on every rank, the batch order and noise that the killed run would have drawn next."""
+
+    def __init__(self, seed):
+        self.seed = seed
+
+    def setup(self, trainer, pl_module, stage):
+        """Seed rank r > 0 apart from rank 0 (before Lightning restores a checkpoint's states)."""
+        if trainer.global_rank > 0:
+            seed_global_rngs(self.seed, trainer.global_rank)
+
+    def state_dict(self):
+        """{"ranks": every rank's states, in rank order} (gathered from all ranks: Lightning calls this on each);
+        numpy's key array as an int64 tensor, so the checkpoint loads with weights_only=True."""
+        kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+        states = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                  "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
+                  "random": random.getstate()}
+        rank, world_size = rank_and_world_size()
+        ranks = [None] * world_size
+        if world_size > 1:
+            torch.distributed.all_gather_object(ranks, states)
+        else:
+            ranks[0] = states
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state_dict):
+        """Set this rank's global RNGs to its saved states (CUDA: on the devices that this process has)."""
+        rank, world_size = rank_and_world_size()
+        saved = state_dict["ranks"]
+        if len(saved) != world_size:
+            raise ValueError(f"the checkpoint holds the RNG states of {len(saved)} ranks, this run has {world_size}; "
+                             f"resume with {len(saved)} devices (trainer.devices x trainer.num_nodes), or delete the "
+                             "stage's checkpoints/last.ckpt to start it again")
+        states = saved[rank]
+        torch.set_rng_state(states["torch"])
+        for device, state in enumerate(states["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device)
+        kind, keys, *rest = states["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+        random.setstate(states["random"])
 
 
 class GuidedSamplingCallback(L.Callback):

@@ -47,14 +47,13 @@ from dg_lightning.latents import (
 from dg_lightning.nets.unet import adm256_cond
 from dg_lightning.pipeline import check_discriminator_config, edm_discriminator, require_released
 from dg_lightning.pretrain import NoisyClassifierModule, clean_loader
+from dg_lightning.loggers import build_loggers, finish_loggers
 from dg_lightning.sources import IMAGE_SUFFIXES, shard_source
 from dg_lightning.stages import (
     build_accel,
-    build_loggers,
     build_network,
     dg_guidance,
     fingerprint,
-    finish_loggers,
     pretrain,
     stage_dir,
     train_discriminator,

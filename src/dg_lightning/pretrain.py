@@ -37,12 +37,14 @@ class CleanBatches(Dataset):
 
 
 def clean_loader(source: ArraySource, batch_size, shuffle=True, drop_last=True, num_workers=0):
-    """A DataLoader of clean batches from source (x0 as ArraySource.fetch gives it, int64 class labels)."""
+    """A DataLoader of clean batches from source (x0 as ArraySource.fetch gives it, int64 class labels). Its worker
+    processes start again at every epoch (not persistent), so every epoch draws its worker seed from the global RNG,
+    in a resumed run as in an uninterrupted one."""
     if batch_size < 1 or (drop_last and batch_size > len(source)):
         raise ValueError(f"batch_size must be between 1 and the {len(source)} samples of {source.name} "
                          f"(drop_last would leave no batch), got {batch_size}")
     return DataLoader(CleanBatches(source), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      collate_fn=keep_batch, num_workers=num_workers, persistent_workers=num_workers > 0)
+                      collate_fn=keep_batch, num_workers=num_workers)
 
 
 @torch.no_grad()

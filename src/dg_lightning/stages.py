@@ -1,5 +1,4 @@
-"""Building blocks shared by the pipelines: stage caching, atomic files, loggers, resumable pretraining, discriminator
-training.
+"""Building blocks shared by the pipelines: stage caching, atomic files, resumable pretraining, discriminator training.
 
 A stage whose output exists for the same config (its fingerprint) is loaded from paths.cache_dir
 instead of rerun, so a sweep over sampling settings reuses the trained discriminator.
@@ -8,27 +7,24 @@ instead of rerun, so a sweep over sampling settings reuses the trained discrimin
 import hashlib
 import json
 import os
-import random
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-import wandb
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from dg_lightning.accel import Accel, accelerate_for_guidance, set_backends
-from dg_lightning.callbacks import EpochSeed
+from dg_lightning.callbacks import EpochSeed, RNGStates
 from dg_lightning.config import ConfigError
 from dg_lightning.data import ArraySource, RealFakeDataModule
 from dg_lightning.generate import barrier, rank_and_world_size, write_atomic
 from dg_lightning.guidance import DiscriminatorGuidance
+from dg_lightning.loggers import ResumableCSVLogger
 from dg_lightning.module import DiscriminatorModule
 
 
@@ -85,23 +81,6 @@ def dg_guidance(cfg: DictConfig, discriminator):
     dg = cfg.guidance.dg
     net, joint_compile = accelerate_for_guidance(discriminator, build_accel(cfg))
     return DiscriminatorGuidance(net, t_min=dg.t_min, t_max=dg.t_max, clip=dg.clip, compile=joint_compile)
-
-
-def build_loggers(cfg: DictConfig):
-    """The configured Lightning loggers (CSV always; W&B offline unless disabled by WANDB_MODE)."""
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-
-
-def finish_loggers(loggers, metrics):
-    """Log the final metrics to every logger and close W&B runs (so sweep jobs do not share one); rank 0 only."""
-    if rank_and_world_size()[0] != 0:
-        return
-    for logger in loggers:
-        logger.log_metrics(metrics)
-        logger.finalize("success")
-        if isinstance(logger, WandbLogger):
-            logger.experiment.summary.update(metrics)
-            wandb.finish()
 
 
 def _external_launcher():
@@ -164,43 +143,21 @@ def fit(cfg: DictConfig, module, data, folder, loggers=(), callbacks=(), ckpt_pa
 PRETRAIN_CHECKPOINT_STEPS = 200  # about this many optimiser steps between pretraining checkpoints, in whole epochs
 
 
-class RNGStates(L.Callback):
-    """Keeps the global RNG states (torch on the CPU and every CUDA device, numpy, random) in each checkpoint and sets
-    them back on resume. It never draws from them, so an uninterrupted run is unchanged; a resumed run draws the batch
-    order and noise that the killed run would have drawn next."""
-
-    def state_dict(self):
-        """The current states, numpy's key array as an int64 tensor (the checkpoint loads with weights_only=True)."""
-        kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-        return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
-                "random": random.getstate()}
-
-    def load_state_dict(self, state_dict):
-        """Set the global RNGs to the saved states (CUDA: on the devices that this process has)."""
-        torch.set_rng_state(state_dict["torch"])
-        for device, state in enumerate(state_dict["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(state, device)
-        kind, keys, *rest = state_dict["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-        random.setstate(state_dict["random"])
-
-
 def pretrain(cfg: DictConfig, module, loader, max_steps, network, weights: Path):
     """Fit module on loader for max_steps optimiser steps in weights.parent (CSV log there), then atomic_save the state
     dict of network (the part of module that the stage exports, e.g. its EMA copy) to weights.
 
     Every k steps, k = PRETRAIN_CHECKPOINT_STEPS rounded to whole epochs (at least one), checkpoints/last.ckpt (the only
-    checkpoint kept) is rewritten with the global RNG states (RNGStates); a killed run resumes from it. Lightning
-    resumes a checkpoint from an epoch's last step where the run stood (from a step inside an epoch it would restart
-    the epoch's loader), so with a single-process loader (num_workers=0) on one device the resumed run ends with the
-    weights of an uninterrupted one; a loader with worker processes draws one seed more when it starts again.
+    checkpoint kept) is rewritten with every rank's global RNG states (RNGStates, which also seeds the ranks apart);
+    a killed run resumes from it. Lightning resumes a checkpoint from an epoch's last step where the run stood (from a
+    step inside an epoch it would restart the epoch's loader), so the resumed run ends with the weights of an
+    uninterrupted one, on any number of ranks and with loader workers (pretrain.clean_loader's start every epoch).
     """
     folder, per_epoch = weights.parent, len(loader)
     checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", save_top_k=0, save_last=True, enable_version_counter=False,
                                  every_n_train_steps=per_epoch * max(1, round(PRETRAIN_CHECKPOINT_STEPS / per_epoch)))
     last = folder / "checkpoints" / "last.ckpt"
-    fit(cfg, module, loader, folder, [CSVLogger(folder, name="", version="")], [checkpoint, RNGStates()],
+    fit(cfg, module, loader, folder, [ResumableCSVLogger(folder, name="", version="")], [checkpoint, RNGStates(cfg.seed)],
         ckpt_path=last if last.exists() else None, max_steps=max_steps, max_epochs=-1)
     atomic_save(network.state_dict(), weights)
 
