@@ -27,6 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
      "download https://github.com/toshas/torch-fidelity/releases/.*weights-inception-2015-12-05-6726825d.pth"),
     (["experiment=digits_edm_g++", "metrics.features=inception", "metrics.inception_path=/nonexistent/inception.pth"],
      "metrics.inception_path", "set metrics.inception_path to its local path"),
+    (["seed=-1"], "seed", r"must be an integer in \[0, 2\*\*32 - 1\], got -1. Fix: use e.g. seed=0"),
+    (["seed=null"], "seed", "got None"),
+    ([f"seed={2**32}"], "seed", "got 4294967296"),
+    (["experiment=digits_edm_g++", "metrics.sampling_seed=1.5"], "metrics.sampling_seed", "got 1.5"),
+    (["experiment=digits_edm_g++", f"metrics.sampling_seed={2**32}"], "metrics.sampling_seed", "got 4294967296"),
+    (["experiment=digits_edm_g++", "metrics.sampling_callback.seed=true"], "metrics.sampling_callback.seed", "got True"),
 ])
 def test_bad_values_name_the_key_and_the_fix(compose_cfg, overrides, key, fix, tmp_path):
     cfg = compose_cfg(*overrides)

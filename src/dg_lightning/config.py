@@ -8,6 +8,8 @@ from dg_lightning.metrics import INCEPTION_WEIGHTS_URL
 
 SOLVERS = ("heun", "euler", "ddpm")  # EDM's PF-ODE solvers; ddpm: the discrete ancestral sampler (DiT, ADM)
 FEATURES = ("digits_classifier", "inception")
+ABSENT = object()
+SEEDS = {"seed": False, "discriminator.seed": True, "metrics.sampling_seed": False, "metrics.sampling_callback.seed": False}
 
 
 class ConfigError(ValueError):
@@ -24,10 +26,11 @@ def _require(condition, key, problem, fix):
 
 
 def validate(cfg: DictConfig):
-    """Check the guidance window and weights, the sampler, the data sizes, the metrics' feature network and every
-    configured input path."""
+    """Check the seeds, the guidance window and weights, the sampler, the data sizes, the metrics' feature network and
+    every configured input path."""
     missing = sorted(k for k in ("experiment_name", "pipeline") if OmegaConf.is_missing(cfg, k))
     _require(not missing, missing[0] if missing else "", "is not set", "choose an experiment, e.g. experiment=toy2d")
+    _validate_seeds(cfg)
     dg = cfg.guidance.dg
     _require(0.0 <= dg.t_min < dg.t_max <= 1.0, "guidance.dg.t_min",
              f"the DG window needs 0 <= t_min < t_max <= 1 in VP time, got t_min={dg.t_min}, t_max={dg.t_max}",
@@ -54,6 +57,19 @@ def validate(cfg: DictConfig):
     _require(source is None or Path(source).is_file(), "data.source", f"the data source {source} does not exist",
              "give an .npz with 'images' uint8 (N, 8, 8, 1) (NHWC) and integer 'labels' (N,), or null for sklearn's digits")
     _validate_features(cfg.metrics)
+
+
+def _validate_seeds(cfg: DictConfig):
+    """Every seed is an integer in [0, 2**32 - 1] (numpy's and Lightning's range; the training fakes are drawn above
+    it, generate.fake_base_seed); discriminator.seed may also be null (the head follows seed)."""
+    for key, nullable in SEEDS.items():
+        value = OmegaConf.select(cfg, key, default=ABSENT)
+        if value is ABSENT or (nullable and value is None):  # a config without this key (e.g. no sampling callback)
+            continue
+        _require(not isinstance(value, bool) and isinstance(value, int) and 0 <= value <= 2**32 - 1, key,
+                 f"must be {'null or ' if nullable else ''}an integer in [0, 2**32 - 1], got {value!r}",
+                 "use null (the head follows seed) or e.g. discriminator.seed=1 to vary the head alone" if nullable
+                 else f"use e.g. {key}=0")
 
 
 def _validate_features(metrics):

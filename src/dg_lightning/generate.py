@@ -42,6 +42,16 @@ def sample_seed(base_seed, index):
     return int(np.random.SeedSequence((base_seed, index)).generate_state(1, np.uint64)[0])
 
 
+FAKE_SEED_OFFSET = 2**32  # the config's seeds are below it (config.validate)
+
+
+def fake_base_seed(seed):
+    """The base seed of the discriminator's training fakes in a run with `seed`: seed + 2**32, outside [0, 2**32) where
+    every sampling seed of the config lies, so no evaluated or monitored sample starts from a training fake's latents
+    and noise (with one base seed for both, the unguided evaluation samples would be the first fakes)."""
+    return FAKE_SEED_OFFSET + seed
+
+
 class SampleNoise:
     """Per-sample random streams (like EDM's StackedRandomGenerator): row b of every draw comes from sample b's own CPU generator.
 

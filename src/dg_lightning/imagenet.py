@@ -36,7 +36,7 @@ from dg_lightning.evaluation import (
     export_samples,
     load_reference_batch,
 )
-from dg_lightning.generate import generate, load_shards
+from dg_lightning.generate import fake_base_seed, generate, load_shards
 from dg_lightning.guidance import ClassifierGuidance
 from dg_lightning.latents import (
     VAE_SOURCE,
@@ -268,7 +268,8 @@ def run_imagenet(cfg: DictConfig):
         if stop >= 1:
             fake_dir = sample_to(cfg, dit_sample_fn(cfg, dit, fake_cfg_scale=d.fake_cfg_scale,
                                                     **({"decoder": decoder, "encoder": encoder} if d.fake_round_trip else {})),
-                                 stage_dir(cfg, "generate", FAKE_KEYS), d.num_fake, cfg.seed, FAKE_KEYS, shape, False, device)
+                                 stage_dir(cfg, "generate", FAKE_KEYS), d.num_fake, fake_base_seed(cfg.seed), FAKE_KEYS, shape,
+                                 False, device)
         if stop >= 2:
             cfg = with_latent_classifier(cfg, real)
             fake = shard_source(fake_dir, name=f"fake latents in {fake_dir}")
@@ -362,7 +363,7 @@ def run_imagenet_adm(cfg: DictConfig):
         real = encode_real(cfg, None, device)
         if stop >= 1:
             fake_dir = sample_to(cfg, adm_sample_fn(cfg, model, classifier, fake_cg_scale=d.fake_cg_scale),
-                                 stage_dir(cfg, "generate", ADM_FAKE_KEYS), d.num_fake, cfg.seed, ADM_FAKE_KEYS, shape,
+                                 stage_dir(cfg, "generate", ADM_FAKE_KEYS), d.num_fake, fake_base_seed(cfg.seed), ADM_FAKE_KEYS, shape,
                                  True, device)
         if stop >= 2:
             fake = shard_source(fake_dir, name=f"fake images in {fake_dir}")

@@ -108,14 +108,9 @@ def launch(cfg: DictConfig):
 
 def head_seed(cfg: DictConfig):
     """The seed of the DG head's initialisation and whole training stream: discriminator.seed, or cfg.seed when it
-    is null (or absent), so a sweep over discriminator.seed varies the head alone."""
+    is null (or absent), so a sweep over discriminator.seed varies the head alone (checked by config.validate)."""
     seed = cfg.discriminator.get("seed")
-    if seed is None:
-        return cfg.seed
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**32 - 1:
-        raise ConfigError("discriminator.seed", f"must be null or an integer in [0, 2**32 - 1], got {seed!r}",
-                          "use null (the head follows seed) or e.g. discriminator.seed=1 to vary the head alone")
-    return seed
+    return cfg.seed if seed is None else seed
 
 
 def build_network(cfg: DictConfig, node, seed=None):
