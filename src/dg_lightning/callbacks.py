@@ -87,7 +87,7 @@ class RNGStates(L.Callback):
         states = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                   "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
                   "random": random.getstate()}
-        rank, world_size = rank_and_world_size()
+        world_size = rank_and_world_size()[1]
         ranks = [None] * world_size
         if world_size > 1:
             torch.distributed.all_gather_object(ranks, states)
