@@ -1,6 +1,10 @@
 """dg-lightning entry point: `python run.py experiment=<name> [key=value ...]` (Hydra; `-m` for sweeps)."""
 
+import logging
+
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 
@@ -8,7 +12,12 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig) -> None:
     from dg_lightning.pipeline import run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except Exception:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # Hydra reports a job's error only after the whole sweep
+            logging.getLogger(__name__).exception("this sweep point failed; the sweep goes on and re-raises at its end")
+        raise
 
 
 if __name__ == "__main__":

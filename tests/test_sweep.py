@@ -84,3 +84,15 @@ def test_slurm_launcher_gives_one_rank_per_gpu():
     assert slurm.defaults == ["submitit_slurm"]
     slurm.gpus_per_node = 8
     assert slurm.tasks_per_node == 8 and {"nodes", "timeout_min", "partition"} <= set(slurm)
+
+
+def test_a_failing_sweep_point_reports_its_error_when_it_fails(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", "guidance.dg.weight=-1,-2"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode != 0
+    # Each point's error is logged as it fails (in its run.log and on the console), before the next point starts.
+    first_error = result.stdout.find("config key 'guidance.dg.weight': must be >= 0, got -1")
+    assert 0 <= first_error < result.stdout.find("#1 : guidance.dg.weight=-2")
+    (sweep_dir,) = (tmp_path / "logs" / "toy2d" / "multiruns").iterdir()
+    for point, weight in enumerate((-1, -2)):
+        assert f"must be >= 0, got {weight}" in (sweep_dir / f"{point}_guidance.dg.weight={weight}" / "run.log").read_text()
