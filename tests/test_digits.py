@@ -85,8 +85,9 @@ def test_train_stage_key_has_the_guidance_only_when_the_callback_picks_the_weigh
     best = ["discriminator.select=best"]
     assert train_dir(*best, "guidance.dg.weight=1.0") != train_dir(*best, "guidance.dg.weight=2.0")
     assert train_dir(*best, "guidance.dg.t_max=0.5") != train_dir(*best)
-    # Each head seed trains a head of its own.
+    # Each head seed trains a head of its own; the default (the run's seed) and the same seed given share one.
     assert train_dir("discriminator.seed=1") != train_dir("discriminator.seed=2") != train_dir()
+    assert train_dir("seed=3") == train_dir("seed=3", "discriminator.seed=3")
 
 
 def test_user_data_source_is_split_like_sklearn_digits(tmp_path):

@@ -9,7 +9,7 @@ from dg_lightning.metrics import INCEPTION_WEIGHTS_URL
 SOLVERS = ("heun", "euler", "ddpm")  # EDM's PF-ODE solvers; ddpm: the discrete ancestral sampler (DiT, ADM)
 FEATURES = ("digits_classifier", "inception")
 ABSENT = object()
-SEEDS = {"seed": False, "discriminator.seed": True, "metrics.sampling_seed": False, "metrics.sampling_callback.seed": False}
+SEEDS = ("seed", "discriminator.seed", "metrics.sampling_seed", "metrics.sampling_callback.seed")
 
 
 class ConfigError(ValueError):
@@ -60,16 +60,14 @@ def validate(cfg: DictConfig):
 
 
 def _validate_seeds(cfg: DictConfig):
-    """Every seed is an integer in [0, 2**32 - 1] (numpy's and Lightning's range; the training fakes are drawn above
-    it, generate.fake_base_seed); discriminator.seed may also be null (the head follows seed)."""
-    for key, nullable in SEEDS.items():
+    """Every seed is an integer in [0, 2**32 - 1]: numpy's and Lightning's range; the training fakes are drawn above it
+    (generate.fake_base_seed)."""
+    for key in SEEDS:
         value = OmegaConf.select(cfg, key, default=ABSENT)
-        if value is ABSENT or (nullable and value is None):  # a config without this key (e.g. no sampling callback)
+        if value is ABSENT:  # a config without this key (e.g. no sampling callback)
             continue
         _require(not isinstance(value, bool) and isinstance(value, int) and 0 <= value <= 2**32 - 1, key,
-                 f"must be {'null or ' if nullable else ''}an integer in [0, 2**32 - 1], got {value!r}",
-                 "use null (the head follows seed) or e.g. discriminator.seed=1 to vary the head alone" if nullable
-                 else f"use e.g. {key}=0")
+                 f"must be an integer in [0, 2**32 - 1], got {value!r}", f"use e.g. {key}=0")
 
 
 def _validate_features(metrics):

@@ -30,7 +30,7 @@ from dg_lightning.sde import LinearVP
 from dg_lightning.loggers import build_loggers, finish_loggers
 from dg_lightning.sources import load_source
 from dg_lightning.stages import (atomic_save, build_accel, build_network, dg_guidance, finished_metrics, fingerprint,
-                                 head_seed, launch, pretrain, sampler_kwargs, stage_dir, train_discriminator, write_metrics)
+                                 launch, pretrain, sampler_kwargs, stage_dir, train_discriminator, write_metrics)
 from dg_lightning.toy import MixtureDenoiser, OptimalDiscriminator
 
 TOY_STAGES = ("generate", "train", "sample")
@@ -78,7 +78,7 @@ def run_toy2d(cfg: DictConfig):
         # Stage 2: the discriminator on real vs fake, diffused on the fly.
         real = data.sample(cfg.data.num_real, generator=_generator(cfg.seed, 0))
         net = train_discriminator(cfg, ArraySource(real.numpy(), name="data.mixture samples"), ArraySource(fakes.numpy(), name="fakes"),
-                                  build_network(cfg, cfg.discriminator.net, head_seed(cfg)), loggers,
+                                  build_network(cfg, cfg.discriminator.net, cfg.discriminator.seed), loggers,
                                   keys=["seed", "data", "score", "sampler", "discriminator", "trainer.max_steps", "trainer.max_epochs"])
     if stop >= 2:
         # Stage 3: the same latents sampled with no DG, the trained discriminator, and the exact d*.
@@ -281,7 +281,8 @@ def run_digits(cfg: DictConfig):
         fakes = ArraySource(*load_shards(fake_dir), name=f"fakes in {fake_dir}")
     if stop >= 3:
         features = feature_network(cfg, train_images, train_labels)
-        head = build_network(cfg, _with(cfg.discriminator.head, num_classes=conditional_classes(cfg)), head_seed(cfg))
+        head_net = _with(cfg.discriminator.head, num_classes=conditional_classes(cfg))
+        head = build_network(cfg, head_net, cfg.discriminator.seed)
         discriminator = Discriminator(classifier, head)
         keys = digits_train_keys(cfg)
         train_dir = stage_dir(cfg, "train", keys)
@@ -376,14 +377,14 @@ def check_edm_config(cfg: DictConfig):
 
 def edm_discriminator(cfg: DictConfig):
     """DG's discriminator on the released ADM classifier (frozen) with the released head at discriminator.head_path or a
-    new head (discriminator.head, initialised from stages.head_seed); the head is trainable."""
+    new head (discriminator.head, initialised from discriminator.seed); the head is trainable."""
     d = cfg.discriminator
     overrides = OmegaConf.to_container(d.classifier.overrides, resolve=True)
     if d.head_path is not None:
         net = load_dg_discriminator(d.classifier.path, d.head_path, d.classifier.config, d.head.num_classes, **overrides)
     else:
         extractor = load_adm_classifier(d.classifier.path, d.classifier.config, **overrides)
-        head = build_network(cfg, d.head, head_seed(cfg))
+        head = build_network(cfg, d.head, cfg.discriminator.seed)
         net = Discriminator(extractor, head, ADM_CLASSIFIERS[d.classifier.config].time_map)
     net.head.requires_grad_(True)
     return net

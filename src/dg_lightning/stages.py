@@ -106,13 +106,6 @@ def launch(cfg: DictConfig):
     L.Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.get("num_nodes", 1), strategy="ddp").launch()
 
 
-def head_seed(cfg: DictConfig):
-    """The seed of the DG head's initialisation and whole training stream: discriminator.seed, or cfg.seed when it
-    is null (or absent), so a sweep over discriminator.seed varies the head alone (checked by config.validate)."""
-    seed = cfg.discriminator.get("seed")
-    return cfg.seed if seed is None else seed
-
-
 def build_network(cfg: DictConfig, node, seed=None):
     """Instantiate a network config right after seeding with `seed` (default cfg.seed): its initial weights do not
     depend on which earlier stages ran and which were loaded from the cache."""
@@ -162,14 +155,14 @@ def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, n
 
     Every epoch ends with a checkpoint (checkpoints/epochNNN.ckpt and last.ckpt); a killed training resumes from
     last.ckpt. EpochSeed re-seeds the global RNGs (batch order, diffusion times and noise) at each epoch from
-    (head_seed(cfg), epoch, rank), so the resumed run ends with the same weights as an uninterrupted one.
+    (discriminator.seed, epoch, rank), so the resumed run ends with the same weights as an uninterrupted one.
     """
     folder = stage_dir(cfg, "train", keys)
     weights = folder / "discriminator.pt"
     if weights.exists():
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         return net
-    d, seed = cfg.data, head_seed(cfg)
+    d, seed = cfg.data, cfg.discriminator.seed
     datamodule = RealFakeDataModule(real, fake, batch_size=d.batch_size, t_min=d.t_min, importance=d.importance_sampling,
                                     num_workers=d.num_workers, seed=seed, conditional=cfg.discriminator.get("conditional", False))
     module = DiscriminatorModule(net, cfg.discriminator.objective, cfg.discriminator.lr, cfg.discriminator.weight_decay,
