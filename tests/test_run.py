@@ -63,7 +63,7 @@ def test_sweep_reuses_the_discriminator_shares_a_group_and_reports(tmp_path):
     assert metrics[(0.0, 0.01)]["toy/swd_dg"] == pytest.approx(metrics[(0.0, 0.01)]["toy/swd_no_dg"])
     report_main([str(sweep_dir), "--metric", "toy/swd_dg"])
     table = (sweep_dir / "report.md").read_text().splitlines()
-    assert table[0] == "| dg weight | toy/swd_dg (t_min=0.01) | toy/swd_dg (t_min=0.1) |"
+    assert table[0] == "| guidance.dg.weight | toy/swd_dg (t_min=0.01) | toy/swd_dg (t_min=0.1) |"
     assert table[2].startswith("| 0 | ") and table[3].startswith("| 1 | ") and len(table) == 4
     assert (sweep_dir / "report.png").stat().st_size > 5000
 

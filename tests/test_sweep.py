@@ -44,7 +44,7 @@ def test_sweep_trains_once_shares_a_group_reports_and_a_relaunch_skips_finished_
 
     report_main([str(sweep_dir), "--metric", "toy/swd_dg"])
     table = (sweep_dir / "report.md").read_text().splitlines()
-    assert table[0] == "| dg weight | toy/swd_dg (t_min=0.05) |" and len(table) == 4
+    assert table[0] == "| guidance.dg.weight | toy/swd_dg (t_min=0.05) |" and len(table) == 4
     values = [json.loads((j / "metrics.json").read_text())["toy/swd_dg"] for j in jobs]
     assert table[2] == f"| 0 | {values[0]:.4f} |" and table[3] == f"| 1 | {values[1]:.4f} |"
 

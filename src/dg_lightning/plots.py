@@ -1,5 +1,7 @@
 """Figures: the toy 2-D panels (paper Figures 6 and 8) and sweep plots."""
 
+import statistics
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -29,13 +31,16 @@ def toy2d_figure(reference, samples, taus, curves, metrics, path):
     plt.close(fig)
 
 
-def sweep_figure(rows, metric, path):
-    """A metric against the DG weight, one line per t_min, from (weight, t_min, value) rows."""
+def sweep_figure(cells, metric, x_key, line_name, path):
+    """A metric against the x_key values, one line per column value, from report.pooled's {(x, column): values}: each
+    point the mean of its values, with the sample std as an error bar where there are several."""
     fig, ax = plt.subplots(figsize=(5, 4))
-    for t_min in sorted({t for _, t, _ in rows}):
-        points = sorted((w, v) for w, t, v in rows if t == t_min)
-        ax.plot([w for w, _ in points], [v for _, v in points], marker="o", label=f"t_min={t_min}")
-    ax.set_xlabel("DG weight")
+    for col in dict.fromkeys(col for _, col in cells):
+        points = [(x, values) for (x, c), values in cells.items() if c == col and x != "all"]
+        means = [statistics.mean(v) for _, v in points]
+        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points]
+        ax.errorbar([x for x, _ in points], means, yerr=stds, marker="o", capsize=3, label=f"{line_name}={col}")
+    ax.set_xlabel(x_key)
     ax.set_ylabel(metric)
     ax.legend()
     fig.tight_layout()

@@ -1,46 +1,85 @@
-"""Sweep report: a table and a plot of one metric against the DG weight, one line per t_min.
+"""Sweep report: a table and a plot of one metric of a Hydra multirun, by two swept config keys.
 
-    python -m dg_lightning.report <sweep_dir> [--metric toy/swd_dg]
+    python -m dg_lightning.report <sweep_dir> [--metric toy/swd_dg] [--rows guidance.dg.weight]
+                                  [--cols guidance.dg.t_min] [--minus eval_unguided/fid] [--all]
 
-Reads every job folder's resolved_config.yaml and metrics.json under <sweep_dir>; writes
-<sweep_dir>/report.md (a Markdown table) and <sweep_dir>/report.png.
+Reads every job folder's resolved_config.yaml and metrics.json under <sweep_dir>; writes <sweep_dir>/report.md (a
+Markdown table: one row per value of --rows, one column per value of --cols) and <sweep_dir>/report.png (the metric
+against --rows, one line per --cols value). Jobs that share both values (they differ in other swept keys, e.g. seeds)
+are pooled: a cell gives their mean ± sample std and their number n; with --all a last row pools each column (for
+rows that are seeds, e.g. --rows discriminator.seed). With --minus, each job contributes its paired difference
+metric - minus (e.g. eval/fid - eval_unguided/fid, DG against no DG from the same seeds), and a cell also counts the
+jobs whose difference is below 0.
 """
 
 import argparse
 import json
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from dg_lightning.config import ABSENT
 from dg_lightning.plots import sweep_figure
 
 
-def collect(sweep_dir, metric):
-    """(dg weight, t_min, value) for every finished job of a sweep folder, sorted."""
+def collect(sweep_dir, metric, rows_key="guidance.dg.weight", cols_key="guidance.dg.t_min", minus=None):
+    """(row value, column value, value) for every finished job of a sweep folder, sorted; value is the job's metric,
+    or its metric minus its `minus` metric."""
     rows = []
     for metrics_file in sorted(Path(sweep_dir).glob("*/metrics.json")):
         cfg = OmegaConf.load(metrics_file.parent / "resolved_config.yaml")
         metrics = json.loads(metrics_file.read_text())
-        if metric not in metrics:
-            raise KeyError(f"{metrics_file} has no metric {metric!r}; it has {sorted(metrics)}")
-        rows.append((cfg.guidance.dg.weight, cfg.guidance.dg.t_min, metrics[metric]))
+        for name in (metric, minus or metric):
+            if name not in metrics:
+                raise KeyError(f"{metrics_file} has no metric {name!r}; it has {sorted(metrics)}")
+        keys = {key: OmegaConf.select(cfg, key, default=ABSENT) for key in (rows_key, cols_key)}
+        missing = [key for key, value in keys.items() if value is ABSENT]
+        if missing:
+            raise KeyError(f"{metrics_file.parent / 'resolved_config.yaml'} has no config key {missing[0]!r}; "
+                           "give --rows / --cols keys of the swept config, e.g. guidance.dg.weight")
+        rows.append((keys[rows_key], keys[cols_key], metrics[metric] - (metrics[minus] if minus else 0.0)))
     if not rows:
         raise FileNotFoundError(f"no */metrics.json under {sweep_dir}: is it a finished Hydra multirun folder?")
-    return sorted(rows)
+    return sorted(rows, key=lambda r: (order(r[0]), order(r[1]), r[2]))
 
 
-def markdown_table(rows, metric):
-    """A Markdown table: one row per DG weight, one column per t_min."""
-    t_mins = sorted({t for _, t, _ in rows})
-    values = defaultdict(dict)
-    for weight, t_min, value in rows:
-        values[weight][t_min] = value
-    lines = ["| dg weight | " + " | ".join(f"{metric} (t_min={t})" for t in t_mins) + " |",
-             "|---|" + "---|" * len(t_mins)]
-    for weight in sorted(values):
-        cells = [f"{values[weight][t]:.4f}" if t in values[weight] else "" for t in t_mins]
-        lines.append(f"| {weight} | " + " | ".join(cells) + " |")
+def order(value):
+    """A sort key for config values: numbers by value, before anything else by its text (null, strings)."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (0, value, "") if is_number else (1, 0, str(value))
+
+
+def pooled(rows, pool_rows=False):
+    """{(row value, column value): [values]}, plus ("all", column value) pooling each column's rows when pool_rows."""
+    cells = defaultdict(list)
+    for row, col, value in rows:
+        cells[(row, col)].append(value)
+        if pool_rows:
+            cells[("all", col)].append(value)
+    return cells
+
+
+def cell_text(values, paired):
+    """One value as it is; several as mean ± sample std (n), with the count below 0 for paired differences."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    below = f", {sum(v < 0 for v in values)} < 0" if paired else ""
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} (n={len(values)}{below})"
+
+
+def markdown_table(rows, metric, rows_key="guidance.dg.weight", cols_key="guidance.dg.t_min", minus=None,
+                   pool_rows=False):
+    """A Markdown table: one row per rows_key value (then "all" with pool_rows), one column per cols_key value."""
+    cells = pooled(rows, pool_rows)
+    name = f"{metric} - {minus}" if minus else metric
+    cols = sorted({col for _, col, _ in rows}, key=order)
+    lines = [f"| {rows_key} | " + " | ".join(f"{name} ({cols_key.rsplit('.', 1)[-1]}={c})" for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for row in sorted({row for row, _, _ in rows}, key=order) + (["all"] if pool_rows else []):
+        texts = [cell_text(cells[(row, c)], minus is not None) if (row, c) in cells else "" for c in cols]
+        lines.append(f"| {row} | " + " | ".join(texts) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -49,11 +88,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir")
     parser.add_argument("--metric", default="toy/swd_dg")
+    parser.add_argument("--rows", default="guidance.dg.weight", help="config key of the table's rows, the plot's x")
+    parser.add_argument("--cols", default="guidance.dg.t_min", help="config key of the table's columns, plot's lines")
+    parser.add_argument("--minus", default=None, help="a metric of the same job to subtract (a paired difference)")
+    parser.add_argument("--all", action="store_true", help="add a row pooling all rows of each column")
     args = parser.parse_args(argv)
-    rows = collect(args.sweep_dir, args.metric)
-    (Path(args.sweep_dir) / "report.md").write_text(markdown_table(rows, args.metric))
-    sweep_figure(rows, args.metric, Path(args.sweep_dir) / "report.png")
-    print(markdown_table(rows, args.metric))
+    rows = collect(args.sweep_dir, args.metric, args.rows, args.cols, args.minus)
+    table = markdown_table(rows, args.metric, args.rows, args.cols, args.minus, args.all)
+    (Path(args.sweep_dir) / "report.md").write_text(table)
+    label = f"{args.metric} - {args.minus}" if args.minus else args.metric
+    sweep_figure(pooled(rows), label, args.rows, args.cols.rsplit(".", 1)[-1], Path(args.sweep_dir) / "report.png")
+    print(table)
 
 
 if __name__ == "__main__":

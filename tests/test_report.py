@@ -1,0 +1,65 @@
+"""The sweep report on hand-made sweep folders: cells pool the jobs that differ only in other swept keys (mean ± sample
+std, n), --minus gives paired differences with the count below 0, --all pools each column, bad keys are named."""
+
+import json
+import statistics
+
+import pytest
+from omegaconf import OmegaConf
+
+from dg_lightning.report import main as report_main
+
+# (head seed, sampling seed, t_max) -> (eval/fid, eval_unguided/fid): the unguided FID depends on the sampling seed only.
+UNGUIDED = {0: 9.0, 1: 8.0}
+GUIDED = {(0, 0, 0.2): 8.9, (0, 1, 0.2): 7.7, (1, 0, 0.2): 9.2, (1, 1, 0.2): 7.6,
+          (0, 0, 1.0): 9.5, (0, 1, 1.0): 8.4, (1, 0, 1.0): 8.1, (1, 1, 1.0): 7.0}
+
+
+def write_sweep(folder):
+    """One job folder per GUIDED entry, with its resolved_config.yaml and metrics.json as run.py writes them."""
+    for n, ((head, sampling, t_max), fid) in enumerate(GUIDED.items()):
+        job = folder / f"{n}_job"
+        job.mkdir(parents=True)
+        cfg = {"discriminator": {"seed": head}, "metrics": {"sampling_seed": sampling}, "guidance": {"dg": {"t_max": t_max}}}
+        OmegaConf.save(OmegaConf.create(cfg), job / "resolved_config.yaml")
+        (job / "metrics.json").write_text(json.dumps({"eval/fid": fid, "eval_unguided/fid": UNGUIDED[sampling]}))
+
+
+def cell(values, below=None):
+    mean, std = statistics.mean(values), statistics.stdev(values)
+    return f"{mean:.4f} ± {std:.4f} (n={len(values)}" + ("" if below is None else f", {below} < 0") + ")"
+
+
+def test_paired_differences_pool_the_sampling_seeds_per_head_and_all_heads(tmp_path):
+    write_sweep(tmp_path)
+    report_main([str(tmp_path), "--metric", "eval/fid", "--minus", "eval_unguided/fid", "--rows", "discriminator.seed",
+                 "--cols", "guidance.dg.t_max", "--all"])
+    table = (tmp_path / "report.md").read_text().splitlines()
+    delta = {key: fid - UNGUIDED[key[1]] for key, fid in GUIDED.items()}
+    assert table[0] == ("| discriminator.seed | eval/fid - eval_unguided/fid (t_max=0.2) "
+                        "| eval/fid - eval_unguided/fid (t_max=1.0) |")
+    for line, head in zip(table[2:4], (0, 1)):
+        per_window = [[delta[(head, s, t)] for s in (0, 1)] for t in (0.2, 1.0)]
+        assert line == f"| {head} | " + " | ".join(cell(v, sum(x < 0 for x in v)) for v in per_window) + " |"
+    pooled = [[delta[(h, s, t)] for h in (0, 1) for s in (0, 1)] for t in (0.2, 1.0)]
+    assert table[4] == "| all | " + " | ".join(cell(v, sum(x < 0 for x in v)) for v in pooled) + " |"
+    assert table[4].startswith("| all | -0.1500 ± 0.2646 (n=4, 3 < 0) |") and len(table) == 5
+    assert (tmp_path / "report.png").stat().st_size > 5000
+
+
+def test_a_plain_metric_pools_without_a_count_and_without_an_all_row(tmp_path):
+    write_sweep(tmp_path)
+    report_main([str(tmp_path), "--metric", "eval/fid", "--rows", "metrics.sampling_seed", "--cols", "guidance.dg.t_max"])
+    table = (tmp_path / "report.md").read_text().splitlines()
+    assert table[2] == f"| 0 | {cell([8.9, 9.2])} | {cell([9.5, 8.1])} |" and len(table) == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metric", "eval/kid"], "has no metric 'eval/kid'"),
+    (["--metric", "eval/fid", "--minus", "eval_floor/fid"], "has no metric 'eval_floor/fid'"),
+    (["--metric", "eval/fid", "--rows", "guidance.dg.weight"], "has no config key 'guidance.dg.weight'; give --rows"),
+])
+def test_a_missing_metric_or_config_key_is_named(tmp_path, args, message):
+    write_sweep(tmp_path)
+    with pytest.raises(KeyError, match=message):
+        report_main([str(tmp_path), "--cols", "guidance.dg.t_max", *args])
