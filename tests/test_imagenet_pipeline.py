@@ -3,6 +3,7 @@ the released formats (a DiT state dict, the latent ADM classifier, an image fold
 stand-in autoencoder of tests/standin_vae.py. Missing or empty inputs stop the run before any compute; a missing latent
 classifier is trained first (discriminator.classifier.train_if_missing)."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,9 @@ def test_smoke_runs_every_stage_exports_and_dg_weight_zero_is_unguided(tmp_path,
     (fakes,) = PIPELINE.cache(tmp_path, "generate")
     shard = np.load(fakes / "shard-000000.npz")
     assert shard["samples"].shape == (SMOKE.data.num_fake, 4, 32, 32) and len(set(shard["labels"])) > 1
+    # Fakes and the encoding draw above every configured seed (the evaluation samples draw at sampling_seed 0).
+    manifests = [json.loads((folder / "manifest.json").read_text()) for folder in (fakes, real)]
+    assert [m["base_seed"] for m in manifests] == [2**32, 2 * 2**32]  # seed 0
 
     # A DG weight of 0 gives exactly the unguided samples and metrics, reusing the latents, fakes and head.
     PIPELINE.check_dg_weight_zero_is_the_baseline(tmp_path, released, metrics)

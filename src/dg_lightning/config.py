@@ -61,7 +61,7 @@ def validate(cfg: DictConfig):
 
 def _validate_seeds(cfg: DictConfig):
     """Every seed is an integer in [0, 2**32 - 1]: numpy's and Lightning's range; the training fakes are drawn above it
-    (generate.fake_base_seed)."""
+    (generate.stream_base_seed)."""
     for key in SEEDS:
         value = OmegaConf.select(cfg, key, default=ABSENT)
         if value is ABSENT:  # a config without this key (e.g. no sampling callback)

@@ -42,14 +42,16 @@ def sample_seed(base_seed, index):
     return int(np.random.SeedSequence((base_seed, index)).generate_state(1, np.uint64)[0])
 
 
-FAKE_SEED_OFFSET = 2**32  # the config's seeds are below it (config.validate)
+SEED_STREAMS = {"fakes": 1, "real": 2}  # stream k draws at base seed k * 2**32 + seed; configured seeds are stream 0
 
 
-def fake_base_seed(seed):
-    """The base seed of the discriminator's training fakes in a run with `seed`: seed + 2**32, outside [0, 2**32) where
-    every sampling seed of the config lies, so no evaluated or monitored sample starts from a training fake's latents
-    and noise (with one base seed for both, the unguided evaluation samples would be the first fakes)."""
-    return FAKE_SEED_OFFSET + seed
+def stream_base_seed(seed, stream):
+    """The base seed of a named stream of a run with `seed`: k * 2**32 + seed for SEED_STREAMS[stream] = k, above
+    [0, 2**32) where every configured seed lies (config.validate). The evaluation and callback samples draw at their
+    configured seeds; the discriminator's training fakes ("fakes") and the real data's encoding ("real": subset,
+    flips, posterior noise) draw above them, so no evaluated sample starts from the latents and noise of a fake (with
+    one base seed for both, the unguided evaluation samples were the first fakes) or of a real image's encoding."""
+    return SEED_STREAMS[stream] * 2**32 + seed
 
 
 class SampleNoise:

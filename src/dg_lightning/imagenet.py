@@ -36,7 +36,7 @@ from dg_lightning.evaluation import (
     export_samples,
     load_reference_batch,
 )
-from dg_lightning.generate import fake_base_seed, generate, load_shards
+from dg_lightning.generate import generate, load_shards, stream_base_seed
 from dg_lightning.guidance import ClassifierGuidance
 from dg_lightning.latents import (
     VAE_SOURCE,
@@ -164,8 +164,8 @@ def encode_real(cfg: DictConfig, encoder, device):
     d = cfg.data
     folder = stage_dir(cfg, "encode", ENCODE_KEYS)
     encode_image_folder(encoder, d.image_dir, folder, image_size=d.image_size, flip=d.flip, num_samples=d.num_real,
-                        base_seed=cfg.seed, batch_size=d.encode_batch_size, num_workers=d.num_workers,
-                        fingerprint=fingerprint(cfg, ENCODE_KEYS), device=device)
+                        base_seed=stream_base_seed(cfg.seed, "real"), batch_size=d.encode_batch_size,
+                        num_workers=d.num_workers, fingerprint=fingerprint(cfg, ENCODE_KEYS), device=device)
     return shard_source(folder, name=f"real {'images' if encoder is None else 'latents'} in {folder}")
 
 
@@ -268,8 +268,8 @@ def run_imagenet(cfg: DictConfig):
         if stop >= 1:
             fake_dir = sample_to(cfg, dit_sample_fn(cfg, dit, fake_cfg_scale=d.fake_cfg_scale,
                                                     **({"decoder": decoder, "encoder": encoder} if d.fake_round_trip else {})),
-                                 stage_dir(cfg, "generate", FAKE_KEYS), d.num_fake, fake_base_seed(cfg.seed), FAKE_KEYS, shape,
-                                 False, device)
+                                 stage_dir(cfg, "generate", FAKE_KEYS), d.num_fake, stream_base_seed(cfg.seed, "fakes"),
+                                 FAKE_KEYS, shape, False, device)
         if stop >= 2:
             cfg = with_latent_classifier(cfg, real)
             fake = shard_source(fake_dir, name=f"fake latents in {fake_dir}")
@@ -363,8 +363,8 @@ def run_imagenet_adm(cfg: DictConfig):
         real = encode_real(cfg, None, device)
         if stop >= 1:
             fake_dir = sample_to(cfg, adm_sample_fn(cfg, model, classifier, fake_cg_scale=d.fake_cg_scale),
-                                 stage_dir(cfg, "generate", ADM_FAKE_KEYS), d.num_fake, fake_base_seed(cfg.seed), ADM_FAKE_KEYS, shape,
-                                 True, device)
+                                 stage_dir(cfg, "generate", ADM_FAKE_KEYS), d.num_fake,
+                                 stream_base_seed(cfg.seed, "fakes"), ADM_FAKE_KEYS, shape, True, device)
         if stop >= 2:
             fake = shard_source(fake_dir, name=f"fake images in {fake_dir}")
             discriminator = train_discriminator(cfg, real, fake, discriminator, loggers, train_keys(ADM_FAKE_KEYS))

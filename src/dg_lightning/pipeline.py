@@ -20,7 +20,7 @@ from dg_lightning.callbacks import BEST_DISCRIMINATOR, GuidedSamplingCallback
 from dg_lightning.checkpoints import ADM_CLASSIFIERS, EDM_SOURCE, load_adm_classifier, load_dg_discriminator, load_edm
 from dg_lightning.config import ConfigError, validate
 from dg_lightning.data import ArraySource, load_digits_split
-from dg_lightning.generate import fake_base_seed, generate, load_shards, rank_and_world_size
+from dg_lightning.generate import generate, load_shards, rank_and_world_size, stream_base_seed
 from dg_lightning.metrics import ClassifierFeatures, GenerativeMetrics, GreyAsRGB, inception_features, sliced_wasserstein
 from dg_lightning.nets.adm import Discriminator
 from dg_lightning.plots import image_grid, toy2d_figure
@@ -277,7 +277,8 @@ def run_digits(cfg: DictConfig):
     classifier = pretrained_classifier(cfg, train) if stop >= 1 else None
     if stop >= 2:
         fake_dir = stage_dir(cfg, "generate", [*SCORE_KEYS, "sampler", "data.num_fake"])
-        sample_images(cfg, denoiser, fake_dir, d.num_fake, fake_base_seed(cfg.seed), num_classes=conditional_classes(cfg))
+        sample_images(cfg, denoiser, fake_dir, d.num_fake, stream_base_seed(cfg.seed, "fakes"),
+                      num_classes=conditional_classes(cfg))
         fakes = ArraySource(*load_shards(fake_dir), name=f"fakes in {fake_dir}")
     if stop >= 3:
         features = feature_network(cfg, train_images, train_labels)
@@ -429,7 +430,8 @@ def run_edm(cfg: DictConfig):
 
     if cfg.trainer.max_epochs != 0:  # else: the released head as it is, no fakes needed
         fake_dir = stage_dir(cfg, "generate", ["seed", "score", "sampler", "data.num_fake"])
-        sample_images(cfg, denoiser, fake_dir, cfg.data.num_fake, fake_base_seed(cfg.seed), num_classes=num_classes)
+        sample_images(cfg, denoiser, fake_dir, cfg.data.num_fake, stream_base_seed(cfg.seed, "fakes"),
+                      num_classes=num_classes)
         if stop >= 1:
             keys = ["seed", "score", "sampler", "data", "discriminator", "trainer.max_epochs", "trainer.max_steps"]
             fake = load_source(fake_dir, f"fakes in {fake_dir}", labels=d.conditional)
