@@ -106,7 +106,6 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 from dg_lightning import stages
 from dg_lightning.data import ArraySource
-from dg_lightning.pretrain import clean_loader
 torch.set_num_threads(1)
 out, conf, cache, tag, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 with initialize_config_dir(config_dir=conf, version_base="1.3"):
@@ -135,8 +134,8 @@ class Noisy(L.LightningModule):
 
 
 module = Noisy()
-loader = clean_loader(ArraySource(np.arange(16, dtype=np.float32).reshape(8, 2), name="points"), 2)
-stages.pretrain(cfg, module, loader, 8, module, stages.stage_dir(cfg, "pretrain_noisy", ["seed"]) / "w.pt")
+points = ArraySource(np.arange(16, dtype=np.float32).reshape(8, 2), name="points")
+stages.pretrain(cfg, module, points, 2, 8, module, stages.stage_dir(cfg, "pretrain_noisy", ["seed"]) / "w.pt")
 '''
 
 

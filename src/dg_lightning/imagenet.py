@@ -44,10 +44,10 @@ from dg_lightning.latents import (
     encode_image_folder,
     round_trip,
 )
+from dg_lightning.loggers import build_loggers, finish_loggers
 from dg_lightning.nets.unet import adm256_cond
 from dg_lightning.pipeline import check_discriminator_config, edm_discriminator, require_released
-from dg_lightning.pretrain import NoisyClassifierModule, clean_loader
-from dg_lightning.loggers import build_loggers, finish_loggers
+from dg_lightning.pretrain import NoisyClassifierModule
 from dg_lightning.sources import IMAGE_SUFFIXES, shard_source
 from dg_lightning.stages import (
     build_accel,
@@ -160,7 +160,7 @@ def sample_and_evaluate(cfg: DictConfig, build_sample_fn, discriminator, sample_
 
 def encode_real(cfg: DictConfig, encoder, device):
     """Stage encode: the image folder's centre crops as shards (latents of `encoder`, or uint8 crops when it is None),
-    read back memory-mapped."""
+    read back in place (sources.shard_source)."""
     d = cfg.data
     folder = stage_dir(cfg, "encode", ENCODE_KEYS)
     encode_image_folder(encoder, d.image_dir, folder, image_size=d.image_size, flip=d.flip, num_samples=d.num_real,
@@ -218,8 +218,7 @@ def with_latent_classifier(cfg: DictConfig, real):
         net = build_network(cfg, {"_target_": f"{build.__module__}.{build.__qualname__}",
                                   **OmegaConf.to_container(c.overrides, resolve=True)})
         module = NoisyClassifierModule(net, lr=c.lr, weight_decay=c.weight_decay, t_min=cfg.data.t_min, importance=False)
-        pretrain(cfg, module, clean_loader(real, c.batch_size, num_workers=cfg.data.num_workers), c.max_steps,
-                 module.classifier, weights)
+        pretrain(cfg, module, real, c.batch_size, c.max_steps, module.classifier, weights)
     trained = copy.deepcopy(cfg)
     OmegaConf.update(trained, "discriminator.classifier.path", str(weights))
     return trained

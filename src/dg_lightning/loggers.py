@@ -5,7 +5,6 @@ import csv
 
 import wandb
 from hydra.utils import instantiate
-
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter

@@ -21,13 +21,13 @@ from dg_lightning.checkpoints import ADM_CLASSIFIERS, EDM_SOURCE, load_adm_class
 from dg_lightning.config import ConfigError, validate
 from dg_lightning.data import ArraySource, load_digits_split
 from dg_lightning.generate import generate, load_shards, rank_and_world_size, stream_base_seed
+from dg_lightning.loggers import build_loggers, finish_loggers
 from dg_lightning.metrics import ClassifierFeatures, GenerativeMetrics, GreyAsRGB, inception_features, sliced_wasserstein
 from dg_lightning.nets.adm import Discriminator
 from dg_lightning.plots import image_grid, toy2d_figure
-from dg_lightning.pretrain import NoisyClassifierModule, ScoreModule, clean_loader, train_feature_classifier
+from dg_lightning.pretrain import NoisyClassifierModule, ScoreModule, train_feature_classifier
 from dg_lightning.samplers import edm_sampler
 from dg_lightning.sde import LinearVP
-from dg_lightning.loggers import build_loggers, finish_loggers
 from dg_lightning.sources import load_source
 from dg_lightning.stages import (atomic_save, build_accel, build_network, dg_guidance, finished_metrics, fingerprint,
                                  launch, pretrain, sampler_kwargs, stage_dir, train_discriminator, write_metrics)
@@ -149,8 +149,7 @@ def pretrained_score(cfg: DictConfig, train: ArraySource):
         s = cfg.score
         module = ScoreModule(build_network(cfg, net), instantiate(s.loss), lr=s.lr, warmup_steps=s.warmup_steps,
                              ema_halflife_images=s.ema_halflife_images)
-        loader = clean_loader(train, s.batch_size, num_workers=cfg.data.num_workers)
-        pretrain(cfg, module, loader, s.max_steps, module.ema_network(), weights)
+        pretrain(cfg, module, train, s.batch_size, s.max_steps, module.ema_network(), weights)
     return IndexLabels(_frozen(instantiate(net), weights))
 
 
@@ -161,8 +160,7 @@ def pretrained_classifier(cfg: DictConfig, train: ArraySource):
     weights = folder / "classifier.pt"
     if not weights.exists():
         module = NoisyClassifierModule(build_network(cfg, c.net), lr=c.lr, weight_decay=c.weight_decay, t_min=cfg.data.t_min)
-        loader = clean_loader(train, c.batch_size, num_workers=cfg.data.num_workers)
-        pretrain(cfg, module, loader, c.max_steps, module.classifier, weights)
+        pretrain(cfg, module, train, c.batch_size, c.max_steps, module.classifier, weights)
     return _frozen(instantiate(c.net), weights)
 
 

@@ -26,6 +26,7 @@ from dg_lightning.generate import barrier, rank_and_world_size, write_atomic
 from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.loggers import ResumableCSVLogger
 from dg_lightning.module import DiscriminatorModule
+from dg_lightning.pretrain import clean_loader
 
 
 def fingerprint(cfg: DictConfig, keys):
@@ -131,9 +132,10 @@ def fit(cfg: DictConfig, module, data, folder, loggers=(), callbacks=(), ckpt_pa
 PRETRAIN_CHECKPOINT_STEPS = 200  # about this many optimiser steps between pretraining checkpoints, in whole epochs
 
 
-def pretrain(cfg: DictConfig, module, loader, max_steps, network, weights: Path):
-    """Fit module on loader for max_steps optimiser steps in weights.parent (CSV log there), then atomic_save the state
-    dict of network (the part of module that the stage exports, e.g. its EMA copy) to weights.
+def pretrain(cfg: DictConfig, module, source: ArraySource, batch_size, max_steps, network, weights: Path):
+    """Fit module for max_steps optimiser steps on clean batches of source (pretrain.clean_loader, cfg.data.num_workers
+    workers) in weights.parent (CSV log there), then atomic_save the state dict of network (the part of module that the
+    stage exports, e.g. its EMA copy) to weights.
 
     Every k steps, k = PRETRAIN_CHECKPOINT_STEPS rounded to whole epochs (at least one), checkpoints/last.ckpt (the only
     checkpoint kept) is rewritten with every rank's global RNG states (RNGStates, which also seeds the ranks apart);
@@ -141,6 +143,7 @@ def pretrain(cfg: DictConfig, module, loader, max_steps, network, weights: Path)
     step inside an epoch it would restart the epoch's loader), so the resumed run ends with the weights of an
     uninterrupted one, on any number of ranks and with loader workers (pretrain.clean_loader's start every epoch).
     """
+    loader = clean_loader(source, batch_size, num_workers=cfg.data.num_workers)
     folder, per_epoch = weights.parent, len(loader)
     checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", save_top_k=0, save_last=True, enable_version_counter=False,
                                  every_n_train_steps=per_epoch * max(1, round(PRETRAIN_CHECKPOINT_STEPS / per_epoch)))
