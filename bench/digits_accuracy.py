@@ -1,5 +1,6 @@
 """Accuracy guard of the fast path on trained networks: the digits experiment's score model, DG discriminator and
-metrics network, sampled from the same latents on the plain float32 path and on the fast path (Accel.gpu()).
+metrics network, sampled from the same latents on the plain float32 path and on the fast path (Accel.gpu(), with
+--attention and --guidance-graph as accel.attention and accel.guidance_graph).
 
 Reports per sampling seed the FID / precision / recall against the held-out digits of both paths, with and
 without DG, and the largest difference between the two paths' uint8 samples. The weights come from a finished
@@ -8,6 +9,8 @@ discriminator.pt (the train stage's) and feature_net.pt, copied from logs/cache/
 Run: python bench/digits_accuracy.py --weights <folder> --seeds 0,1,2
 """
 
+import copy
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from dg_lightning.accel import Accel, accelerate, set_backends
+from dg_lightning.accel import Accel, accelerate, accelerate_for_guidance, set_backends
 from dg_lightning.data import load_digits_split
 from dg_lightning.generate import to_uint8
 from dg_lightning.guidance import DiscriminatorGuidance
@@ -39,11 +42,21 @@ def scores(features, reference, images):
     return {k: float(v) for k, v in metrics.compute().items()}
 
 
+def guided_sampler(denoiser, discriminator, accel, dg):
+    """(accel, the denoiser and the DG term run as accel says); compiled networks are compiled in place, so each path
+    needs its own copies."""
+    net, joint_compile = accelerate_for_guidance(discriminator, accel)
+    guidance = DiscriminatorGuidance(net, t_min=dg.t_min, t_max=dg.t_max, clip=dg.clip, compile=joint_compile)
+    return accel, accelerate(denoiser, accel), guidance
+
+
 def main():
     p = parser(__doc__)
     p.add_argument("--weights", required=True)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--compile", default="default", help="torch.compile mode of the fast path ('' for eager)")
+    p.add_argument("--attention", default=None, help="accel.attention of the fast path (flash, cudnn, ...)")
+    p.add_argument("--guidance-graph", default="network", help="accel.guidance_graph of the fast path (network, joint)")
     p.add_argument("--num-samples", type=int, default=None, help="fewer samples than the held-out set (smoke runs)")
     args = p.parse_args()
     device, weights = args.device, Path(args.weights)
@@ -58,18 +71,18 @@ def main():
     num_samples = args.num_samples or len(held_out)
     dg = cfg.guidance.dg
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
-    accel = Accel.gpu(compile=args.compile or None) if device.startswith("cuda") else Accel(autocast="bf16")
-    paths = {"fp32": Accel(), "fast": accel}
+    fast = Accel.gpu(compile=args.compile or None) if device.startswith("cuda") else Accel(autocast="bf16")
+    accel = replace(fast, attention=args.attention, guidance_graph=args.guidance_graph)
+    paths = {"fp32": guided_sampler(denoiser, discriminator, Accel(), dg),
+             "fast": guided_sampler(copy.deepcopy(denoiser), copy.deepcopy(discriminator), accel, dg)}
     result = {"benchmark": "digits_accuracy", "machine": machine(device), "fast": str(accel),
               "num_samples": num_samples, "seeds": {}}
     set_defaults()
     for seed in map(int, args.seeds.split(",")):
         latents = torch.randn(num_samples, 1, 8, 8, generator=torch.Generator().manual_seed(seed)).to(device)
         images, row = {}, {}
-        for name, a in paths.items():
+        for name, (a, run_denoiser, guidance) in paths.items():
             set_backends(a)
-            guidance = DiscriminatorGuidance(accelerate(discriminator, a), t_min=dg.t_min, t_max=dg.t_max, clip=dg.clip)
-            run_denoiser = accelerate(denoiser, a)
             for guided in (False, True):
                 kwargs = {"w1": dg.weight, "w2": dg.weight_2nd, "guidance": guidance} if guided else {}
                 x = to_uint8(edm_sampler(run_denoiser, latents, **sampler, **kwargs))

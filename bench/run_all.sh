@@ -2,7 +2,8 @@
 # Every benchmark at the GPU sizes, one JSON (and log) each into the folder $1, each under its own time limit
 # so that one slow compile cannot cost the others. SMALL=1 runs the CPU smoke sizes instead.
 #   bash bench/run_all.sh bench/out        (the digits accuracy guard needs DIGITS_WEIGHTS=<folder>, see digits_accuracy.py)
-# EDM_VARIANTS picks edm_sampling.py's variants (default authors,fast); *_LIMIT the time limits (0 skips that one).
+# EDM_VARIANTS picks edm_sampling.py's variants (default authors,fast); *_LIMIT the time limits (0 skips that one);
+# DIGITS_ARGS adds arguments to the accuracy guard (e.g. --attention flash --guidance-graph joint).
 set -u
 out=$(realpath -m "${1:-bench/out}")
 mkdir -p "$out"
@@ -26,10 +27,10 @@ if [ "${SMALL:-0}" = 1 ]; then
     run discriminator_training 600 discriminator_training.py --small --batches 8 --steps 2 --warmup 2 --num-workers 0 \
         --trainer-batches 8
     run dit_sampling 600 dit_sampling.py --small --batch 2 --steps 2
-    [ -n "${DIGITS_WEIGHTS:-}" ] && run digits_accuracy 600 digits_accuracy.py --weights "$DIGITS_WEIGHTS" --seeds 0 --num-samples 32
+    [ -n "${DIGITS_WEIGHTS:-}" ] && run digits_accuracy 600 digits_accuracy.py --weights "$DIGITS_WEIGHTS" --seeds 0 --num-samples 32 ${DIGITS_ARGS:-}
 else
     # The accuracy guard times nothing and its 8x8 networks barely load the GPU: it runs beside the timed benchmarks.
-    [ -n "${DIGITS_WEIGHTS:-}" ] && run digits_accuracy "${DIGITS_LIMIT:-240}" digits_accuracy.py --weights "$DIGITS_WEIGHTS" &
+    [ -n "${DIGITS_WEIGHTS:-}" ] && run digits_accuracy "${DIGITS_LIMIT:-240}" digits_accuracy.py --weights "$DIGITS_WEIGHTS" ${DIGITS_ARGS:-} &
     run edm_sampling "${EDM_LIMIT:-200}" edm_sampling.py --batch 512 --repeats 1 --variants "${EDM_VARIANTS:-authors,fast}" \
         --components --profile
     run discriminator_training "${TRAIN_LIMIT:-150}" discriminator_training.py --batches 128,512 --steps 50 --profile
