@@ -124,14 +124,30 @@ def test_attention_uses_edm_head_layout():
     torch.testing.assert_close(block.attention(h), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_box_filter_resampling_is_average_pool_and_nearest_upsampling():
+def test_box_filter_resampling_is_the_depthwise_convolution_with_the_filter():
     x = torch.randn(2, 3, 8, 8)
     down = edm.Conv2d(3, 3, kernel=0, down=True)
     up = edm.Conv2d(3, 3, kernel=0, up=True)
-    torch.testing.assert_close(down(x), F.avg_pool2d(x, 2))
-    torch.testing.assert_close(up(x), F.interpolate(x, scale_factor=2, mode="nearest"))
+    f = torch.full((3, 1, 2, 2), 0.25)  # f f^T / (sum f)^2 for f = [1, 1]
+    torch.testing.assert_close(down(x), F.conv2d(x, f, groups=3, stride=2))
+    torch.testing.assert_close(up(x), F.conv_transpose2d(x, 4 * f, groups=3, stride=2), rtol=0, atol=0)
+    torch.testing.assert_close(down.resample_filter, f[:1])  # the checkpoints' buffer is unchanged
     fir = edm.Conv2d(3, 5, kernel=3, down=True, resample_filter=[1, 3, 3, 1], fused_resample=True)
-    assert fir(x).shape == (2, 5, 4, 4)
+    assert not fir.box_filter and fir(x).shape == (2, 5, 4, 4)
+
+
+@pytest.mark.parametrize("variant", ["ddpm++", "adm"])
+def test_bf16_autocast_keeps_activations_bf16(variant):
+    """A float32 bias added to a bf16 convolution output would promote every later activation to float32 (twice
+    the memory traffic of the normalisation and elementwise kernels on the GPU fast path)."""
+    net = edm.EDMPrecond(8, 1, **TINY_VARIANTS[variant])
+    dtypes = []
+    for block in net.modules():
+        if isinstance(block, edm.UNetBlock):
+            block.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(torch.randn(2, 1, 8, 8), torch.ones(2))
+    assert dtypes and set(dtypes) == {torch.bfloat16}
 
 
 def test_positional_embedding_frequencies():

@@ -12,7 +12,7 @@ import contextlib
 import math
 
 import torch
-from torch.nn.functional import silu
+from torch.nn.functional import avg_pool2d, interpolate, silu
 
 from dg_lightning.nets.attention import image_tokens, packed_attention, tokens_to_image
 
@@ -51,9 +51,10 @@ class Conv2d(torch.nn.Module):
     """k x k convolution (none when kernel = 0), optionally preceded by 2x up- or downsampling.
 
     Resampling is a depthwise convolution with the separable filter f f^T / (sum f)^2 (buffer
-    `resample_filter`): [1, 1] gives average pooling / nearest-neighbour upsampling, [1, 3, 3, 1] FIR
-    resampling. With `fused_resample` (NCSN++'s residual encoder) the convolution comes first, at full
-    resolution, and the filtered downsampling second.
+    `resample_filter`): [1, 3, 3, 1] FIR resampling; the box filter [1, 1] is 2x2 average pooling / nearest-neighbour
+    upsampling and runs as those (the same map, without a depthwise convolution's slow kernels). With
+    `fused_resample` (NCSN++'s residual encoder) the convolution comes first, at full resolution, and the filtered
+    downsampling second. The bias is added in the convolution's output dtype, as upstream (bf16 under autocast).
     """
 
     def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False, resample_filter=(1, 1),
@@ -74,9 +75,12 @@ class Conv2d(torch.nn.Module):
         self.bias = torch.nn.Parameter(_draw([out_channels], *fans, init_bias)) if kernel and bias else None
         f = torch.as_tensor(resample_filter, dtype=torch.float32)
         self.register_buffer("resample_filter", (f.outer(f) / f.sum().square())[None, None] if up or down else None)
+        self.box_filter = len(resample_filter) == 2 and float(resample_filter[0]) == float(resample_filter[1])
 
     def _resample(self, x, padding):
         """Depthwise 2x resampling of x with the filter (transposed, with gain 4, when upsampling)."""
+        if self.box_filter:  # padding is 0 for a 2-tap filter
+            return interpolate(x, scale_factor=2, mode="nearest") if self.up else avg_pool2d(x, 2)
         f = self.resample_filter.expand(x.shape[1], 1, -1, -1)
         if self.up:
             return torch.nn.functional.conv_transpose2d(x, 4 * f, groups=x.shape[1], stride=2, padding=padding)
@@ -93,7 +97,7 @@ class Conv2d(torch.nn.Module):
             if self.weight is not None:
                 x = torch.nn.functional.conv2d(x, self.weight, padding=w_pad)
         if self.bias is not None:
-            x = x + self.bias[:, None, None]
+            x = x + self.bias.to(x.dtype)[:, None, None]
         return x
 
 
