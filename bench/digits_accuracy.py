@@ -1,6 +1,6 @@
 """Accuracy guard of the fast path on trained networks: the digits experiment's score model, DG discriminator and
 metrics network, sampled from the same latents on the plain float32 path and on the fast path (Accel.gpu(), with
---attention and --guidance-graph as accel.attention and accel.guidance_graph).
+--attention as accel.attention).
 
 Reports per sampling seed the FID / precision / recall against the held-out digits of both paths, with and
 without DG, and the largest difference between the two paths' uint8 samples. The weights come from a finished
@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from dg_lightning.accel import Accel, accelerate, accelerate_for_guidance, set_backends
+from dg_lightning.accel import Accel, accelerate, set_backends
 from dg_lightning.data import load_digits_split
 from dg_lightning.generate import to_uint8
 from dg_lightning.guidance import DiscriminatorGuidance
@@ -45,8 +45,7 @@ def scores(features, reference, images):
 def guided_sampler(denoiser, discriminator, accel, dg):
     """(accel, the denoiser and the DG term run as accel says); compiled networks are compiled in place, so each path
     needs its own copies."""
-    net, joint_compile = accelerate_for_guidance(discriminator, accel)
-    guidance = DiscriminatorGuidance(net, t_min=dg.t_min, t_max=dg.t_max, clip=dg.clip, compile=joint_compile)
+    guidance = DiscriminatorGuidance(accelerate(discriminator, accel), t_min=dg.t_min, t_max=dg.t_max, clip=dg.clip)
     return accel, accelerate(denoiser, accel), guidance
 
 
@@ -56,7 +55,6 @@ def main():
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--compile", default="default", help="torch.compile mode of the fast path ('' for eager)")
     p.add_argument("--attention", default=None, help="accel.attention of the fast path (flash, cudnn, ...)")
-    p.add_argument("--guidance-graph", default="network", help="accel.guidance_graph of the fast path (network, joint)")
     p.add_argument("--num-samples", type=int, default=None, help="fewer samples than the held-out set (smoke runs)")
     args = p.parse_args()
     device, weights = args.device, Path(args.weights)
@@ -72,7 +70,7 @@ def main():
     dg = cfg.guidance.dg
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     fast = Accel.gpu(compile=args.compile or None) if device.startswith("cuda") else Accel(autocast="bf16")
-    accel = replace(fast, attention=args.attention, guidance_graph=args.guidance_graph)
+    accel = replace(fast, attention=args.attention)
     paths = {"fp32": guided_sampler(denoiser, discriminator, Accel(), dg),
              "fast": guided_sampler(copy.deepcopy(denoiser), copy.deepcopy(discriminator), accel, dg)}
     result = {"benchmark": "digits_accuracy", "machine": machine(device), "fast": str(accel),

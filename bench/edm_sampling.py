@@ -8,8 +8,6 @@ Variants (each run unguided and with DG, w1 = 2, w2 = 0, tau in [0.01, 1], Heun 
   fast_noautotune, fast_nocl, fast_graphs: fast without cuDNN autotuning / without channels_last / with CUDA graphs
            (compile mode reduce-overhead)
   fast_flash, fast_cudnn: fast with scaled_dot_product_attention restricted to the flash / cuDNN backend
-  fast_joint, fast_joint_flash: fast (/ fast_flash) with DG's log ratio and input gradient compiled as one graph
-           (accel.guidance_graph=joint) instead of the discriminator's forward with autograd
 Compiled variants get one untimed warm-up batch (compilation); eager ones a 2-step warm-up. Each variant runs its own
 copy of the networks (they are compiled in place). With --components, each variant also reports the time of
 one denoiser call and of one DG evaluation (log ratio and its input gradient) at sigma = 1, and with --profile the
@@ -37,7 +35,7 @@ from common import (
     top_kernels,
 )
 
-from dg_lightning.accel import Accel, accelerate, accelerate_for_guidance, set_backends
+from dg_lightning.accel import Accel, accelerate, set_backends
 from dg_lightning.generate import to_uint8
 from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.samplers import edm_sampler
@@ -51,8 +49,6 @@ VARIANTS = {  # sampler state dtype, Accel (None: the plain path under PyTorch's
     "fast_graphs": (torch.float32, Accel.gpu(compile="reduce-overhead")),
     "fast_flash": (torch.float32, replace(Accel.gpu(), attention="flash")),
     "fast_cudnn": (torch.float32, replace(Accel.gpu(), attention="cudnn")),
-    "fast_joint": (torch.float32, replace(Accel.gpu(), guidance_graph="joint")),
-    "fast_joint_flash": (torch.float32, replace(Accel.gpu(), guidance_graph="joint", attention="flash")),
 }
 
 
@@ -102,8 +98,7 @@ def main():
             accel = Accel()
             torch_defaults()
         run_denoiser = accelerate(copy.deepcopy(denoiser), accel)
-        run_discriminator, joint_compile = accelerate_for_guidance(copy.deepcopy(discriminator), accel)
-        guidance = DiscriminatorGuidance(run_discriminator, t_min=0.01, t_max=1.0, compile=joint_compile)
+        guidance = DiscriminatorGuidance(accelerate(copy.deepcopy(discriminator), accel), t_min=0.01, t_max=1.0)
         figures = {}
         for guided in (False, True):
             kwargs = dict(settings, dtype=dtype, guidance=guidance if guided else None, w1=2.0 if guided else 0.0)

@@ -3,7 +3,7 @@
 # so that one slow compile cannot cost the others. SMALL=1 runs the CPU smoke sizes instead.
 #   bash bench/run_all.sh bench/out        (the digits accuracy guard needs DIGITS_WEIGHTS=<folder>, see digits_accuracy.py)
 # EDM_VARIANTS picks edm_sampling.py's variants (default authors,fast); *_LIMIT the time limits (0 skips that one);
-# DIGITS_ARGS adds arguments to the accuracy guard (e.g. --attention flash --guidance-graph joint).
+# DIGITS_ARGS adds arguments to the accuracy guard (e.g. --attention flash).
 set -u
 out=$(realpath -m "${1:-bench/out}")
 mkdir -p "$out"

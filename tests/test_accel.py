@@ -1,13 +1,12 @@
 """The fast path changes how networks run, never what they compute: float32 outputs, the same weights and
 state-dict names, and samples within bf16 rounding of the plain float32 path."""
 
-from dataclasses import replace
 
 import pytest
 import torch
 from netutils import randomized_zeros
 
-from dg_lightning.accel import Accel, Accelerated, accelerate, accelerate_for_guidance, is_compiled, prepare, set_backends
+from dg_lightning.accel import Accel, Accelerated, accelerate, prepare, set_backends
 from dg_lightning.generate import to_uint8
 from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.module import DiscriminatorModule
@@ -40,8 +39,6 @@ def test_bad_settings_are_named():
         Accel(compile="fastest")
     with pytest.raises(ValueError, match="accel.attention"):
         Accel(attention="flash3")
-    with pytest.raises(ValueError, match="accel.guidance_graph"):
-        Accel(guidance_graph="fused")
 
 
 def test_plain_path_is_the_network_itself():
@@ -127,29 +124,3 @@ def test_attention_backend_reaches_scaled_dot_product_attention():
                                    rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="No viable backend"):
         accelerate(tiny_denoiser(), Accel(attention="cudnn"))(x, sigma)
-
-
-def test_joint_guidance_graph_leaves_the_network_eager():
-    """guidance_graph=joint compiles in the guidance term, not the network; a network compiled already keeps its graph."""
-    fast = Accel(autocast="bf16", compile="default")
-    net, joint = accelerate_for_guidance(tiny_discriminator(), replace(fast, guidance_graph="joint"))
-    assert joint == "default" and not is_compiled(net.net) and net.accel.autocast == "bf16"
-    net, joint = accelerate_for_guidance(tiny_discriminator(), fast)
-    assert joint is None and is_compiled(net.net)
-    compiled = prepare(tiny_discriminator(), fast)
-    net, joint = accelerate_for_guidance(compiled, replace(fast, guidance_graph="joint"))
-    assert joint is None and net.net is compiled
-
-
-@pytest.mark.slow
-def test_joint_compiled_guidance_matches_autograd():
-    """DG's (log ratio, input gradient) compiled as one graph equals the autograd path, per sample inside and outside
-    the window, in EDM and VP coordinates."""
-    net = tiny_discriminator()
-    x, sigma = torch.randn(4, 1, 8, 8), torch.tensor([0.05, 0.5, 5.0, 500.0])  # the last one is outside [0.01, 1]
-    plain, joint = DiscriminatorGuidance(net), DiscriminatorGuidance(net, compile="default")
-    for call in ("edm", "vp_coordinates"):
-        (value, grad), (joint_value, joint_grad) = (getattr(g, call)(x, sigma) for g in (plain, joint))
-        torch.testing.assert_close(joint_value, value, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(joint_grad, grad, rtol=1e-5, atol=1e-7)
-        assert grad[:3].abs().amin(dim=(1, 2, 3)).gt(0).any() and torch.equal(grad[3], torch.zeros_like(grad[3]))

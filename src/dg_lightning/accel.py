@@ -6,7 +6,7 @@ is the plain float32 path; `Accel.gpu()` is the fast path measured in bench/.
 """
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -15,16 +15,13 @@ AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 ATTENTION_BACKENDS = {None: None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                       "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-GUIDANCE_GRAPHS = ("network", "joint")
 
 
 @dataclass(frozen=True)
 class Accel:
     """How networks run: autocast dtype (None | bf16 | fp16), channels_last, torch.compile mode (None: eager), TF32,
     cuDNN autotuning of the convolution algorithms for the fixed shapes of sampling and training, the
-    scaled_dot_product_attention backend (None: PyTorch's choice), and what a compiled guidance term compiles:
-    "network" (the network's forward; autograd takes the input gradient) or "joint" (the log density and its input
-    gradient traced together by torch.func.grad_and_value, one graph for forward and backward)."""
+    scaled_dot_product_attention backend (None: PyTorch's choice)."""
 
     autocast: str | None = None
     channels_last: bool = False
@@ -32,11 +29,10 @@ class Accel:
     tf32: bool = False
     cudnn_benchmark: bool = False
     attention: str | None = None
-    guidance_graph: str = "network"
 
     def __post_init__(self):
         for key, allowed in (("autocast", AUTOCAST_DTYPES), ("compile", COMPILE_MODES),
-                             ("attention", ATTENTION_BACKENDS), ("guidance_graph", GUIDANCE_GRAPHS)):
+                             ("attention", ATTENTION_BACKENDS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"accel.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
 
@@ -119,12 +115,3 @@ def accelerate(net: torch.nn.Module, accel: Accel):
     """net wrapped to run as `accel` says; the plain float32 path returns net itself."""
     return net if accel.is_plain else Accelerated(net, accel)
 
-
-def accelerate_for_guidance(net: torch.nn.Module, accel: Accel):
-    """(net wrapped as `accel` says for use inside a guidance term, the compile mode of the guidance's joint graph or
-    None). With guidance_graph="joint" the network itself stays eager and the guidance compiles the log density
-    together with its input gradient; a network compiled already (the discriminator in training) keeps its graph."""
-    joint = accel.guidance_graph == "joint" and accel.compile is not None and not is_compiled(net)
-    if not joint:
-        return accelerate(net, accel), None
-    return accelerate(net, replace(accel, compile=None)), accel.compile

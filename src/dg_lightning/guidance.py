@@ -7,12 +7,10 @@ It is evaluated in the sampler's own coordinates: EDM's x (x_vp = x / sqrt(1 + s
 or DDPM's x_k (already VP). Autograd through the scaling gives grad_x = grad_{x_vp} / sqrt(1 + sigma^2).
 Only the input is differentiated (autograd.grad w.r.t. x): no parameter gradient is accumulated, so a
 discriminator can be used for guidance in the middle of its own training (the sampling callback).
-With `compile`, L and its input gradient are traced together (torch.func.grad_and_value) and compiled as one graph.
 """
 
 import torch
 
-from dg_lightning.accel import compile_mode
 from dg_lightning.sde import LinearVP
 
 
@@ -34,27 +32,13 @@ def value_and_input_grad(log_density_and_aux, x):
     return value.detach(), grad, None if aux is None else aux.detach()
 
 
-def functional_value_and_input_grad(log_density_and_aux, x):
-    """value_and_input_grad by torch.func.grad_and_value: forward and backward are one traceable function of x."""
-    def summed(x_):
-        value, aux = log_density_and_aux(x_)
-        return value.sum(), (value,) if aux is None else (value, aux)  # torch.func's aux holds tensors only
-
-    grad, (_, (value, *aux)) = torch.func.grad_and_value(summed, has_aux=True)(x)
-    return value, grad, aux[0] if aux else None
-
-
 class GradientGuidance:
-    """A log density in VP coordinates, active per sample on the VP-time window [t_min, t_max]; with `compile` (a
-    torch.compile mode of accel.COMPILE_MODES) L and its input gradient run as one compiled graph."""
+    """A log density in VP coordinates, active per sample on the VP-time window [t_min, t_max]."""
 
-    def __init__(self, t_min=0.0, t_max=1.0, vp: LinearVP = LinearVP(), compile=None):
+    def __init__(self, t_min=0.0, t_max=1.0, vp: LinearVP = LinearVP()):
         if not 0.0 <= t_min < t_max:
             raise ValueError(f"guidance window needs 0 <= t_min < t_max, got t_min={t_min}, t_max={t_max}")
         self.t_min, self.t_max, self.vp = t_min, t_max, vp
-        self._engine = value_and_input_grad if compile is None else functional_value_and_input_grad
-        self._value_and_grad = self._scaled_value_and_grad if compile is None else torch.compile(
-            self._scaled_value_and_grad, mode=compile_mode(compile), dynamic=False)
 
     def log_density(self, x_vp, tau, class_labels):
         """Per-sample log density L(x_vp, tau, y) of shape (B,)."""
@@ -64,10 +48,11 @@ class GradientGuidance:
         """(L(x_vp, tau, y), a by-product of its forward that a sampler may use, or None)."""
         return self.log_density(x_vp, tau, class_labels), None
 
-    def _scaled_value_and_grad(self, x, scale, tau, class_labels):
-        """(L(x * scale, tau, y), its gradient w.r.t. x, aux) by autograd, or by torch.func when compiled: x is the
-        sampler's coordinates, x * scale VP's (scale None: x is already VP's)."""
-        return self._engine(lambda x_: self.log_density_and_aux(x_ if scale is None else x_ * scale, tau, class_labels), x)
+    def _value_and_grad(self, x, scale, tau, class_labels):
+        """(L(x * scale, tau, y), its gradient w.r.t. x, aux) by autograd: x is the sampler's coordinates, x * scale
+        VP's (scale None: x is already VP's)."""
+        return value_and_input_grad(
+            lambda x_: self.log_density_and_aux(x_ if scale is None else x_ * scale, tau, class_labels), x)
 
     def in_window(self, tau):
         """Per-sample mask: is tau inside [t_min, t_max]?"""
@@ -115,8 +100,8 @@ class GradientGuidance:
 class DiscriminatorGuidance(GradientGuidance):
     """Discriminator Guidance: L = log(d / (1 - d)) of a discriminator returning logits (x_vp, tau, y) -> (B,)."""
 
-    def __init__(self, discriminator, t_min=0.01, t_max=1.0, clip=None, vp: LinearVP = LinearVP(), compile=None):
-        super().__init__(t_min, t_max, vp, compile)
+    def __init__(self, discriminator, t_min=0.01, t_max=1.0, clip=None, vp: LinearVP = LinearVP()):
+        super().__init__(t_min, t_max, vp)
         self.discriminator, self.clip = discriminator, clip
 
     def log_density(self, x_vp, tau, class_labels):
@@ -127,8 +112,8 @@ class DiscriminatorGuidance(GradientGuidance):
 class ClassifierGuidance(GradientGuidance):
     """Classifier guidance: L = log softmax(classifier(x_vp, tau))[y] for a noise-aware classifier."""
 
-    def __init__(self, classifier, t_min=0.0, t_max=1.0, vp: LinearVP = LinearVP(), compile=None):
-        super().__init__(t_min, t_max, vp, compile)
+    def __init__(self, classifier, t_min=0.0, t_max=1.0, vp: LinearVP = LinearVP()):
+        super().__init__(t_min, t_max, vp)
         self.classifier = classifier
 
     def log_density(self, x_vp, tau, class_labels):

@@ -18,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dg_lightning.accel import accelerate, accelerate_for_guidance
+from dg_lightning.accel import accelerate
 from dg_lightning.checkpoints import (
     ADM_CLASSIFIERS,
     ADM_SOURCE_256,
@@ -327,8 +327,8 @@ def adm_sample_fn(cfg: DictConfig, model, classifier, discriminator=None, fake_c
     discriminator is given; with fake_cg_scale, plain ADM-G at that constant scale (the fakes). Images in [-1, 1]."""
     s, dg = cfg.sampler, cfg.guidance.dg
     schedule, accel = DDPMSchedule(s.num_timesteps, str(s.respacing)), build_accel(cfg)
-    model_fn, (run_classifier, joint_compile) = accelerate(model, accel), accelerate_for_guidance(classifier, accel)
-    cg = ClassifierGuidance(lambda x, tau: run_classifier(x, 999.0 * tau), compile=joint_compile)
+    model_fn, run_classifier = accelerate(model, accel), accelerate(classifier, accel)
+    cg = ClassifierGuidance(lambda x, tau: run_classifier(x, 999.0 * tau))
     guidance = None if discriminator is None else dg_guidance(cfg, discriminator)
     if fake_cg_scale is None:
         cg_kwargs = {"cg_scale": s.cg_scale, "cg_scale_late": s.cg_scale_late, "cg_switch_step": s.cg_switch_step,

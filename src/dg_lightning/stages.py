@@ -18,7 +18,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElastic
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from dg_lightning.accel import Accel, accelerate_for_guidance, set_backends
+from dg_lightning.accel import Accel, accelerate, set_backends
 from dg_lightning.callbacks import EpochSeed, RNGStates
 from dg_lightning.config import ConfigError
 from dg_lightning.data import ArraySource, RealFakeDataModule
@@ -80,8 +80,7 @@ def build_accel(cfg: DictConfig):
 def dg_guidance(cfg: DictConfig, discriminator):
     """DiscriminatorGuidance over cfg.guidance.dg's window and clipping, the discriminator run as cfg.accel says."""
     dg = cfg.guidance.dg
-    net, joint_compile = accelerate_for_guidance(discriminator, build_accel(cfg))
-    return DiscriminatorGuidance(net, t_min=dg.t_min, t_max=dg.t_max, clip=dg.clip, compile=joint_compile)
+    return DiscriminatorGuidance(accelerate(discriminator, build_accel(cfg)), t_min=dg.t_min, t_max=dg.t_max, clip=dg.clip)
 
 
 def _external_launcher():
