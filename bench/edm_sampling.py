@@ -116,6 +116,7 @@ def main():
             samples[(name, key)] = x.float().cpu()
             figures[key] = {"img_per_s": args.batch / seconds, "s_per_batch": seconds, "warmup_s": warmup,
                             "peak_gib": peak_memory_gib(device)}
+            print(name, key, figures[key], flush=True)  # kept in the log should a time limit stop the run
         figures["dg_overhead"] = figures["unguided"]["img_per_s"] / figures["guided"]["img_per_s"]
         if args.components:
             figures["components"] = components(run_denoiser, guidance, latents.to(dtype), device, args.profile)
