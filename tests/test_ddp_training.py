@@ -24,7 +24,7 @@ from torch import nn
 from dg_lightning.callbacks import GuidedSamplingCallback
 from dg_lightning.data import ArraySource
 from dg_lightning.metrics import GenerativeMetrics
-from dg_lightning.stages import build_network, launch, train_discriminator
+from dg_lightning.stages import build_network, launch, stage_dir, train_discriminator
 torch.set_num_threads(1)
 out = sys.argv[1]
 with initialize_config_dir(config_dir=sys.argv[2], version_base="1.3"):
@@ -55,8 +55,8 @@ def sample_fn(discriminator, latents, labels, noise):
 reals = torch.randint(0, 256, (40, 1, 1, 2), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
 callback = GuidedSamplingCallback(sample_fn, GenerativeMetrics(Flat(), reset_real_features=False), (1, 1, 2), 30,
                                   f"{out}/sampling", real_images=reals, batch_size=8, grid_size=4)
-net = train_discriminator(cfg, real, fake, build_network(cfg, cfg.discriminator.net), [], ["seed", "trainer", "data"],
-                          callbacks=[callback])
+net = train_discriminator(cfg, real, fake, build_network(cfg, cfg.discriminator.net), [],
+                          stage_dir(cfg, "train", ["seed", "trainer", "data"]), callbacks=[callback])
 torch.save(net.state_dict(), f"{out}/rank{rank}.pt")
 json.dump({"world_size": world_size, "history": callback.history}, open(f"{out}/rank{rank}.json", "w"))
 '''

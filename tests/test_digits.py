@@ -15,7 +15,7 @@ from test_metrics import random_inception_weights
 
 from dg_lightning import pipeline
 from dg_lightning.data import RealFakeDataModule, load_digits_split
-from dg_lightning.generate import load_shards
+from dg_lightning.generate import generate, load_shards
 from dg_lightning.nets.adm import Discriminator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +72,19 @@ def test_reduced_digits_run_goes_through_every_stage_and_reuses_them(tmp_path):
     run("guidance.dg.weight=1.0", "discriminator.select=best")
     (best_dir,) = set(cache.glob("train-*")) - {train_dir}
     assert len(list(cache.iterdir())) == 7 and (best_dir / "sampling" / "best_discriminator.pt").exists()
+
+
+def test_train_folder_follows_the_manifest_of_the_fakes_it_reads(compose_cfg, tmp_path):
+    """Fakes made again with a setting the config does not show (here the base seed, as when the seed streams came
+    in) give another train folder, so no head trained on the old fakes is reused; the same fakes give the same one."""
+    cfg = compose_cfg("experiment=digits_edm_g++", f"paths.cache_dir={tmp_path}/cache")
+    fakes = [tmp_path / f"fakes-{base_seed}" for base_seed in (0, 1)]
+    for base_seed, folder in enumerate(fakes):
+        generate(lambda z, y, noise: z.tanh(), folder, 4, (1, 2, 2), base_seed=base_seed, fingerprint="one config",
+                 progress=False)
+    train_dir = lambda *inputs: pipeline.stage_dir(cfg, "train", pipeline.digits_train_keys(cfg), inputs)  # noqa: E731
+    assert train_dir(fakes[0]) == train_dir(fakes[0]) != train_dir(fakes[1])
+    assert train_dir(fakes[0]) != train_dir()
 
 
 def test_train_stage_key_has_the_guidance_only_when_the_callback_picks_the_weights(compose_cfg):

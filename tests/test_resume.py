@@ -41,8 +41,8 @@ def sources():
 
 
 def train(cfg, callbacks=()):
-    return train_discriminator(cfg, *sources(), build_network(cfg, cfg.discriminator.net), [], ["seed", "trainer"],
-                               callbacks=callbacks)
+    return train_discriminator(cfg, *sources(), build_network(cfg, cfg.discriminator.net), [],
+                               stage_dir(cfg, "train", ["seed", "trainer"]), callbacks=callbacks)
 
 
 def test_killed_training_resumes_from_last_checkpoint_to_the_uninterrupted_weights(compose_cfg, tmp_path):

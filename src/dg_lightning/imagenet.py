@@ -137,20 +137,22 @@ def sample_to(cfg: DictConfig, sample_fn, folder, num_samples, base_seed, keys, 
     return folder
 
 
-def sample_and_evaluate(cfg: DictConfig, build_sample_fn, discriminator, sample_keys, fake_keys, shape, stop, loggers,
-                        device):
+def sample_and_evaluate(cfg: DictConfig, build_sample_fn, discriminator, sample_keys, fake_keys, train_inputs, shape,
+                        stop, loggers, device):
     """Stages sample (stop >= 3) and evaluate (stop >= 4) of both ImageNet pipelines: uint8 samples of generate's
     sample_fn build_sample_fn(discriminator) (G++, DG on) and build_sample_fn(None) (the baseline, DG off) from the
     same seeds and labels, each built right before it samples; then evaluate_folders. Writes metrics.json, closes the
-    loggers and returns the metrics; sample_keys determine the baseline's samples, fake_keys the fakes the head saw."""
+    loggers and returns the metrics; sample_keys determine the baseline's samples, fake_keys and the shard folders
+    train_inputs (none for a released head) the data the head was trained on."""
     m, out_dir, metrics = cfg.metrics, Path(cfg.paths.output_dir), {}
     if stop >= 3:
         discriminator.to(device).eval().requires_grad_(False)
         guided_keys = [*sample_keys, *train_keys(fake_keys), "guidance"]
-        folders = {prefix: sample_to(cfg, build_sample_fn(guide), stage_dir(cfg, stage, keys), m.num_samples,
+        folders = {prefix: sample_to(cfg, build_sample_fn(guide), stage_dir(cfg, stage, keys, inputs), m.num_samples,
                                      m.sampling_seed, keys, shape, True, device)
-                   for prefix, stage, keys, guide in (("eval", "sample_dg", guided_keys, discriminator),
-                                                      ("eval_unguided", "sample_unguided", sample_keys, None))}
+                   for prefix, stage, keys, inputs, guide in (
+                       ("eval", "sample_dg", guided_keys, train_inputs, discriminator),
+                       ("eval_unguided", "sample_unguided", sample_keys, (), None))}
         if stop >= 4:
             metrics.update(evaluate_folders(cfg, folders, out_dir, device))
     write_metrics(out_dir, metrics)
@@ -158,11 +160,15 @@ def sample_and_evaluate(cfg: DictConfig, build_sample_fn, discriminator, sample_
     return metrics
 
 
+def encode_dir(cfg: DictConfig):
+    """The folder of stage encode (the real data's shards, an input of the stages trained on them)."""
+    return stage_dir(cfg, "encode", ENCODE_KEYS)
+
+
 def encode_real(cfg: DictConfig, encoder, device):
     """Stage encode: the image folder's centre crops as shards (latents of `encoder`, or uint8 crops when it is None),
     read back in place (sources.shard_source)."""
-    d = cfg.data
-    folder = stage_dir(cfg, "encode", ENCODE_KEYS)
+    d, folder = cfg.data, encode_dir(cfg)
     encode_image_folder(encoder, d.image_dir, folder, image_size=d.image_size, flip=d.flip, num_samples=d.num_real,
                         base_seed=stream_base_seed(cfg.seed, "real"), batch_size=d.encode_batch_size,
                         num_workers=d.num_workers, fingerprint=fingerprint(cfg, ENCODE_KEYS), device=device)
@@ -211,7 +217,7 @@ def with_latent_classifier(cfg: DictConfig, real):
     if not _trains_classifier(cfg):
         return cfg
     c = cfg.discriminator.classifier
-    folder = stage_dir(cfg, "pretrain_classifier", CLASSIFIER_KEYS)
+    folder = stage_dir(cfg, "pretrain_classifier", CLASSIFIER_KEYS, inputs=[encode_dir(cfg)])
     weights = folder / "classifier.pt"
     if not weights.exists():
         build = ADM_CLASSIFIERS[c.config].build
@@ -260,7 +266,7 @@ def run_imagenet(cfg: DictConfig):
     decoder = LatentAutoencoder(instantiate(s.vae)).to(device)
     shape = (s.in_channels, s.input_size, s.input_size)
 
-    discriminator = None
+    discriminator, train_inputs = None, ()
     if cfg.trainer.max_epochs != 0:
         encoder = LatentAutoencoder(instantiate(d.vae)).to(device)
         real = encode_real(cfg, encoder, device)
@@ -271,12 +277,13 @@ def run_imagenet(cfg: DictConfig):
                                  FAKE_KEYS, shape, False, device)
         if stop >= 2:
             cfg = with_latent_classifier(cfg, real)
-            fake = shard_source(fake_dir, name=f"fake latents in {fake_dir}")
-            discriminator = train_discriminator(cfg, real, fake, edm_discriminator(cfg), loggers, train_keys(FAKE_KEYS))
+            fake, train_inputs = shard_source(fake_dir, name=f"fake latents in {fake_dir}"), (encode_dir(cfg), fake_dir)
+            discriminator = train_discriminator(cfg, real, fake, edm_discriminator(cfg), loggers,
+                                                stage_dir(cfg, "train", train_keys(FAKE_KEYS), train_inputs))
     elif stop >= 3:  # the released head as it is, no real latents or fakes needed
         discriminator = edm_discriminator(cfg)
     return sample_and_evaluate(cfg, lambda guide: dit_sample_fn(cfg, dit, guide, decoder=decoder), discriminator,
-                               SAMPLE_KEYS, FAKE_KEYS, shape, stop, loggers, device)
+                               SAMPLE_KEYS, FAKE_KEYS, train_inputs, shape, stop, loggers, device)
 
 
 # --- ADM-G++ ---
@@ -356,7 +363,7 @@ def run_imagenet_adm(cfg: DictConfig):
     model = load_adm_unet(cfg.score.checkpoint, **OmegaConf.to_container(cfg.score.overrides, resolve=True)).to(device)
     discriminator = edm_discriminator(cfg).to(device)
     classifier = discriminator.feature_extractor  # the whole 256 classifier: its logits guide, its features feed DG
-    shape = (3, d.image_size, d.image_size)
+    shape, train_inputs = (3, d.image_size, d.image_size), ()
 
     if cfg.trainer.max_epochs != 0:  # else: the released head as it is, no real images or fakes needed
         real = encode_real(cfg, None, device)
@@ -365,7 +372,8 @@ def run_imagenet_adm(cfg: DictConfig):
                                  stage_dir(cfg, "generate", ADM_FAKE_KEYS), d.num_fake,
                                  stream_base_seed(cfg.seed, "fakes"), ADM_FAKE_KEYS, shape, True, device)
         if stop >= 2:
-            fake = shard_source(fake_dir, name=f"fake images in {fake_dir}")
-            discriminator = train_discriminator(cfg, real, fake, discriminator, loggers, train_keys(ADM_FAKE_KEYS))
+            fake, train_inputs = shard_source(fake_dir, name=f"fake images in {fake_dir}"), (encode_dir(cfg), fake_dir)
+            discriminator = train_discriminator(cfg, real, fake, discriminator, loggers,
+                                                stage_dir(cfg, "train", train_keys(ADM_FAKE_KEYS), train_inputs))
     return sample_and_evaluate(cfg, lambda guide: adm_sample_fn(cfg, model, classifier, guide), discriminator,
-                               ADM_SAMPLE_KEYS, ADM_FAKE_KEYS, shape, stop, loggers, device)
+                               ADM_SAMPLE_KEYS, ADM_FAKE_KEYS, train_inputs, shape, stop, loggers, device)

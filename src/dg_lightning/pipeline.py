@@ -77,9 +77,10 @@ def run_toy2d(cfg: DictConfig):
     if stop >= 1:
         # Stage 2: the discriminator on real vs fake, diffused on the fly.
         real = data.sample(cfg.data.num_real, generator=_generator(cfg.seed, 0))
+        keys = ["seed", "data", "score", "sampler", "discriminator", "trainer.max_steps", "trainer.max_epochs"]
         net = train_discriminator(cfg, ArraySource(real.numpy(), name="data.mixture samples"), ArraySource(fakes.numpy(), name="fakes"),
                                   build_network(cfg, cfg.discriminator.net, cfg.discriminator.seed), loggers,
-                                  keys=["seed", "data", "score", "sampler", "discriminator", "trainer.max_steps", "trainer.max_epochs"])
+                                  stage_dir(cfg, "train", keys))
     if stop >= 2:
         # Stage 3: the same latents sampled with no DG, the trained discriminator, and the exact d*.
         n = cfg.metrics.num_samples
@@ -283,10 +284,9 @@ def run_digits(cfg: DictConfig):
         head_net = _with(cfg.discriminator.head, num_classes=conditional_classes(cfg))
         head = build_network(cfg, head_net, cfg.discriminator.seed)
         discriminator = Discriminator(classifier, head)
-        keys = digits_train_keys(cfg)
-        train_dir = stage_dir(cfg, "train", keys)
+        train_dir = stage_dir(cfg, "train", digits_train_keys(cfg), inputs=[fake_dir])
         callback = sampling_callback(cfg, denoiser, features, held_out, train_dir)
-        discriminator = train_discriminator(cfg, train, fakes, discriminator, loggers, keys, callbacks=[callback])
+        discriminator = train_discriminator(cfg, train, fakes, discriminator, loggers, train_dir, callbacks=[callback])
         metrics.update(best_epoch_record(callback, train_dir))
         if cfg.discriminator.select == "best":
             discriminator = _frozen(discriminator, callback.out_dir / BEST_DISCRIMINATOR)
@@ -433,7 +433,8 @@ def run_edm(cfg: DictConfig):
         if stop >= 1:
             keys = ["seed", "score", "sampler", "data", "discriminator", "trainer.max_epochs", "trainer.max_steps"]
             fake = load_source(fake_dir, f"fakes in {fake_dir}", labels=d.conditional)
-            discriminator = train_discriminator(cfg, real, fake, discriminator, loggers, keys)
+            discriminator = train_discriminator(cfg, real, fake, discriminator, loggers,
+                                                stage_dir(cfg, "train", keys, inputs=[fake_dir]))
     if stop >= 2:
         discriminator.to(device).eval().requires_grad_(False)
         unguided_dir = stage_dir(cfg, "sample_unguided", ["seed", "score", "sampler", "metrics.num_samples",

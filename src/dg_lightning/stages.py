@@ -22,23 +22,27 @@ from dg_lightning.accel import Accel, accelerate, set_backends
 from dg_lightning.callbacks import EpochSeed, RNGStates
 from dg_lightning.config import ConfigError
 from dg_lightning.data import ArraySource, RealFakeDataModule
-from dg_lightning.generate import barrier, rank_and_world_size, write_atomic
+from dg_lightning.generate import MANIFEST, barrier, rank_and_world_size, read_manifest, write_atomic
 from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.loggers import ResumableCSVLogger
 from dg_lightning.module import DiscriminatorModule
 from dg_lightning.pretrain import clean_loader
 
 
-def fingerprint(cfg: DictConfig, keys):
-    """A short hash of the resolved config subtrees that determine a stage's output."""
+def fingerprint(cfg: DictConfig, keys, inputs=()):
+    """A short hash of the resolved config subtrees that determine a stage's output, and of the manifests of the
+    sharded stage folders `inputs` it reads (generate.MANIFEST): regenerated inputs give another hash."""
     picked = {key: OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)
               if isinstance(OmegaConf.select(cfg, key), DictConfig) else OmegaConf.select(cfg, key) for key in keys}
+    if inputs:
+        picked["inputs"] = [read_manifest(Path(folder) / MANIFEST) for folder in inputs]
     return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def stage_dir(cfg: DictConfig, stage, keys):
-    """The cache folder of a stage for this config: paths.cache_dir/<experiment>/<stage>-<fingerprint>."""
-    path = Path(cfg.paths.cache_dir) / cfg.experiment_name / f"{stage}-{fingerprint(cfg, keys)}"
+def stage_dir(cfg: DictConfig, stage, keys, inputs=()):
+    """The cache folder of a stage for this config and these input folders (see fingerprint):
+    paths.cache_dir/<experiment>/<stage>-<fingerprint>."""
+    path = Path(cfg.paths.cache_dir) / cfg.experiment_name / f"{stage}-{fingerprint(cfg, keys, inputs)}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -152,14 +156,14 @@ def pretrain(cfg: DictConfig, module, source: ArraySource, batch_size, max_steps
     atomic_save(network.state_dict(), weights)
 
 
-def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, net, loggers, keys, callbacks=()):
-    """Train (or load from the stage cache) the discriminator net on real vs fake; returns the trained net.
+def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, net, loggers, folder, callbacks=()):
+    """Train (or load from its stage folder, stage_dir(cfg, "train", keys, inputs) with the folders of the fakes and
+    of sharded real data as inputs) the discriminator net on real vs fake; returns the trained net.
 
     Every epoch ends with a checkpoint (checkpoints/epochNNN.ckpt and last.ckpt); a killed training resumes from
     last.ckpt. EpochSeed re-seeds the global RNGs (batch order, diffusion times and noise) at each epoch from
     (discriminator.seed, epoch, rank), so the resumed run ends with the same weights as an uninterrupted one.
     """
-    folder = stage_dir(cfg, "train", keys)
     weights = folder / "discriminator.pt"
     if weights.exists():
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
