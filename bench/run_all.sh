@@ -31,7 +31,7 @@ if [ "${SMALL:-0}" = 1 ]; then
 else
     # The accuracy guard times nothing and its 8x8 networks barely load the GPU: it runs beside the timed benchmarks.
     [ -n "${DIGITS_WEIGHTS:-}" ] && run digits_accuracy "${DIGITS_LIMIT:-240}" digits_accuracy.py --weights "$DIGITS_WEIGHTS" ${DIGITS_ARGS:-} &
-    run edm_sampling "${EDM_LIMIT:-200}" edm_sampling.py --batch 512 --repeats 1 --variants "${EDM_VARIANTS:-authors,fast}" \
+    run edm_sampling "${EDM_LIMIT:-300}" edm_sampling.py --batch 512 --repeats 1 --variants "${EDM_VARIANTS:-authors,fast}" \
         --components --profile
     run discriminator_training "${TRAIN_LIMIT:-150}" discriminator_training.py --batches 128,512 --steps 50 --profile
     run dit_sampling "${DIT_LIMIT:-150}" dit_sampling.py --batch 64 --steps 10
