@@ -42,11 +42,11 @@ def scores(features, reference, images):
     return {k: float(v) for k, v in metrics.compute().items()}
 
 
-def guided_sampler(denoiser, discriminator, accel, dg):
-    """(accel, the denoiser and the DG term run as accel says); compiled networks are compiled in place, so each path
-    needs its own copies."""
+def networks_run_as(accel, denoiser, discriminator, dg):
+    """(the denoiser, the DG term) run as accel says; compiled networks are compiled in place, so each path needs its
+    own copies."""
     guidance = DiscriminatorGuidance(accelerate(discriminator, accel), t_min=dg.t_min, t_max=dg.t_max, clip=dg.clip)
-    return accel, accelerate(denoiser, accel), guidance
+    return accelerate(denoiser, accel), guidance
 
 
 def main():
@@ -71,8 +71,8 @@ def main():
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     fast = Accel.gpu(compile=args.compile or None) if device.startswith("cuda") else Accel(autocast="bf16")
     accel = replace(fast, attention=args.attention)
-    paths = {"fp32": guided_sampler(denoiser, discriminator, Accel(), dg),
-             "fast": guided_sampler(copy.deepcopy(denoiser), copy.deepcopy(discriminator), accel, dg)}
+    paths = {"fp32": (Accel(), *networks_run_as(Accel(), denoiser, discriminator, dg)),
+             "fast": (accel, *networks_run_as(accel, copy.deepcopy(denoiser), copy.deepcopy(discriminator), dg))}
     result = {"benchmark": "digits_accuracy", "machine": machine(device), "fast": str(accel),
               "num_samples": num_samples, "seeds": {}}
     set_defaults()

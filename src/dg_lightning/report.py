@@ -23,8 +23,10 @@ from omegaconf import OmegaConf
 from dg_lightning.config import ABSENT
 from dg_lightning.plots import sweep_figure
 
+ROWS, COLS = "guidance.dg.weight", "guidance.dg.t_min"  # the default swept keys: DG weight by window start
 
-def collect(sweep_dir, metric, rows_key="guidance.dg.weight", cols_key="guidance.dg.t_min", minus=None):
+
+def collect(sweep_dir, metric, rows_key=ROWS, cols_key=COLS, minus=None):
     """(row value, column value, value) for every finished job of a sweep folder, sorted; value is the job's metric,
     or its metric minus its `minus` metric."""
     rows = []
@@ -69,13 +71,22 @@ def cell_text(values, paired):
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} (n={len(values)}{below})"
 
 
-def markdown_table(rows, metric, rows_key="guidance.dg.weight", cols_key="guidance.dg.t_min", minus=None,
-                   pool_rows=False):
+def metric_label(metric, minus=None):
+    """The reported quantity's name: the metric, or the paired difference "metric - minus"."""
+    return f"{metric} - {minus}" if minus else metric
+
+
+def short_key(key):
+    """The last part of a dotted config key (guidance.dg.t_min -> t_min), for column and line labels."""
+    return key.rsplit(".", 1)[-1]
+
+
+def markdown_table(rows, metric, rows_key=ROWS, cols_key=COLS, minus=None, pool_rows=False):
     """A Markdown table: one row per rows_key value (then "all" with pool_rows), one column per cols_key value."""
     cells = pooled(rows, pool_rows)
-    name = f"{metric} - {minus}" if minus else metric
+    name = metric_label(metric, minus)
     cols = sorted({col for _, col, _ in rows}, key=order)
-    lines = [f"| {rows_key} | " + " | ".join(f"{name} ({cols_key.rsplit('.', 1)[-1]}={c})" for c in cols) + " |",
+    lines = [f"| {rows_key} | " + " | ".join(f"{name} ({short_key(cols_key)}={c})" for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for row in sorted({row for row, _, _ in rows}, key=order) + (["all"] if pool_rows else []):
         texts = [cell_text(cells[(row, c)], minus is not None) if (row, c) in cells else "" for c in cols]
@@ -88,16 +99,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir")
     parser.add_argument("--metric", default="toy/swd_dg")
-    parser.add_argument("--rows", default="guidance.dg.weight", help="config key of the table's rows, the plot's x")
-    parser.add_argument("--cols", default="guidance.dg.t_min", help="config key of the table's columns, plot's lines")
+    parser.add_argument("--rows", default=ROWS, help="config key of the table's rows, the plot's x")
+    parser.add_argument("--cols", default=COLS, help="config key of the table's columns, plot's lines")
     parser.add_argument("--minus", default=None, help="a metric of the same job to subtract (a paired difference)")
     parser.add_argument("--all", action="store_true", help="add a row pooling all rows of each column")
     args = parser.parse_args(argv)
     rows = collect(args.sweep_dir, args.metric, args.rows, args.cols, args.minus)
     table = markdown_table(rows, args.metric, args.rows, args.cols, args.minus, args.all)
     (Path(args.sweep_dir) / "report.md").write_text(table)
-    label = f"{args.metric} - {args.minus}" if args.minus else args.metric
-    sweep_figure(pooled(rows), label, args.rows, args.cols.rsplit(".", 1)[-1], Path(args.sweep_dir) / "report.png")
+    sweep_figure(pooled(rows), metric_label(args.metric, args.minus), args.rows, short_key(args.cols),
+                 Path(args.sweep_dir) / "report.png")
     print(table)
 
 
