@@ -8,6 +8,8 @@ Variants (each run unguided and with DG, w1 = 2, w2 = 0, tau in [0.01, 1], Heun 
   fast_noautotune, fast_nocl, fast_graphs: fast without cuDNN autotuning / without channels_last / with CUDA graphs
            (compile mode reduce-overhead)
   fast_flash, fast_cudnn: fast with scaled_dot_product_attention restricted to the flash / cuDNN backend
+  fast_cdt  fast with inductor's coordinate-descent tuning of the block sizes of its Triton kernels (the fused
+           normalisation and elementwise kernels), which lengthens compilation
 Compiled variants get one untimed warm-up batch (compilation); eager ones a 2-step warm-up. Each variant runs its own
 copy of the networks (they are compiled in place). With --components, each variant also reports the time of
 one denoiser call and of one DG evaluation (log ratio and its input gradient) at sigma = 1, and with --profile the
@@ -49,7 +51,9 @@ VARIANTS = {  # sampler state dtype, Accel (None: the plain path under PyTorch's
     "fast_graphs": (torch.float32, Accel.gpu(compile="reduce-overhead")),
     "fast_flash": (torch.float32, replace(Accel.gpu(), attention="flash")),
     "fast_cudnn": (torch.float32, replace(Accel.gpu(), attention="cudnn")),
+    "fast_cdt": (torch.float32, Accel.gpu()),
 }
+INDUCTOR_OPTIONS = {"fast_cdt": {"coordinate_descent_tuning": True}}  # torch._inductor.config while the variant runs
 
 
 def uint8_difference(a, b):
@@ -66,6 +70,42 @@ def components(denoiser, guidance, x, device, profile):
     figures = {f"{name}_ms": per_call_ms(fn, device) for name, fn in calls.items()}
     if profile:
         figures["top_kernels"] = {name: top_kernels(fn, device) for name, fn in calls.items()}
+    return figures
+
+
+def run_variant(name, args, denoiser, discriminator, latents, samples, torch_defaults):
+    """The figures of one variant: img/s unguided and with DG (and the components); its uint8 samples go into
+    samples[(name, "unguided" | "guided")]."""
+    device, dtype, accel = args.device, *VARIANTS[name]
+    settings = dict(num_steps=args.steps, sigma_min=0.002, sigma_max=80.0)
+    set_backends(accel or Accel())
+    if accel is None:
+        accel = Accel()
+        torch_defaults()
+    run_denoiser = accelerate(copy.deepcopy(denoiser), accel)
+    guidance = DiscriminatorGuidance(accelerate(copy.deepcopy(discriminator), accel), t_min=0.01, t_max=1.0)
+    figures = {}
+    for guided in (False, True):
+        kwargs = dict(settings, dtype=dtype, guidance=guidance if guided else None, w1=2.0 if guided else 0.0)
+
+        def sample(kwargs=kwargs, run_denoiser=run_denoiser):
+            return edm_sampler(run_denoiser, latents, **kwargs)
+
+        reset_peak_memory(device)
+        if accel.compile is None:
+            warmup, _ = timed(lambda k=kwargs, d=run_denoiser: edm_sampler(d, latents, **dict(k, num_steps=2)), device, 1)
+        else:
+            warmup, _ = timed(sample, device, 1)  # includes compilation
+        seconds, x = timed(sample, device, args.repeats)
+        key = "guided" if guided else "unguided"
+        samples[(name, key)] = x.float().cpu()
+        figures[key] = {"img_per_s": args.batch / seconds, "s_per_batch": seconds, "warmup_s": warmup,
+                        "peak_gib": peak_memory_gib(device)}
+        print(name, key, figures[key], flush=True)  # kept in the log should a time limit stop the run
+    figures["dg_overhead"] = figures["unguided"]["img_per_s"] / figures["guided"]["img_per_s"]
+    if args.components:
+        figures["components"] = components(run_denoiser, guidance, latents.to(dtype), device, args.profile)
+    print(name, figures, flush=True)
     return figures
 
 
@@ -86,42 +126,13 @@ def main():
     disc_widths = dict(model_channels=64) if args.small else {}
     discriminator = randomized_zeros(cifar10_discriminator(**disc_widths)).eval().requires_grad_(False).to(device)
     latents = torch.randn(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    settings = dict(num_steps=args.steps, sigma_min=0.002, sigma_max=80.0)
 
     result = {"benchmark": "edm_sampling", "machine": machine(device), "batch": args.batch, "steps": args.steps,
               "nfe": 2 * args.steps - 1, "variants": {}}
     samples = {}
     for name in args.variants.split(","):
-        dtype, accel = VARIANTS[name]
-        set_backends(accel or Accel())
-        if accel is None:
-            accel = Accel()
-            torch_defaults()
-        run_denoiser = accelerate(copy.deepcopy(denoiser), accel)
-        guidance = DiscriminatorGuidance(accelerate(copy.deepcopy(discriminator), accel), t_min=0.01, t_max=1.0)
-        figures = {}
-        for guided in (False, True):
-            kwargs = dict(settings, dtype=dtype, guidance=guidance if guided else None, w1=2.0 if guided else 0.0)
-
-            def sample(kwargs=kwargs, run_denoiser=run_denoiser):
-                return edm_sampler(run_denoiser, latents, **kwargs)
-
-            reset_peak_memory(device)
-            if accel.compile is None:
-                warmup, _ = timed(lambda k=kwargs, d=run_denoiser: edm_sampler(d, latents, **dict(k, num_steps=2)), device, 1)
-            else:
-                warmup, _ = timed(sample, device, 1)  # includes compilation
-            seconds, x = timed(sample, device, args.repeats)
-            key = "guided" if guided else "unguided"
-            samples[(name, key)] = x.float().cpu()
-            figures[key] = {"img_per_s": args.batch / seconds, "s_per_batch": seconds, "warmup_s": warmup,
-                            "peak_gib": peak_memory_gib(device)}
-            print(name, key, figures[key], flush=True)  # kept in the log should a time limit stop the run
-        figures["dg_overhead"] = figures["unguided"]["img_per_s"] / figures["guided"]["img_per_s"]
-        if args.components:
-            figures["components"] = components(run_denoiser, guidance, latents.to(dtype), device, args.profile)
-        result["variants"][name] = figures
-        print(name, figures, flush=True)
+        with torch._inductor.config.patch(INDUCTOR_OPTIONS.get(name, {})):
+            result["variants"][name] = run_variant(name, args, denoiser, discriminator, latents, samples, torch_defaults)
 
     base = args.variants.split(",")[0]
     for name, figures in result["variants"].items():

@@ -2,7 +2,8 @@
 # Every benchmark at the GPU sizes, one JSON (and log) each into the folder $1, each under its own time limit
 # so that one slow compile cannot cost the others. SMALL=1 runs the CPU smoke sizes instead.
 #   bash bench/run_all.sh bench/out        (the digits accuracy guard needs DIGITS_WEIGHTS=<folder>, see digits_accuracy.py)
-# EDM_VARIANTS picks edm_sampling.py's variants (default authors,fast); *_LIMIT the time limits (0 skips that one);
+# EDM_VARIANTS and TRAIN_VARIANTS pick edm_sampling.py's and discriminator_training.py's variants (defaults authors,fast
+# and plain,fast); *_LIMIT the time limits (0 skips that one);
 # DIGITS_ARGS adds arguments to the accuracy guard (e.g. --attention flash).
 set -u
 out=$(realpath -m "${1:-bench/out}")
@@ -33,7 +34,8 @@ else
     [ -n "${DIGITS_WEIGHTS:-}" ] && run digits_accuracy "${DIGITS_LIMIT:-240}" digits_accuracy.py --weights "$DIGITS_WEIGHTS" ${DIGITS_ARGS:-} &
     run edm_sampling "${EDM_LIMIT:-300}" edm_sampling.py --batch 512 --repeats 1 --variants "${EDM_VARIANTS:-authors,fast}" \
         --components --profile
-    run discriminator_training "${TRAIN_LIMIT:-150}" discriminator_training.py --batches 128,512 --steps 50 --profile
+    run discriminator_training "${TRAIN_LIMIT:-150}" discriminator_training.py --batches 128,512 --steps 50 --profile \
+        --variants "${TRAIN_VARIANTS:-plain,fast}"
     run dit_sampling "${DIT_LIMIT:-150}" dit_sampling.py --batch 64 --steps 10
     wait
 fi
