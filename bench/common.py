@@ -107,13 +107,54 @@ def per_call_ms(fn, device, repeats=5):
     return 1e3 * seconds
 
 
+KERNEL_CATEGORIES = (  # first match wins: Triton names carry the ops they fuse ("_to_copy"), convolutions say "gemm"
+    ("triton", ("triton_",)),
+    ("attention", ("sdpa", "fmha", "flash", "attention", "dot_do_o", "convert_dq")),
+    ("copy", ("copy", "nchwtonhwc", "nhwctonchw")),
+    ("convolution", ("fprop", "dgrad", "wgrad", "conv")),
+    ("gemm", ("gemm", "nvjet", "cutlass")),
+)
+
+
+def kernel_category(name):
+    """The kind of a device kernel, from its name: triton, attention, copy, convolution, gemm or other."""
+    lowered = name.lower()
+    return next((kind for kind, marks in KERNEL_CATEGORIES if any(mark in lowered for mark in marks)), "other")
+
+
+def launch_chain(event, depth=4):
+    """The profiled op and its callers, innermost first ("aten::copy_ < aten::contiguous < ...")."""
+    names = []
+    while event is not None and len(names) < depth:
+        names.append(event.name)
+        event = event.cpu_parent
+    return " < ".join(names)
+
+
 def top_kernels(fn, device, count=12):
-    """The `count` entries with the most self time over one call of fn() (device kernels on a GPU, CPU ops on a CPU):
-    [name, total ms, calls]."""
+    """Where the time of one call of fn() goes. On a GPU: the device kernels' total ms and ms by kernel_category, the
+    `count` kernels with the most time ([name, ms, calls]), and the `count` ops that launch the most device time
+    directly ([op < its callers, input shapes, ms, calls]: which call makes a copy). On a CPU the same by CPU time."""
     on_device = torch.device(device).type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_device else [])
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         fn()
         synchronize(device)
-    key = (lambda e: e.self_device_time_total) if on_device else (lambda e: e.self_cpu_time_total)
-    return [[e.key[:100], key(e) / 1e3, e.count] for e in sorted(prof.key_averages(), key=key, reverse=True)[:count]]
+    kind = torch.autograd.DeviceType.CUDA if on_device else torch.autograd.DeviceType.CPU
+    own_ms = (lambda e: e.self_device_time_total / 1e3) if on_device else (lambda e: e.self_cpu_time_total / 1e3)
+    kernels = [e for e in prof.key_averages() if e.device_type == kind]
+    by_category = {}
+    for e in kernels:
+        by_category[kernel_category(e.key)] = by_category.get(kernel_category(e.key), 0.0) + own_ms(e)
+    launchers = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CPU and own_ms(e) > 0:
+            key = (launch_chain(e), str(e.input_shapes)[:160])
+            ms, calls = launchers.get(key, (0.0, 0))
+            launchers[key] = (ms + own_ms(e), calls + 1)
+    return {
+        "total_ms": sum(by_category.values()),
+        "by_category_ms": dict(sorted(by_category.items(), key=lambda item: -item[1])) if on_device else {},
+        "kernels": [[e.key[:140], own_ms(e), e.count] for e in sorted(kernels, key=own_ms, reverse=True)[:count]],
+        "launched_by": [[*key, ms, calls] for key, (ms, calls) in sorted(launchers.items(), key=lambda i: -i[1][0])[:count]],
+    }
