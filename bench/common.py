@@ -122,7 +122,7 @@ def kernel_category(name):
     return next((kind for kind, marks in KERNEL_CATEGORIES if any(mark in lowered for mark in marks)), "other")
 
 
-def launch_chain(event, depth=4):
+def launch_chain(event, depth=6):
     """The profiled op and its callers, innermost first ("aten::copy_ < aten::contiguous < ...")."""
     names = []
     while event is not None and len(names) < depth:
