@@ -131,7 +131,7 @@ def launch_chain(event, depth=6):
     return " < ".join(names)
 
 
-def top_kernels(fn, device, count=12):
+def kernel_profile(fn, device, count=12):
     """Where the time of one call of fn() goes. On a GPU: the device kernels' total ms and ms by kernel_category, the
     `count` kernels with the most time ([name, ms, calls]), and the `count` ops that launch the most device time
     directly ([op < its callers, input shapes, ms, calls]: which call makes a copy). On a CPU the same by CPU time."""
@@ -140,12 +140,13 @@ def top_kernels(fn, device, count=12):
     with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         fn()
         synchronize(device)
-    kind = torch.autograd.DeviceType.CUDA if on_device else torch.autograd.DeviceType.CPU
+    timed_on = torch.autograd.DeviceType.CUDA if on_device else torch.autograd.DeviceType.CPU
     own_ms = (lambda e: e.self_device_time_total / 1e3) if on_device else (lambda e: e.self_cpu_time_total / 1e3)
-    kernels = [e for e in prof.key_averages() if e.device_type == kind]
+    kernels = [e for e in prof.key_averages() if e.device_type == timed_on]
     by_category = {}
     for e in kernels:
-        by_category[kernel_category(e.key)] = by_category.get(kernel_category(e.key), 0.0) + own_ms(e)
+        kind = kernel_category(e.key)
+        by_category[kind] = by_category.get(kind, 0.0) + own_ms(e)
     launchers = {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CPU and own_ms(e) > 0:

@@ -25,7 +25,7 @@ from common import (
     reset_peak_memory,
     set_defaults,
     timed,
-    top_kernels,
+    kernel_profile,
 )
 
 from dg_lightning.accel import Accel, set_backends
@@ -119,7 +119,7 @@ def main():
             figures = {"step_img_per_s": batch_size / seconds, "warmup_s_per_step": first,
                        "peak_gib": peak_memory_gib(device)}
             if args.profile:
-                figures["top_kernels"] = top_kernels(step, device)
+                figures["kernel_profile"] = kernel_profile(step, device)
             if str(batch_size) in args.trainer_batches.split(","):
                 figures["trainer_img_per_s"] = trainer_throughput(module, batch_size, args.steps, args.warmup, device,
                                                                   args.num_workers)

@@ -34,7 +34,7 @@ from common import (
     reset_peak_memory,
     set_defaults,
     timed,
-    top_kernels,
+    kernel_profile,
 )
 
 from dg_lightning.accel import Accel, accelerate, set_backends
@@ -69,7 +69,7 @@ def components(denoiser, guidance, x, device, profile):
     calls = {"denoiser": lambda: denoiser(x, sigma), "dg_value_and_grad": lambda: guidance.edm(x, 1.0)}
     figures = {f"{name}_ms": per_call_ms(fn, device) for name, fn in calls.items()}
     if profile:
-        figures["top_kernels"] = {name: top_kernels(fn, device) for name, fn in calls.items()}
+        figures["kernel_profile"] = {name: kernel_profile(fn, device) for name, fn in calls.items()}
     return figures
 
 

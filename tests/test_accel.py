@@ -1,7 +1,6 @@
 """The fast path changes how networks run, never what they compute: float32 outputs, the same weights and
 state-dict names, and samples within bf16 rounding of the plain float32 path."""
 
-
 import pytest
 import torch
 from netutils import randomized_zeros
