@@ -31,6 +31,18 @@ def parser(description):
     return p
 
 
+def variant_names(known):
+    """An argparse type: a comma-separated list of names of `known` variants; an unknown name is refused before any
+    compute, with the known ones."""
+    def parse(text):
+        names = text.split(",")
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown}; choose from {', '.join(known)}")
+        return names
+    return parse
+
+
 def machine(device):
     """The device's name and the software versions, for the JSON record."""
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else platform.processor() or "cpu"

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from common import (
     cifar10_discriminator,
+    kernel_profile,
     machine,
     parser,
     peak_memory_gib,
@@ -25,7 +26,7 @@ from common import (
     reset_peak_memory,
     set_defaults,
     timed,
-    kernel_profile,
+    variant_names,
 )
 
 from dg_lightning.accel import Accel, set_backends
@@ -86,7 +87,7 @@ def main():
     p.add_argument("--batches", default="128,512")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--variants", default="plain,fast")
+    p.add_argument("--variants", type=variant_names(VARIANTS), default="plain,fast")
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--trainer-batches", default="128", help="batch sizes that also run the Trainer + data module loop")
     p.add_argument("--profile", action="store_true", help="the top device kernels of one optimiser step")
@@ -101,7 +102,7 @@ def main():
         t = vp.sample_time(batch_size, 1e-5, True, device=device)
         batch = {"x_t": vp.diffuse(x0, t, torch.randn_like(x0)), "t": t,
                  "is_real": torch.arange(batch_size, device=device) < batch_size // 2}
-        for name in args.variants.split(","):
+        for name in args.variants:
             accel = VARIANTS[name]
             set_backends(accel or Accel())
             if accel is None:
@@ -125,8 +126,8 @@ def main():
                                                                   args.num_workers)
             result["results"][f"{name}/batch{batch_size}"] = figures
             print(name, batch_size, figures, flush=True)
-        base = result["results"][f"{args.variants.split(',')[0]}/batch{batch_size}"]
-        for name in args.variants.split(","):
+        base = result["results"][f"{args.variants[0]}/batch{batch_size}"]
+        for name in args.variants:
             figures = result["results"][f"{name}/batch{batch_size}"]
             figures["step_speedup"] = figures["step_img_per_s"] / base["step_img_per_s"]
     report(args, result)

@@ -19,6 +19,7 @@ from common import (
     report,
     reset_peak_memory,
     timed,
+    variant_names,
 )
 
 from dg_lightning.accel import Accel, accelerate, set_backends
@@ -34,7 +35,7 @@ def main():
     p = parser(__doc__)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--variants", default="authors,fast")
+    p.add_argument("--variants", type=variant_names(VARIANTS), default="authors,fast")
     p.add_argument("--small", action="store_true", help="a 2-block DiT and a narrow discriminator, for a CPU smoke run")
     args = p.parse_args()
     device = args.device
@@ -54,7 +55,7 @@ def main():
 
     result = {"benchmark": "dit_sampling", "machine": machine(device), "batch": args.batch,
               "rows_through_dit": 2 * args.batch, "steps_timed": args.steps, "variants": {}}
-    for name in args.variants.split(","):
+    for name in args.variants:
         accel = VARIANTS[name]
         set_backends(accel)
         model_fn = accelerate(copy.deepcopy(dit), accel)  # each variant its own copy: compiling is in place
@@ -76,7 +77,7 @@ def main():
         figures["dg_overhead"] = figures["dg"]["s_per_step"] / figures["no_dg"]["s_per_step"]
         result["variants"][name] = figures
         print(name, figures, flush=True)
-    base = result["variants"][args.variants.split(",")[0]]
+    base = result["variants"][args.variants[0]]
     for figures in result["variants"].values():
         for key in ("no_dg", "dg"):
             figures[key]["speedup"] = base[key]["s_per_step"] / figures[key]["s_per_step"]

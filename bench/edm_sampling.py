@@ -25,6 +25,7 @@ import torch
 from common import (
     cifar10_discriminator,
     edm_cifar10_denoiser,
+    kernel_profile,
     machine,
     parser,
     peak_memory_gib,
@@ -34,7 +35,7 @@ from common import (
     reset_peak_memory,
     set_defaults,
     timed,
-    kernel_profile,
+    variant_names,
 )
 
 from dg_lightning.accel import Accel, accelerate, set_backends
@@ -114,7 +115,7 @@ def main():
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--steps", type=int, default=18)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--variants", default="authors,fp32,fast")
+    p.add_argument("--variants", type=variant_names(VARIANTS), default="authors,fp32,fast")
     p.add_argument("--small", action="store_true", help="narrow networks, for a CPU smoke run")
     p.add_argument("--components", action="store_true", help="also time one denoiser call and one DG evaluation")
     p.add_argument("--profile", action="store_true", help="with --components: the top device kernels of each")
@@ -130,11 +131,11 @@ def main():
     result = {"benchmark": "edm_sampling", "machine": machine(device), "batch": args.batch, "steps": args.steps,
               "nfe": 2 * args.steps - 1, "variants": {}}
     samples = {}
-    for name in args.variants.split(","):
+    for name in args.variants:
         with torch._inductor.config.patch(INDUCTOR_OPTIONS.get(name, {})):
             result["variants"][name] = run_variant(name, args, denoiser, discriminator, latents, samples, torch_defaults)
 
-    base = args.variants.split(",")[0]
+    base = args.variants[0]
     for name, figures in result["variants"].items():
         for key in ("unguided", "guided"):
             figures[key]["speedup_vs_" + base] = figures[key]["img_per_s"] / result["variants"][base][key]["img_per_s"]

@@ -1,12 +1,14 @@
-"""The benchmarks' kernel profile sorts the H200's kernel names into the right kinds (bench/common.py)."""
+"""bench/common.py: the kernel profile sorts the H200's kernel names into the right kinds, and a misspelt variant is
+refused before any compute."""
 
 import sys
+from argparse import ArgumentTypeError
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from common import kernel_category  # noqa: E402
+from common import kernel_category, variant_names  # noqa: E402
 
 
 @pytest.mark.parametrize("name, kind", [  # kernel names from the 2026-11-28 H200 profile of one DG evaluation
@@ -22,3 +24,10 @@ from common import kernel_category  # noqa: E402
 ])
 def test_kernel_category(name, kind):
     assert kernel_category(name) == kind
+
+
+def test_variant_names_refuses_an_unknown_name_and_lists_the_known_ones():
+    parse = variant_names({"authors": None, "fast": None})
+    assert parse("authors,fast") == ["authors", "fast"]
+    with pytest.raises(ArgumentTypeError, match=r"\['fastest'\]; choose from authors, fast"):
+        parse("authors,fastest")
