@@ -63,11 +63,17 @@ def uint8_difference(a, b):
     return {"max": int(d.max()), "mean": float(d.float().mean()), "frac_gt1": float((d > 1).float().mean())}
 
 
-def components(denoiser, guidance, x, device, profile):
-    """Milliseconds of one denoiser call and one DG evaluation (value and input gradient) at sigma = 1 (and with
-    `profile` their top device kernels)."""
+def component_calls(denoiser, guidance, x):
+    """The two calls a guided batch is made of, at x and sigma = 1: one denoiser call and one DG evaluation (value and
+    input gradient)."""
     sigma = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
-    calls = {"denoiser": lambda: denoiser(x, sigma), "dg_value_and_grad": lambda: guidance.edm(x, 1.0)}
+    return {"denoiser": lambda: denoiser(x, sigma), "dg_value_and_grad": lambda: guidance.edm(x, 1.0)}
+
+
+def components(denoiser, guidance, x, device, profile):
+    """Milliseconds of one denoiser call and one DG evaluation (component_calls; and with `profile` their device
+    kernels, see kernel_profile)."""
+    calls = component_calls(denoiser, guidance, x)
     figures = {f"{name}_ms": per_call_ms(fn, device) for name, fn in calls.items()}
     if profile:
         figures["kernel_profile"] = {name: kernel_profile(fn, device) for name, fn in calls.items()}

@@ -1,14 +1,17 @@
-"""bench/common.py: the kernel profile sorts the H200's kernel names into the right kinds, and a misspelt variant is
-refused before any compute."""
+"""bench/: the kernel profile sorts the H200's kernel names into the right kinds, a misspelt variant is refused before
+any compute, and inductor's planned traffic counts each buffer a kernel touches once, under the right kernel kind."""
 
 import sys
 from argparse import ArgumentTypeError
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from common import kernel_category, variant_names  # noqa: E402
+from inductor_traffic import call_traffic  # noqa: E402
 
 
 @pytest.mark.parametrize("name, kind", [  # kernel names from the 2026-11-28 H200 profile of one DG evaluation
@@ -31,3 +34,17 @@ def test_variant_names_refuses_an_unknown_name_and_lists_the_known_ones():
     assert parse("authors,fast") == ["authors", "fast"]
     with pytest.raises(ArgumentTypeError, match=r"\['fastest'\]; choose from authors, fast"):
         parse("authors,fastest")
+
+
+def test_planned_traffic_of_a_pointwise_kernel_and_a_convolution():
+    """x -> relu(conv3x3(2 x)): one fused kernel reads x and writes 2x (fp32, 4 bytes each); the convolution reads 2x
+    and its weight and writes its output; relu is a second fused kernel that reads and writes the output. (channels_last
+    tensors, so that inductor adds no layout conversion.)"""
+    x, weight = (torch.randn(shape).to(memory_format=torch.channels_last) for shape in ((2, 3, 8, 8), (5, 3, 3, 3)))
+    net = torch.compile(lambda x: F.relu(F.conv2d(2 * x, weight, padding=1)))
+    traffic = call_traffic(lambda: net(x), batch=2)
+    image_in, image_out = 3 * 8 * 8 * 4, 5 * 8 * 8 * 4
+    assert traffic["graphs"] == 1
+    assert traffic["kernels"] == {"fused": 2, "convolution": 1}
+    assert traffic["mb_per_image"]["fused"] * 1e6 == pytest.approx(2 * image_in + 2 * image_out)
+    assert traffic["mb_per_image"]["convolution"] * 1e6 == pytest.approx(image_in + weight.numel() * 4 / 2 + image_out)
