@@ -92,6 +92,15 @@ def cifar10_discriminator(model_channels=128):
     return Discriminator(extractor, dg_head(extractor.feature_channels, model_channels=model_channels))
 
 
+def edm_cifar10_networks(small, device):
+    """The frozen denoiser and DG discriminator of the CIFAR-10 EDM-G++ benchmarks, random weights with every branch
+    active (small: narrow ones, for a CPU run)."""
+    builds = ((edm_cifar10_denoiser, dict(model_channels=32, num_blocks=1)),
+              (cifar10_discriminator, dict(model_channels=64)))
+    return tuple(randomized_zeros(build(**(widths if small else {}))).eval().requires_grad_(False).to(device)
+                 for build, widths in builds)  # built and drawn one after the other, as before
+
+
 def report(args, result):
     """Print the result as JSON and write it to args.out when given."""
     text = json.dumps(result, indent=2)

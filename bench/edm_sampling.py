@@ -23,14 +23,12 @@ from dataclasses import replace
 
 import torch
 from common import (
-    cifar10_discriminator,
-    edm_cifar10_denoiser,
+    edm_cifar10_networks,
     kernel_profile,
     machine,
     parser,
     peak_memory_gib,
     per_call_ms,
-    randomized_zeros,
     report,
     reset_peak_memory,
     set_defaults,
@@ -127,11 +125,8 @@ def main():
     p.add_argument("--profile", action="store_true", help="with --components: the top device kernels of each")
     args = p.parse_args()
     device, torch_defaults = args.device, set_defaults()
-    widths = dict(model_channels=32, num_blocks=1) if args.small else {}
     torch.manual_seed(args.seed)
-    denoiser = randomized_zeros(edm_cifar10_denoiser(**widths)).eval().requires_grad_(False).to(device)
-    disc_widths = dict(model_channels=64) if args.small else {}
-    discriminator = randomized_zeros(cifar10_discriminator(**disc_widths)).eval().requires_grad_(False).to(device)
+    denoiser, discriminator = edm_cifar10_networks(args.small, device)
     latents = torch.randn(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
     result = {"benchmark": "edm_sampling", "machine": machine(device), "batch": args.batch, "steps": args.steps,

@@ -22,7 +22,7 @@ from unittest.mock import patch
 
 import torch
 import torch._inductor.config
-from common import cifar10_discriminator, edm_cifar10_denoiser, machine, parser, randomized_zeros, report, variant_names
+from common import edm_cifar10_networks, machine, parser, report, variant_names
 from edm_sampling import component_calls
 from torch._inductor.graph import GraphLowering
 from torch._inductor.scheduler import ExternKernelSchedulerNode
@@ -80,10 +80,7 @@ def main():
     args = p.parse_args()
     device = args.device
     torch.manual_seed(args.seed)
-    widths = dict(model_channels=32, num_blocks=1) if args.small else {}
-    denoiser = randomized_zeros(edm_cifar10_denoiser(**widths)).eval().requires_grad_(False).to(device)
-    discriminator = randomized_zeros(cifar10_discriminator(**({"model_channels": 64} if args.small else {})))
-    discriminator = discriminator.eval().requires_grad_(False).to(device)
+    denoiser, discriminator = edm_cifar10_networks(args.small, device)
     latents = torch.randn(2 * args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
     result = {"benchmark": "inductor_traffic", "machine": machine(device), "batch": args.batch, "variants": {}}
