@@ -92,8 +92,10 @@ def main():
         def call_at(b, call):
             return component_calls(denoiser_copy, guidance, latents[:b])[call]()
 
-        result["variants"][name] = {call: call_traffic(partial(call_at, call=call), args.batch)
-                                    for call in ("denoiser", "dg_value_and_grad")}
+        result["variants"][name] = {}
+        for call in ("denoiser", "dg_value_and_grad"):  # minutes of compiling each on a CPU
+            print(f"{name}: compiling {call} at batch {args.batch} and {2 * args.batch}", flush=True)
+            result["variants"][name][call] = call_traffic(partial(call_at, call=call), args.batch)
         print(name, result["variants"][name], flush=True)
     base = result["variants"][args.variants[0]]
     for figures in result["variants"].values():
