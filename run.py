@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from dg_lightning.pipeline import run
+    from dg_lightning.pipelines import run
 
     try:
         run(cfg)

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from dg_lightning.accel import Accel, accelerate, set_backends
 from dg_lightning.data import load_digits_split
-from dg_lightning.generate import to_uint8
+from dg_lightning.shards import to_uint8
 from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.metrics import ClassifierFeatures, GenerativeMetrics
 from dg_lightning.nets.adm import Discriminator
@@ -82,7 +82,7 @@ def main():
         for name, (a, run_denoiser, guidance) in paths.items():
             set_backends(a)
             for guided in (False, True):
-                kwargs = {"w1": dg.weight, "w2": dg.weight_2nd, "guidance": guidance} if guided else {}
+                kwargs = {"dg_weight": dg.weight, "dg_weight_2nd": dg.weight_2nd, "dg": guidance} if guided else {}
                 x = to_uint8(edm_sampler(run_denoiser, latents, **sampler, **kwargs))
                 key = f"{name}/{'dg' if guided else 'no_dg'}"
                 images[key] = x

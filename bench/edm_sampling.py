@@ -37,7 +37,7 @@ from common import (
 )
 
 from dg_lightning.accel import Accel, accelerate, set_backends
-from dg_lightning.generate import to_uint8
+from dg_lightning.shards import to_uint8
 from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.samplers import edm_sampler
 
@@ -91,7 +91,7 @@ def run_variant(name, args, denoiser, discriminator, latents, samples, torch_def
     guidance = DiscriminatorGuidance(accelerate(copy.deepcopy(discriminator), accel), t_min=0.01, t_max=1.0)
     figures = {}
     for guided in (False, True):
-        kwargs = dict(settings, dtype=dtype, guidance=guidance if guided else None, w1=2.0 if guided else 0.0)
+        kwargs = dict(settings, dtype=dtype, dg=guidance if guided else None, dg_weight=2.0 if guided else 0.0)
 
         def sample(kwargs=kwargs, run_denoiser=run_denoiser):
             return edm_sampler(run_denoiser, latents, **kwargs)

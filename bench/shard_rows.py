@@ -1,7 +1,7 @@
 """Read speed of a shard folder's rows: data.ShardRows (rows read in place from the shards, sources.shard_source) against
 the former copy into one samples.npy read memory-mapped (np.load(mmap_mode="r"), what data.NpyRows did).
 
-Writes a folder of uint8 images (generate.py's format), then times random batches on both paths with the files in
+Writes a folder of uint8 images (the shard format of shards.py), then times random batches on both paths with the files in
 the page cache (warm) and evicted from it before every batch (cold, posix_fadvise DONTNEED on this folder's files
 only), plus shard_source's check of the folder (headers and small members), a full check reading every shard
 (warm), and the copy that ShardRows replaces.
@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from common import machine, parser, report
 
-from dg_lightning.generate import MANIFEST, generate, load_shards, read_manifest, read_shard
+from dg_lightning.generate import generate
+from dg_lightning.shards import MANIFEST, load_shards, read_manifest, read_shard
 from dg_lightning.sources import shard_source
 
 
@@ -61,7 +62,7 @@ def main():
         start = time.perf_counter()
         source = shard_source(folder)
         check_s = time.perf_counter() - start
-        start = time.perf_counter()  # what a full check would cost: every shard read whole (generate.read_shard)
+        start = time.perf_counter()  # what a full check would cost: every shard read whole (shards.read_shard)
         manifest = read_manifest(folder / MANIFEST)
         for k, shard in enumerate(shards):
             read_shard(shard, manifest, k)

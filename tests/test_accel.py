@@ -6,7 +6,7 @@ import torch
 from netutils import randomized_zeros
 
 from dg_lightning.accel import Accel, Accelerated, accelerate, prepare, set_backends
-from dg_lightning.generate import to_uint8
+from dg_lightning.shards import to_uint8
 from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.module import DiscriminatorModule
 from dg_lightning.nets.adm import Discriminator, EncoderUNet, dg_head
@@ -87,11 +87,11 @@ def test_discriminator_module_runs_the_accelerated_forward_in_float32():
 def test_bf16_samples_stay_within_a_few_uint8_levels_of_float32():
     """The accuracy guard at test scale: the same latents through the plain and the bf16 path, with DG."""
     latents = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    kwargs = dict(num_steps=8, w1=2.0)
+    kwargs = dict(num_steps=8, dg_weight=2.0)
     samples = {}
     for name, accel in {"fp32": Accel(), "bf16": Accel(autocast="bf16")}.items():
         guidance = DiscriminatorGuidance(accelerate(tiny_discriminator(), accel))
-        samples[name] = to_uint8(edm_sampler(accelerate(tiny_denoiser(), accel), latents, guidance=guidance, **kwargs))
+        samples[name] = to_uint8(edm_sampler(accelerate(tiny_denoiser(), accel), latents, dg=guidance, **kwargs))
     diff = (samples["bf16"].int() - samples["fp32"].int()).abs()
     assert diff.float().mean() < 1.0
     assert diff.max() <= 8

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from dg_lightning import checkpoints
 from dg_lightning.ddpm import DDPMSchedule, ddpm_sampler
-from dg_lightning.generate import SampleNoise
+from dg_lightning.seeds import SampleNoise
 from dg_lightning.guidance import ClassifierGuidance, DiscriminatorGuidance
 from dg_lightning.imagenet import adm_sample_fn
 from dg_lightning.nets import adm, unet

@@ -12,7 +12,8 @@ from PIL import Image
 
 from dg_lightning.callbacks import GuidedSamplingCallback, frozen
 from dg_lightning.data import ArraySource, RealFakeDataModule
-from dg_lightning.generate import sample_batches, to_uint8
+from dg_lightning.generate import sample_batches
+from dg_lightning.shards import to_uint8
 from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.metrics import GenerativeMetrics
 from dg_lightning.module import DiscriminatorModule
@@ -202,8 +203,8 @@ def test_guided_sampling_leaves_no_parameter_gradients_and_restores_modes(tmp_pa
 
     def sample_fn(discriminator, latents, class_labels, noise):
         guidance = DiscriminatorGuidance(discriminator, t_min=0.0)
-        kwargs = dict(class_labels=class_labels, guidance=guidance, num_steps=4, sigma_max=5.0, randn_like=noise.randn_like)
-        guided = edm_sampler(gaussian_denoiser, latents, w1=20.0, w2=20.0, **kwargs)
+        kwargs = dict(class_labels=class_labels, dg=guidance, num_steps=4, sigma_max=5.0, randn_like=noise.randn_like)
+        guided = edm_sampler(gaussian_denoiser, latents, dg_weight=20.0, dg_weight_2nd=20.0, **kwargs)
         plain = edm_sampler(gaussian_denoiser, latents, **kwargs)
         seen.append((discriminator.training, [p.requires_grad for p in discriminator.parameters()], (guided - plain).abs().max()))
         return guided.clip(-1, 1)

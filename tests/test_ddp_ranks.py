@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from dg_lightning.generate import generate, load_shards, shard_name
+from dg_lightning.generate import generate
+from dg_lightning.shards import load_shards, shard_name
 from dg_lightning.metrics import GenerativeMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,9 @@ import torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[2])
 from test_ddp_ranks import images, metrics, sample_fn
 torch.set_num_threads(1)
-from dg_lightning.generate import generate, load_shards, rank_and_world_size
+from dg_lightning.distributed import rank_and_world_size
+from dg_lightning.generate import generate
+from dg_lightning.shards import load_shards
 
 out = sys.argv[1]
 dist.init_process_group("gloo")

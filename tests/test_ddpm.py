@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dg_lightning import ddpm
-from dg_lightning.generate import SampleNoise
+from dg_lightning.seeds import SampleNoise
 from dg_lightning.guidance import ClassifierGuidance, DiscriminatorGuidance
 
 

@@ -15,7 +15,8 @@ from test_metrics import random_inception_weights
 
 from dg_lightning import pipeline
 from dg_lightning.data import RealFakeDataModule, load_digits_split
-from dg_lightning.generate import generate, load_shards
+from dg_lightning.generate import generate
+from dg_lightning.shards import load_shards
 from dg_lightning.nets.adm import Discriminator
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from dg_lightning.generate import (MANIFEST, SampleNoise, ShardError, check_shard_headers, generate, load_shards,
-                                  sample_batches, sample_seed, shard_name, write_atomic)
+from dg_lightning.files import write_atomic
+from dg_lightning.generate import generate, sample_batches
+from dg_lightning.seeds import SampleNoise, sample_seed
+from dg_lightning.shards import MANIFEST, ShardError, check_shard_headers, load_shards, shard_name
 
 SHAPE = (3, 4, 5)  # C, H, W: stored as (4, 5, 3)
 N, SHARD = 20, 6  # shards of 6, 6, 6, 2

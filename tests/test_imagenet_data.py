@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from dg_lightning.data import ArraySource, RealFakeDataModule, ShardRows
-from dg_lightning.generate import MANIFEST, SampleNoise, generate, load_shards, sample_seed
+from dg_lightning.generate import generate
+from dg_lightning.seeds import SampleNoise, sample_seed
+from dg_lightning.shards import MANIFEST, load_shards
 from dg_lightning.latents import center_crop, encode_image_folder, image_folder
 from dg_lightning.sources import shard_source
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from dg_lightning import checkpoints
 from dg_lightning.config import ConfigError
 from dg_lightning.ddpm import DDPMSchedule, ddpm_sampler
-from dg_lightning.generate import SampleNoise
+from dg_lightning.seeds import SampleNoise
 from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.imagenet import dit_sample_fn
 from dg_lightning.nets import dit as dit_nets

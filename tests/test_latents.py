@@ -10,7 +10,9 @@ import standin_vae
 import torch
 from PIL import Image
 
-from dg_lightning.generate import SampleNoise, generate, load_shards, sample_seed
+from dg_lightning.generate import generate
+from dg_lightning.seeds import SampleNoise, sample_seed
+from dg_lightning.shards import load_shards
 from dg_lightning.latents import (
     LATENT_SCALE,
     LatentAutoencoder,

@@ -43,7 +43,7 @@ def test_theorem_1_guided_sampler_follows_the_data_pf_ode(pair):
     n, steps = 4000, 40
     z = torch.randn(n, data.dim, generator=torch.Generator().manual_seed(1))
     guidance = DiscriminatorGuidance(OptimalDiscriminator(data, model), t_min=0.0, t_max=1.0)
-    guided = edm_sampler(MixtureDenoiser(model), z, guidance=guidance, w1=1.0, w2=1.0, num_steps=steps)
+    guided = edm_sampler(MixtureDenoiser(model), z, dg=guidance, dg_weight=1.0, dg_weight_2nd=1.0, num_steps=steps)
     exact = edm_sampler(MixtureDenoiser(data), z[:300], num_steps=steps)
     unguided = edm_sampler(MixtureDenoiser(model), z, num_steps=steps)
     assert (guided[:300] - exact).abs().max().item() < 1e-2
@@ -81,7 +81,7 @@ def test_euler_step_with_dg_and_boosted_weight_in_closed_form():
     guidance = DiscriminatorGuidance(LabelLogit(a), t_min=0.0)
     z, labels = torch.ones(2, 2), torch.tensor([0, 1])
     for boosting in (False, True):
-        x = edm_sampler(SpyDenoiser(), z, labels, guidance, w1=w1, boosting=boosting, num_steps=1, solver="euler",
+        x = edm_sampler(SpyDenoiser(), z, labels, guidance, dg_weight=w1, dg_boosting=boosting, num_steps=1, solver="euler",
                         randn_like=torch.zeros_like, dtype=torch.float64)
         s0 = 80.0
         grad = a / math.sqrt(1 + s0**2)
@@ -93,7 +93,7 @@ def test_euler_step_with_dg_and_boosted_weight_in_closed_form():
 def test_boosting_churns_samples_called_fake_every_fifth_step():
     guidance = DiscriminatorGuidance(LabelLogit(torch.zeros(2)), t_min=0.0)
     spy, n = SpyDenoiser(), 6
-    edm_sampler(spy, torch.ones(2, 2), torch.tensor([0, 1]), guidance, w1=1.0, boosting=True, num_steps=n, solver="euler",
+    edm_sampler(spy, torch.ones(2, 2), torch.tensor([0, 1]), guidance, dg_weight=1.0, dg_boosting=True, num_steps=n, solver="euler",
                 randn_like=torch.zeros_like, dtype=torch.float64)
     sigmas = edm_sigma_steps(n)
     gamma = min(4.0 / n, math.sqrt(2) - 1)
@@ -107,8 +107,8 @@ def test_dg_off_outside_the_window_and_with_zero_weight():
     z = torch.randn(100, 2, generator=torch.Generator().manual_seed(0))
     plain = edm_sampler(MixtureDenoiser(model), z)
     optimal = OptimalDiscriminator(data, model)
-    zero_weight = edm_sampler(MixtureDenoiser(model), z, guidance=DiscriminatorGuidance(optimal), w1=0.0, w2=0.0)
-    empty_window = edm_sampler(MixtureDenoiser(model), z, guidance=DiscriminatorGuidance(optimal, t_min=0.95, t_max=1.0), w1=2.0)
+    zero_weight = edm_sampler(MixtureDenoiser(model), z, dg=DiscriminatorGuidance(optimal), dg_weight=0.0, dg_weight_2nd=0.0)
+    empty_window = edm_sampler(MixtureDenoiser(model), z, dg=DiscriminatorGuidance(optimal, t_min=0.95, t_max=1.0), dg_weight=2.0)
     assert torch.equal(plain, zero_weight) and torch.equal(plain, empty_window)
     with pytest.raises(ValueError, match="solver"):
         edm_sampler(MixtureDenoiser(model), z, solver="rk4")

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from dg_lightning import sources
-from dg_lightning.generate import MANIFEST, generate, load_shards, shard_name
+from dg_lightning.generate import generate
+from dg_lightning.shards import MANIFEST, load_shards, shard_name
 from dg_lightning.sources import SourceError, load_source, shard_source
 
 

@@ -9,6 +9,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,3 +116,10 @@ def accelerate(net: torch.nn.Module, accel: Accel):
     """net wrapped to run as `accel` says; the plain float32 path returns net itself."""
     return net if accel.is_plain else Accelerated(net, accel)
 
+
+
+def build_accel(node=None):
+    """The Accel of a config node (cfg.accel; None: the plain float32 path), with its process-wide switches applied."""
+    accel = Accel(**OmegaConf.to_container(node, resolve=True)) if node else Accel()
+    set_backends(accel)
+    return accel

@@ -18,7 +18,10 @@ from lightning.pytorch.loggers import WandbLogger
 from torchmetrics.utilities.distributed import gather_all_tensors
 from torchvision.utils import save_image
 
-from dg_lightning.generate import rank_and_world_size, sample_batches, to_uint8, write_atomic
+from dg_lightning.distributed import rank_and_world_size
+from dg_lightning.files import write_atomic
+from dg_lightning.generate import sample_batches
+from dg_lightning.shards import to_uint8
 from dg_lightning.metrics import GenerativeMetrics
 from dg_lightning.progress import track
 

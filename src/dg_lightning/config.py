@@ -6,7 +6,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from dg_lightning.metrics import INCEPTION_WEIGHTS_URL
 
-SOLVERS = ("heun", "euler", "ddpm")  # EDM's PF-ODE solvers; ddpm: the discrete ancestral sampler (DiT, ADM)
 FEATURES = ("digits_classifier", "inception")
 ABSENT = object()
 SEEDS = ("seed", "discriminator.seed", "metrics.sampling_seed", "metrics.sampling_callback.seed")
@@ -26,8 +25,8 @@ def _require(condition, key, problem, fix):
 
 
 def validate(cfg: DictConfig):
-    """Check the seeds, the guidance window and weights, the sampler, the data sizes, the metrics' feature network and
-    every configured input path."""
+    """Check the seeds, the guidance window and weights, the sampler's steps, the data sizes, the metrics' feature
+    network and every configured input path (the sampler's solver: sampling.check_sampler)."""
     missing = sorted(k for k in ("experiment_name", "pipeline") if OmegaConf.is_missing(cfg, k))
     _require(not missing, missing[0] if missing else "", "is not set", "choose an experiment, e.g. experiment=toy2d")
     _validate_seeds(cfg)
@@ -40,10 +39,9 @@ def validate(cfg: DictConfig):
     _require(dg.clip is None or 0.0 < dg.clip < 0.5, "guidance.dg.clip", f"must be null or in (0, 0.5), got {dg.clip}",
              "use null (log ratio = logit) or 1e-5 (the authors' clipping)")
     s = cfg.sampler
-    _require(s.solver in SOLVERS, "sampler.solver", f"unknown solver {s.solver!r}", f"use one of {SOLVERS}")
-    _require(s.solver == "ddpm" or s.num_steps >= 1, "sampler.num_steps", f"must be >= 1, got {s.get('num_steps')}",
+    _require("num_steps" not in s or s.num_steps >= 1, "sampler.num_steps", f"must be >= 1, got {s.get('num_steps')}",
              "EDM uses 18 (NFE 35)")
-    _require(s.solver == "ddpm" or 0 < s.sigma_min < s.sigma_max, "sampler.sigma_min",
+    _require("sigma_min" not in s or 0 < s.sigma_min < s.sigma_max, "sampler.sigma_min",
              f"needs 0 < sigma_min < sigma_max, got {s.get('sigma_min')}, {s.get('sigma_max')}",
              "EDM uses sigma_min=0.002, sigma_max=80")
     _require(cfg.data.batch_size >= 2 and cfg.data.batch_size % 2 == 0, "data.batch_size",
@@ -61,7 +59,7 @@ def validate(cfg: DictConfig):
 
 def _validate_seeds(cfg: DictConfig):
     """Every seed is an integer in [0, 2**32 - 1]: numpy's and Lightning's range; the training fakes are drawn above it
-    (generate.stream_base_seed)."""
+    (seeds.stream_base_seed)."""
     for key in SEEDS:
         value = OmegaConf.select(cfg, key, default=ABSENT)
         if value is ABSENT:  # a config without this key (e.g. no sampling callback)

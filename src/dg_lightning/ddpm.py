@@ -18,6 +18,7 @@ import torch
 
 from dg_lightning.guidance import classifier_free_eps, shifted_mean
 from dg_lightning.progress import track
+from dg_lightning.solvers import solver
 
 
 def linear_betas(num_timesteps=1000):
@@ -133,6 +134,7 @@ def _broadcast_weight(weight, x):
     return weight.view((-1,) + (1,) * (x.ndim - 1)).to(x.dtype) if torch.is_tensor(weight) else weight
 
 
+@solver("ddpm", score="eps")
 def ddpm_sampler(
     model_fn,
     latents,
@@ -145,7 +147,7 @@ def ddpm_sampler(
     guided_channels=3,
     dg=None,
     dg_weight=0.0,
-    dg_switch_step=100,
+    dg_switch_step=0,
     classifier=None,
     cg_scale=0.0,
     cg_scale_late=None,
@@ -169,7 +171,7 @@ def ddpm_sampler(
             at tau = k / (T - 1), DG only while k > dg_switch_step (and inside dg's own window);
       x_{k_{i-1}} = mu' + sqrt(Sigma) n, with no noise at the last step.
     dg and classifier are GradientGuidance objects (evaluated in VP coordinates). DiT-G++ uses cfg 1.25 / 3.0
-    switched at 200, DG weight 1 above 100 (SPEC §5).
+    switched at 200, DG weight 1 above dg_switch_step = 100 (SPEC §5).
     ADM-G++'s adaptive schedules (Table D.1), each off by default:
       w_CG = switched_scale(k, cg_scale, cg_scale_late, cg_switch_step) (0.75 while k > 650, 1.5 after), times
              eds_scale per sample when eds (from the logits of the classifier-guidance forward);
@@ -233,4 +235,52 @@ def ddpm_sampler(
             mean = shifted_mean(mean, torch.exp(log_variance), grads_and_weights)
 
         x = mean + torch.exp(0.5 * log_variance) * randn_like(x) if i > 0 else mean
+    return x
+
+
+@solver("ddim", score="eps")
+def ddim_sampler(
+    model_fn,
+    latents,
+    class_labels=None,
+    schedule=None,
+    eta=0.0,
+    dg=None,
+    dg_weight=0.0,
+    dg_switch_step=0,
+    clip_denoised=False,
+    randn_like=torch.randn_like,
+    dtype=torch.float32,
+    progress=False,
+):
+    """DDIM (Song et al. 2021) on the respaced DDPM, x_{k_{N-1}} = z -> x0, with Discriminator Guidance on eps.
+
+    model_fn(x, t, y) -> [B, C or 2C, ...] with eps in the first C channels (a learned variance is ignored), t the
+    original timestep k. DG adds w grad log(d / (1 - d)) to the score -eps / sqrt(1 - abar), so per step i (k = k_i)
+      eps' = eps - w sqrt(1 - abar_i) grad log(d / (1 - d))   at tau = k / (T - 1), while k > dg_switch_step;
+      x0 = (x - sqrt(1 - abar_i) eps') / sqrt(abar_i)  (clipped to [-1, 1] when clip_denoised);
+      x_{k_{i-1}} = sqrt(abar_{i-1}) x0 + sqrt(1 - abar_{i-1} - s^2) eps' + s n,
+      s = eta sqrt((1 - abar_{i-1}) / (1 - abar_i)) sqrt(1 - abar_i / abar_{i-1}) (eta = 0: deterministic).
+    """
+    schedule = DDPMSchedule() if schedule is None else schedule
+    if dg_weight != 0.0 and dg is None:
+        raise ValueError(f"dg_weight = {dg_weight} needs a discriminator guidance object dg; pass dg or set dg_weight = 0")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
+    batch, channels = latents.shape[0], latents.shape[1]
+    x = latents.to(dtype)
+    for i in track(range(len(schedule.timesteps) - 1, -1, -1), "DDIM sampling", enabled=progress):
+        k = schedule.timesteps[i]
+        abar, abar_prev = float(schedule.alphas_cumprod[i]), float(schedule.alphas_cumprod_prev[i])
+        t = torch.full((batch,), float(k), dtype=torch.float32, device=x.device)
+        eps = model_fn(x, t, class_labels).to(dtype)[:, :channels]
+        if dg_weight != 0.0 and k > dg_switch_step:
+            eps = eps - dg_weight * math.sqrt(1.0 - abar) * dg.vp_coordinates(x, schedule.vp_time(k), class_labels)[1]
+        x0 = schedule.predict_x0(x, i, eps, clip_denoised)
+        if i == 0:
+            return x0
+        s = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
+        x = math.sqrt(abar_prev) * x0 + math.sqrt(1.0 - abar_prev - s**2) * eps
+        if s > 0:
+            x = x + s * randn_like(x)
     return x

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dg_lightning.generate import write_atomic
+from dg_lightning.files import write_atomic
 from dg_lightning.metrics import ExtractedFeatures, GenerativeMetrics, InceptionScore, inception_features
 
 REFERENCE_SOURCE = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"

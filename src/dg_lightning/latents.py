@@ -5,7 +5,7 @@ into shards of the uint8 centre crops themselves).
 Latents are z = 0.18215 E(x) for images x in [-1, 1] NCHW, images are D(z / 0.18215). The autoencoder is
 diffusers' AutoencoderKL (sd-vae-ft-mse / sd-vae-ft-ema from a local folder; the optional extra `imagenet`) or
 any module with its interface: encode(x).latent_dist with .mean and .std, decode(z).sample.
-The latent shards are those of dg_lightning.generate (float32 samples, int64 labels), so load_shards and
+The latent shards are in dg_lightning.shards' format (float32 samples, int64 labels), so load_shards and
 sources.load_source read them; sample i is the image order[i] of the folder, flipped and encoded with the
 noise of its own seed (base_seed, i), so a killed run resumes with identical shards.
 """
@@ -19,18 +19,11 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dg_lightning.generate import (
-    FORMAT,
-    SampleNoise,
-    barrier,
-    claim_shards,
-    rank_and_world_size,
-    sample_seed,
-    shard_indices,
-    shard_name,
-    to_uint8,
-    write_atomic,
-)
+from dg_lightning.distributed import barrier, rank_and_world_size
+from dg_lightning.files import write_atomic
+from dg_lightning.generate import claim_shards
+from dg_lightning.seeds import SampleNoise, sample_seed
+from dg_lightning.shards import FORMAT, shard_indices, shard_name, to_uint8
 from dg_lightning.progress import track
 from dg_lightning.sources import IMAGE_SUFFIXES
 
@@ -164,7 +157,7 @@ def encode_image_folder(autoencoder: LatentAutoencoder | None, image_dir, out_di
     cropped to image_size, flipped left-right when flip and a coin from its own seed says so, and encoded with
     noise from the same seed; its label comes from its class folder. Shards hold float32 latents (C, h, w), or with
     autoencoder None the uint8 crops themselves (image_size, image_size, 3) (NHWC, ADM-G++'s pixel space), and int64
-    labels in dg_lightning.generate's format; finished shards are kept, a folder of another run raises.
+    labels in the shard format of dg_lightning.shards; finished shards are kept, a folder of another run raises.
     """
     files, labels, classes = image_folder(image_dir)
     rank, world_size = rank_and_world_size(rank, world_size)

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from dg_lightning.generate import rank_and_world_size
+from dg_lightning.distributed import rank_and_world_size
 
 
 class ResumableExperimentWriter(ExperimentWriter):

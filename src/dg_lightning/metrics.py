@@ -12,6 +12,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.kid import poly_mmd
 from torchmetrics.utilities import dim_zero_cat
 
+from dg_lightning.distributed import rank_and_world_size
+
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_NAME}"
 
@@ -310,6 +312,14 @@ class GenerativeMetrics(nn.Module):
                     metric.update(features, real)
             if self.inception_score is not None and not real:
                 self.inception_score.update(self.feature_extractor.class_logits(features))
+
+    def feed(self, images, real, batch_size):
+        """update() over this rank's share (rows rank::world_size) of uint8 NHWC images (a numpy array), batch by batch
+        on the metrics' device; compute() then reduces over the ranks."""
+        rank, world_size = rank_and_world_size()
+        device = self.fid.real_features_sum.device
+        for batch in torch.from_numpy(images[rank::world_size]).split(batch_size):
+            self.update(batch.to(device).permute(0, 3, 1, 2), real)
 
     def compute(self):
         """Returns {"fid", "precision", "recall", "kid", "is"} (those switched on) as floats, over all ranks."""

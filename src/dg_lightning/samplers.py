@@ -2,7 +2,8 @@
 
 `edm_sampler` is EDM's Algorithm 2 (Heun / Euler on the PF-ODE, optional churn) with Discriminator
 Guidance as in the paper's Appendix D.1 (EDM-G++): the DG gradient enters the first-order slope with
-weight w1 and the second-order slope with weight w2, inside the VP-time window of the guidance.
+weight w1 (dg_weight) and the second-order slope with weight w2 (dg_weight_2nd), inside the VP-time window of the
+guidance.
 """
 
 import math
@@ -11,6 +12,7 @@ import torch
 
 from dg_lightning.progress import track
 from dg_lightning.sde import edm_sigma_steps
+from dg_lightning.solvers import solver
 
 BOOST_PERIOD = 5  # boosting: every 5th step, samples the discriminator calls fake get extra churn
 BOOST_CHURN = 4.0  # ... with S_churn = 4
@@ -18,14 +20,16 @@ BOOST_WEIGHT_PERIOD = 2  # ... and on even steps their DG correction is doubled
 BOOST_WEIGHT = 2.0
 
 
+@solver("heun", score="denoiser", solver="heun")
+@solver("euler", score="denoiser", solver="euler")
 def edm_sampler(
     denoiser,
     latents,
     class_labels=None,
-    guidance=None,
-    w1=0.0,
-    w2=0.0,
-    boosting=False,
+    dg=None,
+    dg_weight=0.0,
+    dg_weight_2nd=0.0,
+    dg_boosting=False,
     num_steps=18,
     sigma_min=0.002,
     sigma_max=80.0,
@@ -43,12 +47,14 @@ def edm_sampler(
 
     denoiser(x, sigma, class_labels) -> D(x; sigma), with sigma of shape (B,). Slopes (EDM coordinates):
       d = (x - D(x; sigma)) / sigma - w * sigma * grad_x log(d / (1 - d))   (score + w * DG correction)
+    with w = dg_weight (w1 of Appendix D.1) on the first-order slope and dg_weight_2nd (w2) on Heun's correction; dg is
+    the DiscriminatorGuidance term, dg_boosting the authors' adaptive boosting (BOOST_*).
     """
     if solver not in ("heun", "euler"):
         raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}")
     batch = latents.shape[0]
     bshape = (-1,) + (1,) * (latents.ndim - 1)
-    use_dg = guidance is not None and (w1 != 0.0 or w2 != 0.0)
+    use_dg = dg is not None and (dg_weight != 0.0 or dg_weight_2nd != 0.0)
     sigmas_host = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).to(dtype)
     sigmas = sigmas_host.to(latents.device)
     sigmas_host = sigmas_host.tolist()
@@ -63,7 +69,7 @@ def edm_sampler(
         x_cur, t_cur, t_next = x_next, sigmas[i], sigmas[i + 1]
         # Churn with a per-sample gamma; boosting sets S_churn = 4 where the previous log ratio was < 0. Steps that
         # cannot churn keep t_hat = t_cur, known on the host (no device sync; the DG window is decided there).
-        boost_churn = boosting and i % BOOST_PERIOD == 0
+        boost_churn = dg_boosting and i % BOOST_PERIOD == 0
         t_hat, x_hat, sigma_dg = t_cur.expand(batch), x_cur, sigmas_host[i]
         if (S_churn > 0 or boost_churn) and S_min <= sigmas_host[i] <= S_max:
             churn = torch.full((batch,), S_churn, dtype=dtype, device=latents.device)
@@ -74,21 +80,21 @@ def edm_sampler(
                 t_hat = sigma_dg = t_cur * (1.0 + gamma)
                 x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt().view(bshape) * S_noise * randn_like(x_cur)
 
-        # Euler step with the DG correction of weight w1 (doubled by boosting on even steps where log ratio < 0).
+        # Euler step with the DG correction of weight dg_weight (doubled by boosting on even steps where log ratio < 0).
         d_cur = score_slope(x_hat, t_hat)
-        if use_dg and w1 != 0.0:
-            log_ratio, grad = guidance.edm(x_hat, sigma_dg, class_labels)
+        if use_dg and dg_weight != 0.0:
+            log_ratio, grad = dg.edm(x_hat, sigma_dg, class_labels)
             boost = torch.ones_like(t_hat)
-            if boosting and i % BOOST_WEIGHT_PERIOD == 0:
+            if dg_boosting and i % BOOST_WEIGHT_PERIOD == 0:
                 boost = torch.where(log_ratio < 0, torch.full_like(boost, BOOST_WEIGHT), boost)
-            d_cur = d_cur - (w1 * boost * t_hat).view(bshape) * grad.to(dtype)
+            d_cur = d_cur - (dg_weight * boost * t_hat).view(bshape) * grad.to(dtype)
         x_next = x_hat + (t_next - t_hat).view(bshape) * d_cur
 
-        # Heun correction with the DG correction of weight w2.
+        # Heun correction with the DG correction of weight dg_weight_2nd.
         if solver == "heun" and i < num_steps - 1:
             t_next_b = t_next.expand(batch)
             d_prime = score_slope(x_next, t_next_b)
-            if use_dg and w2 != 0.0:
-                d_prime = d_prime - (w2 * t_next_b).view(bshape) * guidance.edm(x_next, sigmas_host[i + 1], class_labels)[1].to(dtype)
+            if use_dg and dg_weight_2nd != 0.0:
+                d_prime = d_prime - (dg_weight_2nd * t_next_b).view(bshape) * dg.edm(x_next, sigmas_host[i + 1], class_labels)[1].to(dtype)
             x_next = x_hat + (t_next - t_hat).view(bshape) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next

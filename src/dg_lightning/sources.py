@@ -6,7 +6,7 @@
   (labels 0, 1, ... in sorted subfolder order, as torchvision's ImageFolder);
 - EDM's dataset zip (written by its dataset_tool.py): PNG / JPEG files plus an optional `dataset.json` holding
   {"labels": [[file name, label], ...]} or {"labels": null};
-- a folder of dg_lightning shards (generate.py: `manifest.json` and `shard-*.npz`).
+- a folder of dg_lightning shards (shards.py: `manifest.json` and `shard-*.npz`).
 Every reader checks the whole file before returning and raises SourceError naming the file and the expected form.
 shard_source reads a shard folder's rows straight from its shards, never all in memory (ImageNet's real latents
 and images); it checks every shard's headers and small members, not the bytes of every sample.
@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from dg_lightning.data import ArraySource, ShardRows
-from dg_lightning.generate import (
+from dg_lightning.shards import (
     MANIFEST,
     ShardError,
     check_shard_headers,
@@ -167,9 +167,9 @@ def load_source(path, name=None, resolution=None, channels=None, labels=None, ma
 
 
 def shard_source(folder, name=None):
-    """ArraySource of a finished shard folder (generate.py's format) whose samples stay in the shards: the folder, its
-    manifest and every shard file are checked first (generate.finished_manifest, as load_shards checks them), then every
-    shard's headers against the manifest (generate.check_shard_headers); batches read their rows straight from the shards'
+    """ArraySource of a finished shard folder (shards.py format) whose samples stay in the shards: the folder, its
+    manifest and every shard file are checked first (shards.finished_manifest, as load_shards checks them), then every
+    shard's headers against the manifest (shards.check_shard_headers); batches read their rows straight from the shards'
     uncompressed samples.npy members (data.ShardRows), labels are held in memory. Gives the same samples and labels
     in the same order as load_shards, and writes nothing."""
     folder = Path(folder)

@@ -564,3 +564,18 @@ class EDMPrecond(Precond):
     def scalings(self, sigma):
         total = sigma**2 + self.sigma_data**2
         return self.sigma_data**2 / total, sigma * self.sigma_data / total.sqrt(), 1 / total.sqrt(), sigma.log() / 4
+
+
+class IndexLabels(torch.nn.Module):
+    """An EDM network D(x; sigma, one-hot float labels) called with int64 class indices (B,), the labels that the
+    generator draws and DG's heads take: the one place where index labels become EDM's one-hot vectors."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.img_channels, self.img_resolution, self.label_dim = net.img_channels, net.img_resolution, net.label_dim
+
+    def forward(self, x, sigma, class_labels=None):
+        """D(x; sigma, one_hot(class_labels)); class_labels None for an unconditional network."""
+        one_hot = None if class_labels is None else torch.nn.functional.one_hot(class_labels, self.label_dim)
+        return self.net(x, sigma, None if one_hot is None else one_hot.to(x.dtype))

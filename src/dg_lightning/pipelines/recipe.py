@@ -1,0 +1,228 @@
+"""The one G++ recipe: a pipeline is a list of declared stages, and one runner runs any of them.
+
+A Stage declares its name, the config keys whose values determine its output (`keys`, fingerprinted), the config keys
+it reads without their changing the output (`uses`, e.g. the guidance that only the sampling callback's logged figures
+depend on), the earlier stages whose folders it consumes (`inputs`) and whether it runs for this config (`when`).
+The runner gives every pipeline the same machinery:
+- `stage=<name>` stops after that stage;
+- each stage's cache folder paths.cache_dir/<experiment>/<stage>-<fingerprint>, the fingerprint a hash of the declared
+  keys' resolved values and of the names of its inputs' folders (which hold their own fingerprints), so a stage is
+  reused exactly when everything it depends on is the same; a stage sees the results and folders of its declared
+  inputs only;
+- each stage function sees the config through a view that holds only what the stage declares (and RUNTIME): reading
+  any other key raises UndeclaredKeyError, so no stage depends on a key its fingerprint misses;
+- resumption (a stage function finds its finished outputs or checkpoints in its folder), the loggers, and metrics.json.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from dg_lightning.config import ConfigError
+from dg_lightning.distributed import rank_and_world_size
+from dg_lightning.files import atomic_save
+from dg_lightning.loggers import build_loggers, finish_loggers
+
+# Keys that decide how a stage runs, never what it computes: any stage may read them and none is fingerprinted by them.
+RUNTIME = ("experiment_name", "pipeline", "stage", "paths", "logger", "callbacks", "accel", "data.num_workers",
+           "data.encode_batch_size", "metrics.batch_size", "metrics.sample_batch_size", "metrics.export")
+TRAINING_LENGTH = ("trainer.max_epochs", "trainer.max_steps")  # the trainer's other keys are runtime too
+UNDECLARED = "dg_undeclared"
+
+
+class UndeclaredKeyError(KeyError):
+    """A stage read a config key that its declaration (keys or uses) omits."""
+
+
+def _undeclared(stage, key):
+    raise UndeclaredKeyError(f"stage {stage!r} read the config key {key!r}, which its declaration omits: add it to the "
+                             "stage's keys (when it changes the stage's output) or uses (when it does not)")
+
+
+OmegaConf.register_new_resolver(UNDECLARED, _undeclared, replace=True)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One declared step of a pipeline: run(StageRun) -> its result (kept for later stages as results[name])."""
+
+    name: str
+    run: Callable[["StageRun"], Any]
+    keys: tuple | Callable[[DictConfig], tuple] = ()
+    uses: tuple = ()
+    inputs: tuple = ()
+    when: Callable[[DictConfig], bool] = lambda cfg: True
+
+    def declared_keys(self, cfg: DictConfig):
+        """The fingerprinted keys of this stage for cfg (keys may depend on the config, e.g. discriminator.select)."""
+        return tuple(self.keys(cfg) if callable(self.keys) else self.keys)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A named list of stages (paper Algorithms 1 and 2) and the checks that run on the whole config before any."""
+
+    name: str
+    stages: tuple
+    check: Callable[[DictConfig], None] = lambda cfg: None
+
+    @property
+    def stage_names(self):
+        """The names `stage=` accepts, in running order."""
+        return tuple(stage.name for stage in self.stages)
+
+
+@dataclass
+class StageRun:
+    """What a stage function gets: the config view, its cache folder (made on first use), the run folder, the
+    loggers, the results and folders of its declared inputs that ran, and the run's metrics (a stage adds its
+    figures to them)."""
+
+    cfg: DictConfig
+    cache_folder: Path
+    out_dir: Path
+    loggers: list
+    results: dict
+    folders: dict
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def folder(self):
+        """The stage's cache folder, created when the stage first uses it."""
+        self.cache_folder.mkdir(parents=True, exist_ok=True)
+        return self.cache_folder
+
+
+def _select(cfg: DictConfig, key):
+    """The resolved value at key (a plain container for a subtree), or the _ABSENT marker when cfg has no such key."""
+    node = OmegaConf.select(cfg, key, default=_ABSENT)
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+_ABSENT = object()
+
+
+def fingerprint(cfg: DictConfig, keys, inputs=()):
+    """A short hash of the resolved values at `keys` and of the names of the input folders (each a stage's own
+    fingerprint, so the hash chains through every stage before)."""
+    picked = {key: _select(cfg, key) for key in keys}
+    picked = {key: value for key, value in picked.items() if value is not _ABSENT}
+    if inputs:
+        picked["inputs"] = [Path(folder).name for folder in inputs]
+    return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_dir(cfg: DictConfig, stage, keys, inputs=()):
+    """The cache folder of a stage for these keys and input folders: paths.cache_dir/<experiment>/<stage>-<fingerprint>
+    (not created here)."""
+    return Path(cfg.paths.cache_dir) / cfg.experiment_name / f"{stage}-{fingerprint(cfg, keys, inputs)}"
+
+
+def _covered(key, allowed):
+    """Whether key is one of the allowed keys or lies under one."""
+    return any(key == a or key.startswith(a + ".") for a in allowed)
+
+
+def _restrict(node, prefix, allowed, stage):
+    """A copy of the resolved container `node` at `prefix` with every leaf outside `allowed` replaced by an
+    interpolation that raises UndeclaredKeyError when read."""
+    if not isinstance(node, dict):
+        return node if _covered(prefix, allowed) else f"${{{UNDECLARED}:{stage},{prefix}}}"
+    if _covered(prefix, allowed):
+        return node
+    return {key: _restrict(value, f"{prefix}.{key}" if prefix else str(key), allowed, stage) for key, value in node.items()}
+
+
+def config_view(cfg: DictConfig, stage, keys):
+    """cfg as stage `stage` may see it: every key outside `keys`, RUNTIME and the trainer's runtime keys raises
+    UndeclaredKeyError when read (also through .get, OmegaConf.select or to_container)."""
+    trainer = [f"trainer.{k}" for k in cfg.get("trainer", {}) if f"trainer.{k}" not in TRAINING_LENGTH]
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    return OmegaConf.create(_restrict(resolved, "", (*keys, *RUNTIME, *trainer), stage))
+
+
+def write_metrics(out_dir, metrics):
+    """Write metrics.json (flat keys, float values) into the run folder (rank 0); returns the path."""
+    path = Path(out_dir) / "metrics.json"
+    atomic_save({k: float(v) for k, v in sorted(metrics.items())}, path,
+                save=lambda obj, f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    return path
+
+
+def finished_metrics(cfg: DictConfig):
+    """The metrics of a finished run of this config in paths.output_dir (its metrics.json, when the resolved_config.yaml
+    beside it matches this config up to the loggers, whose W&B group holds the launch time), else None: a re-launched
+    sweep (the same hydra.sweep.dir) skips the points that finished."""
+    out_dir = Path(cfg.paths.output_dir)
+    metrics, saved = out_dir / "metrics.json", out_dir / "resolved_config.yaml"
+    if not (metrics.is_file() and saved.is_file()):
+        return None
+    without_loggers = lambda c: {k: v for k, v in OmegaConf.to_container(c, resolve=True).items() if k != "logger"}
+    if without_loggers(OmegaConf.load(saved)) != without_loggers(cfg):
+        return None
+    return json.loads(metrics.read_text())
+
+
+def _external_launcher():
+    """Whether the ranks were started outside this process (torchrun, SLURM srun/submitit, or Lightning's own launcher)."""
+    return "LOCAL_RANK" in os.environ or SLURMEnvironment.detect() or TorchElasticEnvironment.detect()
+
+
+def launch(cfg: DictConfig):
+    """Start this run's ranks before the first stage when cfg.trainer.strategy is "ddp": every rank then runs the whole
+    pipeline (sharded generation, DDP training, sharded sampling, synchronised metrics) in one process group.
+
+    On one machine the other local ranks are this script started again by Lightning (as trainer.fit would); under
+    torchrun or SLURM they exist already and only the process group is set up. A Hydra multirun on one machine cannot
+    re-start its jobs, so it must get its ranks from SLURM (hydra/launcher=slurm) or use one process per point.
+    """
+    t = cfg.trainer
+    if t.get("strategy", "auto") != "ddp" or torch.distributed.is_initialized():
+        return
+    if not _external_launcher() and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigError("trainer.strategy", "ddp in a local Hydra multirun (-m) would start every rank on the whole "
+                          "sweep again", "sweep with hydra/launcher=slurm (SLURM starts each point's ranks), or run the "
+                          "points one by one without -m, or sweep on one device per point (trainer=default or gpu)")
+    L.Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.get("num_nodes", 1), strategy="ddp").launch()
+
+
+def run_pipeline(cfg: DictConfig, pipeline: Pipeline):
+    """Run `pipeline`'s stages up to cfg.stage, each in its cache folder and through its config view, after the
+    pipeline's own checks; then metrics.json and the loggers' final record. Returns the run's metrics."""
+    if cfg.stage != "all" and cfg.stage not in pipeline.stage_names:
+        raise ConfigError("stage", f"unknown stage {cfg.stage!r} for pipeline {pipeline.name}",
+                          f"use all or one of {list(pipeline.stage_names)}")
+    pipeline.check(cfg)
+    finished = finished_metrics(cfg)  # a re-launched sweep skips its finished points
+    if finished is not None:
+        return finished
+    launch(cfg)  # trainer.strategy=ddp: every rank runs the pipeline from here
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if rank_and_world_size()[0] == 0:
+        (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, verbose=False)
+    loggers, results, folders, metrics = build_loggers(cfg), {}, {}, {}
+    for stage in pipeline.stages:
+        if stage.when(cfg):
+            keys, ran = stage.declared_keys(cfg), [name for name in stage.inputs if name in folders]
+            folders[stage.name] = stage_dir(cfg, stage.name, keys, [folders[name] for name in ran])
+            view = config_view(cfg, stage.name, (*keys, *stage.uses))
+            results[stage.name] = stage.run(StageRun(view, folders[stage.name], out_dir, loggers,
+                                                     {name: results[name] for name in ran},
+                                                     {name: folders[name] for name in ran}, metrics))
+        if stage.name == cfg.stage:
+            break
+    write_metrics(out_dir, metrics)
+    finish_loggers(loggers, metrics)
+    return metrics
