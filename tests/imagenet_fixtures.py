@@ -14,7 +14,7 @@ from test_run import run_py
 
 from dg_lightning.config import ConfigError
 from dg_lightning.evaluation import PooledPixels
-from dg_lightning.pipeline import run
+from dg_lightning.pipelines import run
 
 CLASSES = ("n01440764", "n01443537", "n01484850")
 METRICS = ("fid", "sfid", "is", "precision", "recall")

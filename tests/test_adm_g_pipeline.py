@@ -15,7 +15,7 @@ from dg_lightning import checkpoints
 from dg_lightning.ddpm import DDPMSchedule, ddpm_sampler
 from dg_lightning.seeds import SampleNoise
 from dg_lightning.guidance import ClassifierGuidance, DiscriminatorGuidance
-from dg_lightning.imagenet import adm_sample_fn
+from dg_lightning.pipelines.imagenet_adm import adm_sample_fn
 from dg_lightning.nets import adm, unet
 from dg_lightning.sources import shard_source
 
@@ -69,7 +69,7 @@ def test_smoke_runs_every_stage_in_pixel_space_and_dg_weight_zero_is_adm_g(tmp_p
 
 
 def test_sampler_wiring_matches_ddpm_sampler_with_the_table_d1_schedules(tmp_path, compose_cfg):
-    cfg = compose_cfg(*PIPELINE.overrides(tmp_path, "sampler.respacing=4"))  # k = 999, 666 (CG 0.75) and 333, 0 (CG 1.5)
+    cfg = compose_cfg(*PIPELINE.overrides(tmp_path, "sampler.schedule.respacing=4"))  # k = 999, 666 (CG 0.75) and 333, 0 (CG 1.5)
     model, classifier = tiny_unet().eval(), tiny_classifier().eval().requires_grad_(False)
     discriminator = adm.Discriminator(classifier, randomized_zeros(adm.dg_head(SMOKE.discriminator.head.in_channels, 1000), seed=1))
     latents = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
@@ -108,7 +108,7 @@ def test_a_missing_released_file_stops_the_run_before_any_compute(tmp_path, comp
 
 @pytest.mark.parametrize("settings, match", [
     (["sampler.cg_scale=-1"], r"config key 'sampler.cg_scale'"),
-    (["sampler.dg_boost=0"], r"config key 'sampler.dg_boost'"),
+    (["guidance.dg.boost=0"], r"config key 'guidance.dg.boost'"),
     (["data.image_size=64"], r"config key 'score.checkpoint': .* on 32x32 images but data.image_size is 64"),
     (["data.image_size=64", "score.overrides.image_size=64"],
      r"config key 'discriminator.classifier.path': .* on 32x32 images but data.image_size is 64"),

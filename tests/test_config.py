@@ -8,7 +8,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, InstantiationException
 
 from dg_lightning.config import ConfigError, validate
-from dg_lightning.pipeline import run
+from dg_lightning.pipelines import run
 
 ROOT = Path(__file__).resolve().parents[1]
 

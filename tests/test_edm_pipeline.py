@@ -18,7 +18,7 @@ from test_sources import write_edm_zip
 from dg_lightning import checkpoints
 from dg_lightning.config import ConfigError
 from dg_lightning.nets import adm, edm
-from dg_lightning.pipeline import run
+from dg_lightning.pipelines import run
 
 SMOKE = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "smoke" / "edm.yaml")
 # experiment: (EDM pickle, resolution, label_dim, ADM classifier config, classifier file, real data file, FID reference)

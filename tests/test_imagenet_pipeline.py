@@ -19,9 +19,9 @@ from dg_lightning.config import ConfigError
 from dg_lightning.ddpm import DDPMSchedule, ddpm_sampler
 from dg_lightning.seeds import SampleNoise
 from dg_lightning.guidance import DiscriminatorGuidance
-from dg_lightning.imagenet import dit_sample_fn
+from dg_lightning.pipelines.imagenet_dit import dit_sample_fn
 from dg_lightning.nets import dit as dit_nets
-from dg_lightning.pipeline import run
+from dg_lightning.pipelines import run
 
 TESTS = Path(__file__).resolve().parent
 SMOKE = OmegaConf.load(TESTS.parent / "conf" / "smoke" / "imagenet.yaml")
@@ -68,7 +68,7 @@ def test_smoke_runs_every_stage_exports_and_dg_weight_zero_is_unguided(tmp_path,
 
 
 def test_sampler_wiring_matches_ddpm_sampler_with_the_dit_g_plus_plus_schedule(tmp_path, compose_cfg):
-    cfg = compose_cfg(*PIPELINE.overrides(tmp_path, "sampler.respacing=25"))
+    cfg = compose_cfg(*PIPELINE.overrides(tmp_path, "sampler.schedule.respacing=25"))
     net = tiny_dit().eval()
     discriminator = checkpoints.adm.Discriminator(
         randomized_zeros(checkpoints.ADM_CLASSIFIERS["latent"].build(**cfg.discriminator.classifier.overrides)),

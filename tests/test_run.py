@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from dg_lightning.pipeline import run
+from dg_lightning.pipelines import run
 from dg_lightning.report import main as report_main
 from mixtures import other_pair
 

@@ -1,0 +1,132 @@
+"""EDM-G++ on a released EDM network (paper Tables 2 and 3): fakes -> DG head on a released ADM classifier -> samples
+with and without DG from the same seeds at equal NFE -> FID against EDM's reference statistics (+ precision / recall
+against the real data when data.path is given)."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dg_lightning.checkpoints import ADM_CLASSIFIERS, EDM_SOURCE, load_edm
+from dg_lightning.config import ConfigError
+from dg_lightning.metrics import GenerativeMetrics, inception_features
+from dg_lightning.nets.edm import IndexLabels
+from dg_lightning.pipelines.images import device_of, sample_images
+from dg_lightning.pipelines.recipe import Pipeline, Stage
+from dg_lightning.released import FID_REFS_SOURCE, check_discriminator_config, dg_discriminator, require_released
+from dg_lightning.seeds import stream_base_seed
+from dg_lightning.sources import load_source
+from dg_lightning.training import train_discriminator
+
+
+def released_files(cfg: DictConfig):
+    """{config key: where the released file comes from} for every released file this EDM-G++ run reads."""
+    spec = ADM_CLASSIFIERS[cfg.discriminator.classifier.config]
+    files = {"score.checkpoint": EDM_SOURCE, "discriminator.classifier.path": spec.source,
+             "metrics.fid_reference": FID_REFS_SOURCE}
+    if cfg.discriminator.head_path is not None:
+        files["discriminator.head_path"] = spec.head_source
+    return files
+
+
+def check(cfg: DictConfig):
+    """ConfigError before any compute for check_discriminator_config's problems, no real data to train on, or a
+    missing released file (naming the key, the file and where to get it)."""
+    check_discriminator_config(cfg, "discriminator_60.pt")
+    if trains(cfg) and cfg.data.path is None:
+        raise ConfigError("data.path", "is null but training the discriminator needs real images",
+                          "set data.path to true_data.npz, EDM's dataset zip or an image folder, or guide with a released "
+                          "head as it is (discriminator.head_path=... trainer.max_epochs=0)")
+    require_released(cfg, released_files(cfg))
+
+
+def trains(cfg: DictConfig):
+    """Whether the run trains the head (else it guides with the released head as it is, and makes no fakes)."""
+    return cfg.trainer.max_epochs != 0
+
+
+def load(run):
+    """The released EDM network (int64 labels in, on the run's device), its number of classes, and the real images of
+    data.path (None without it), checked against the network (and the classifier's image size against its own)."""
+    cfg, d = run.cfg, run.cfg.discriminator
+    denoiser = IndexLabels(load_edm(cfg.score.checkpoint)).to(device_of(cfg))
+    num_classes = denoiser.label_dim or None
+    if d.conditional != (num_classes is not None):
+        raise ConfigError("discriminator.conditional", f"is {d.conditional} but the score network {cfg.score.checkpoint} "
+                          f"has label_dim={denoiser.label_dim}", "use cifar10_cond_edm_g++ for a conditional network")
+    c = cfg.discriminator.classifier
+    with torch.device("meta"):  # the classifier's architecture alone: no file read, no weights allocated
+        size = ADM_CLASSIFIERS[c.config].build(**OmegaConf.to_container(c.overrides, resolve=True)).image_size
+    if size != denoiser.img_resolution:
+        raise ConfigError("discriminator.classifier.config", f"the {c.config!r} classifier takes {size}x{size} images "
+                          f"but the score network makes {denoiser.img_resolution}x{denoiser.img_resolution}",
+                          "use cifar10 for 32x32, adm64 for 64x64")
+    real = None if cfg.data.path is None else load_source(
+        cfg.data.path, "data.path", denoiser.img_resolution, denoiser.img_channels, d.conditional, cfg.data.num_real)
+    if real is not None and num_classes and real.labels.max() >= num_classes:
+        raise ConfigError("data.path", f"{cfg.data.path} has labels up to {real.labels.max().item()} but the score "
+                          f"network has {num_classes} classes", "use the real data of the score network's data set")
+    return SimpleNamespace(denoiser=denoiser, num_classes=num_classes, real=real)
+
+
+def generate_fakes(run):
+    """data.num_fake fakes of the EDM network (no DG), at the fakes' seed stream."""
+    cfg, loaded = run.cfg, run.results["load"]
+    sample_images(cfg, loaded.denoiser, run.folder, cfg.data.num_fake, stream_base_seed(cfg.seed, "fakes"),
+                  num_classes=loaded.num_classes)
+
+
+def train(run):
+    """DG's discriminator on the released classifier: the released head as it is (trainer.max_epochs=0), or a head
+    trained on the real images against the fakes; frozen, on the run's device."""
+    cfg, loaded = run.cfg, run.results["load"]
+    discriminator = dg_discriminator(cfg)
+    if trains(cfg):
+        folder = run.folders["generate"]
+        fake = load_source(folder, f"fakes in {folder}", labels=cfg.discriminator.conditional)
+        discriminator = train_discriminator(cfg, loaded.real, fake, discriminator, run.loggers, run.folder)
+    return discriminator.to(device_of(cfg)).eval().requires_grad_(False)
+
+
+def sample_unguided(run):
+    """The baseline: metrics.num_samples samples without DG at the evaluation's seeds (shared by every DG setting)."""
+    cfg, loaded, m = run.cfg, run.results["load"], run.cfg.metrics
+    return sample_images(cfg, loaded.denoiser, run.folder, m.num_samples, m.sampling_seed, num_classes=loaded.num_classes)
+
+
+def sample(run):
+    """DG samples from the same seeds as the baseline; {fid} of both against metrics.fid_reference, plus {precision,
+    recall} against as many real images when data.path is given."""
+    cfg, loaded, m = run.cfg, run.results["load"], run.cfg.metrics
+    device = device_of(cfg)
+    samples = {
+        "eval": sample_images(cfg, loaded.denoiser, run.out_dir / "samples_dg", m.num_samples, m.sampling_seed,
+                              run.results["train"], loaded.num_classes),
+        "eval_unguided": run.results["sample_unguided"],
+    }
+    features = (inception_features(m.inception_path) if m.features == "inception" else instantiate(m.feature_net))
+    real = loaded.real
+    reference = None if real is None else real.samples[
+        np.random.default_rng(m.sampling_seed).permutation(len(real))[:m.num_samples]]
+    for prefix, images in samples.items():
+        metrics = GenerativeMetrics(features.to(device), fid_reference=m.fid_reference,
+                                    precision_recall=reference is not None).to(device)
+        if reference is not None:
+            metrics.feed(reference, True, m.batch_size)
+        metrics.feed(images, False, m.batch_size)
+        run.metrics.update({f"{prefix}/{name}": value for name, value in metrics.compute().items()})
+
+
+TRAINING = ("trainer.max_epochs", "trainer.max_steps")
+
+PIPELINE = Pipeline("edm", check=check, stages=(
+    Stage("load", load, keys=("score", "data.path", "data.num_real", "discriminator.conditional"),
+          uses=("discriminator.classifier.config", "discriminator.classifier.overrides")),
+    Stage("generate", generate_fakes, keys=("seed", "sampler", "data.num_fake"), inputs=("load",), when=trains),
+    Stage("train", train, keys=("seed", "data", "discriminator", *TRAINING), inputs=("load", "generate")),
+    Stage("sample_unguided", sample_unguided, keys=("sampler", "metrics.num_samples", "metrics.sampling_seed"),
+          inputs=("load",)),
+    Stage("sample", sample, keys=("sampler", "guidance", "metrics"), inputs=("load", "train", "sample_unguided")),
+))

@@ -1,0 +1,99 @@
+"""What the two ImageNet 256 pipelines (imagenet_dit: DiT-XL/2-G++, paper Table 4; imagenet_adm: ADM-G++, Table D.1)
+share: their checks, the encode stage (the ImageNet train folder as labelled shards), sharded sampling to uint8
+images, the G++ and baseline sampling stages, and the evaluate stage (FID, sFID, IS, precision, recall against ADM's
+reference batch, and the evaluator's npz exports)."""
+
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from dg_lightning.config import ConfigError
+from dg_lightning.evaluation import ADMInception, evaluate, export_samples, load_reference_batch
+from dg_lightning.generate import generate
+from dg_lightning.latents import encode_image_folder
+from dg_lightning.pipelines.images import device_of
+from dg_lightning.pipelines.recipe import fingerprint
+from dg_lightning.released import check_discriminator_config
+from dg_lightning.seeds import stream_base_seed
+from dg_lightning.shards import load_shards
+from dg_lightning.sources import IMAGE_SUFFIXES, shard_source
+
+ENCODE_KEYS = ("seed", "data.image_dir", "data.image_size", "data.flip", "data.num_real")
+SAMPLE_KEYS = ("sampler", "data.image_size", "data.num_classes", "metrics.num_samples", "metrics.sampling_seed")
+TRAINING = ("trainer.max_epochs", "trainer.max_steps")
+
+
+def trains(cfg: DictConfig):
+    """Whether the run trains the head (else it guides with the released head as it is, and needs no real data or
+    fakes)."""
+    return cfg.trainer.max_epochs != 0
+
+
+def check_common(cfg: DictConfig):
+    """ConfigError before any compute for check_discriminator_config's problems, a bad DDPM schedule, or no (or an
+    empty) image folder to train on."""
+    check_discriminator_config(cfg, "discriminator_7.pt")
+    try:
+        instantiate(cfg.sampler.schedule)
+    except Exception as exc:  # hydra wraps the schedule's ValueError
+        raise ConfigError("sampler.schedule.respacing", str(exc), "use e.g. 250 of num_timesteps=1000") from exc
+    if trains(cfg):
+        image_dir = cfg.data.image_dir
+        if image_dir is None or not Path(image_dir).is_dir() or not any(
+                f.suffix.lower() in IMAGE_SUFFIXES for c in Path(image_dir).iterdir() if c.is_dir() for f in c.iterdir()):
+            raise ConfigError("data.image_dir", f"{image_dir} is not a folder of class subfolders with images, but "
+                              "training the discriminator needs real images", "point it at ImageNet's train folder "
+                              "(<wnid>/<image>.JPEG), or guide with a released head as it is (trainer.max_epochs=0)")
+
+
+def encode_real(cfg: DictConfig, encoder, folder):
+    """The image folder's centre crops as shards in `folder` (latents of `encoder`, or uint8 crops when it is None),
+    read back in place (sources.shard_source)."""
+    d = cfg.data
+    encode_image_folder(encoder, d.image_dir, folder, image_size=d.image_size, flip=d.flip, num_samples=d.num_real,
+                        base_seed=stream_base_seed(cfg.seed, "real"), batch_size=d.encode_batch_size,
+                        num_workers=d.num_workers, fingerprint=fingerprint(cfg, ENCODE_KEYS), device=device_of(cfg))
+    return shard_source(folder, name=f"real {'images' if encoder is None else 'latents'} in {folder}")
+
+
+def sample_to(cfg: DictConfig, sample_fn, folder, num_samples, base_seed, keys, shape, images):
+    """Sharded, resumable samples of generate's sample_fn from N(0, I) of `shape`, labels drawn per sample index:
+    uint8 images of data.image_size when `images`, else float32 arrays of `shape` (latents); returns the folder."""
+    size = cfg.data.image_size
+    generate(sample_fn, folder, num_samples, shape, base_seed=base_seed, batch_size=cfg.metrics.sample_batch_size,
+             num_classes=cfg.data.num_classes, out_shape=(3, size, size) if images else None,
+             dtype="uint8" if images else "float32", fingerprint=fingerprint(cfg, keys), device=device_of(cfg))
+    return folder
+
+
+def _sample(run, discriminator, keys):
+    """metrics.num_samples uint8 images at the evaluation's seeds from the load stage's sample_fn(cfg, discriminator=)
+    (built with this stage's config view), in the stage's folder."""
+    cfg, m, loaded = run.cfg, run.cfg.metrics, run.results["load"]
+    return sample_to(cfg, loaded.sample_fn(cfg, discriminator=discriminator), run.folder, m.num_samples, m.sampling_seed, keys,
+                     loaded.shape, True)
+
+
+def sample(run):
+    """The G++ samples: DG with the trained (or released) head."""
+    return _sample(run, run.results["train"], (*SAMPLE_KEYS, "guidance"))
+
+
+def sample_unguided(run):
+    """The baseline: the same seeds and labels without DG (shared by every DG setting)."""
+    return _sample(run, None, SAMPLE_KEYS)
+
+
+def evaluate_samples(run):
+    """{"<set>/<metric>"} of the G++ samples (eval) and the baseline (eval_unguided) against ADM's reference batch
+    (metrics.features: Inception, or a stand-in feature_net), each set exported as <run folder>/<set>_samples.npz."""
+    m = run.cfg.metrics
+    features = ADMInception(m.inception_path) if m.features == "inception" else instantiate(m.feature_net)
+    reference = load_reference_batch(m.reference_batch, features.num_features, features.num_spatial)
+    for prefix, stage in (("eval", "sample"), ("eval_unguided", "sample_unguided")):
+        images, labels = load_shards(run.results[stage])
+        scores = evaluate(features, images, reference, m.batch_size, device_of(run.cfg), m.k)
+        run.metrics.update({f"{prefix}/{k}": v for k, v in scores.items()})
+        if m.export:
+            export_samples(run.out_dir / f"{prefix}_samples.npz", images, labels)
