@@ -1,5 +1,5 @@
 """Discriminator training under Lightning DDP (trainer=ddp_cpu: 2 CPU processes, gloo), started as run.py starts it
-(stages.launch), with the sampling callback sharded over the ranks."""
+(recipe.launch), with the sampling callback sharded over the ranks."""
 
 import json
 import subprocess
@@ -24,7 +24,8 @@ from torch import nn
 from dg_lightning.callbacks import GuidedSamplingCallback
 from dg_lightning.data import ArraySource
 from dg_lightning.metrics import GenerativeMetrics
-from dg_lightning.stages import build_network, launch, stage_dir, train_discriminator
+from dg_lightning.pipelines.recipe import launch, stage_dir
+from dg_lightning.training import build_network, train_discriminator
 torch.set_num_threads(1)
 out = sys.argv[1]
 with initialize_config_dir(config_dir=sys.argv[2], version_base="1.3"):
@@ -104,14 +105,15 @@ import sys
 import lightning as L, numpy as np, torch, torch.distributed as dist
 from hydra import compose, initialize_config_dir
 from torch import nn
-from dg_lightning import stages
+from dg_lightning import training
+from dg_lightning.pipelines import recipe
 from dg_lightning.data import ArraySource
 torch.set_num_threads(1)
 out, conf, cache, tag, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 with initialize_config_dir(config_dir=conf, version_base="1.3"):
     cfg = compose("config", overrides=["trainer=ddp_cpu", "callbacks={}", f"paths.cache_dir={out}/{cache}"])
-stages.launch(cfg)
-stages.PRETRAIN_CHECKPOINT_STEPS = 4  # last.ckpt every 2 epochs of 2 steps
+recipe.launch(cfg)
+training.PRETRAIN_CHECKPOINT_STEPS = 4  # last.ckpt every 2 epochs of 2 steps
 
 
 class Noisy(L.LightningModule):
@@ -135,7 +137,9 @@ class Noisy(L.LightningModule):
 
 module = Noisy()
 points = ArraySource(np.arange(16, dtype=np.float32).reshape(8, 2), name="points")
-stages.pretrain(cfg, module, points, 2, 8, module, stages.stage_dir(cfg, "pretrain_noisy", ["seed"]) / "w.pt")
+folder = recipe.stage_dir(cfg, "pretrain_noisy", ["seed"])
+folder.mkdir(parents=True, exist_ok=True)
+training.pretrain(cfg, module, points, 2, 8, module, folder / "w.pt")
 '''
 
 

@@ -331,3 +331,61 @@ def test_schedules_without_a_classifier_or_with_a_bad_boost_fail_before_any_mode
             ddpm.ddpm_sampler(model_fn, torch.zeros(1, 4, 2, 2), torch.tensor([1]), **kwargs)
     with pytest.raises(ValueError, match="dg_boost must be > 0"):
         ddpm.ddpm_sampler(model_fn, torch.zeros(1, 4, 2, 2), torch.tensor([1]), dg_boost=0.0)
+
+
+class DiscreteVP:
+    """The discrete schedule's own VP at tau = k / (T - 1): alpha = sqrt(abar_k), sigma = sqrt(1 - abar_k), exact at
+    every timestep (the continuous LinearVP is only close to it), so d* below is the exact ratio at each DDIM step."""
+
+    def __init__(self, num_timesteps=1000):
+        self.abar, self.last = torch.cumprod(1.0 - ddpm.linear_betas(num_timesteps), 0), num_timesteps - 1
+
+    def alpha(self, tau):
+        return self.abar[(tau * self.last).round().long()].sqrt()
+
+    def sigma(self, tau):
+        return (1.0 - self.abar[(tau * self.last).round().long()]).sqrt()
+
+
+def mixture_eps(mixture, vp):
+    """The exact eps model of a mixture in the DDPM's coordinates: eps(x_k, k) = -sqrt(1 - abar_k) score_k(x_k)."""
+    def model_fn(x, t, class_labels=None):
+        tau = t.double() / vp.last
+        alpha, sigma = vp.alpha(tau), vp.sigma(tau)
+        return (-sigma[:, None] * mixture.score(x, alpha, sigma)).to(x.dtype)
+    return model_fn
+
+
+def test_ddim_with_the_optimal_discriminator_takes_the_data_models_steps():
+    """Theorem 1 per DDIM step: eps_q - sqrt(1 - abar) grad log(p / q) = -sqrt(1 - abar) grad log p = eps_p, so every
+    step of DDIM on the wrong model q with DG by the exact d* (weight 1) is the data model's step from the same x_k.
+    Each step's eps' is read back from the sampler's own states (x_{k_i} as the model sees it, and the output x0)
+    through DDIM's update, which is linear in eps'."""
+    from dg_lightning.toy import OptimalDiscriminator
+    from mixtures import default_pair
+
+    data, model = default_pair()
+    vp, schedule = DiscreteVP(), ddpm.DDPMSchedule(1000, "20")
+    latents = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    states, model_eps, data_eps = [], mixture_eps(model, vp), mixture_eps(data, vp)
+
+    def spy(x, t, class_labels=None):
+        states.append((x.clone(), t.clone()))
+        return model_eps(x, t)
+
+    dg = DiscriminatorGuidance(OptimalDiscriminator(data, model, vp), t_min=0.0, t_max=1.0)
+    x0 = ddpm.ddim_sampler(spy, latents, schedule=schedule, dg=dg, dg_weight=1.0, dg_switch_step=-1,  # every step
+                           dtype=torch.float64)
+    nexts = [x for x, _ in states[1:]] + [x0]
+    gap = 0.0
+    for i, ((x, t), after) in zip(range(len(schedule.timesteps) - 1, -1, -1), zip(states, nexts)):
+        abar, abar_prev = float(schedule.alphas_cumprod[i]), float(schedule.alphas_cumprod_prev[i])
+        if i == 0:  # the output: x0 = (x - sqrt(1 - abar) eps') / sqrt(abar)
+            eps = (x - math.sqrt(abar) * after) / math.sqrt(1.0 - abar)
+        else:  # x' = c (x - sqrt(1 - abar) eps') + sqrt(1 - abar') eps', c = sqrt(abar' / abar)
+            c = math.sqrt(abar_prev / abar)
+            eps = (after - c * x) / (math.sqrt(1.0 - abar_prev) - c * math.sqrt(1.0 - abar))
+        # The DG gradient is float32 (guidance.py): |grad| <= 30 here, so about 2e-6 on eps' at most (measured 4e-7).
+        torch.testing.assert_close(eps, data_eps(x, t), rtol=0, atol=1e-5)
+        gap = max(gap, (model_eps(x, t) - data_eps(x, t)).abs().max().item())
+    assert gap > 0.1  # without DG the steps are the wrong model's

@@ -7,15 +7,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from test_metrics import random_inception_weights
 
-from dg_lightning import pipeline
+from dg_lightning.pipelines import digits, run
+from dg_lightning.pipelines.recipe import stage_dir
 from dg_lightning.data import RealFakeDataModule, load_digits_split
-from dg_lightning.generate import generate
 from dg_lightning.shards import load_shards
 from dg_lightning.nets.adm import Discriminator
 
@@ -75,23 +76,10 @@ def test_reduced_digits_run_goes_through_every_stage_and_reuses_them(tmp_path):
     assert len(list(cache.iterdir())) == 7 and (best_dir / "sampling" / "best_discriminator.pt").exists()
 
 
-def test_train_folder_follows_the_manifest_of_the_fakes_it_reads(compose_cfg, tmp_path):
-    """Fakes made again with a setting the config does not show (here the base seed, as when the seed streams came
-    in) give another train folder, so no head trained on the old fakes is reused; the same fakes give the same one."""
-    cfg = compose_cfg("experiment=digits_edm_g++", f"paths.cache_dir={tmp_path}/cache")
-    fakes = [tmp_path / f"fakes-{base_seed}" for base_seed in (0, 1)]
-    for base_seed, folder in enumerate(fakes):
-        generate(lambda z, y, noise: z.tanh(), folder, 4, (1, 2, 2), base_seed=base_seed, fingerprint="one config",
-                 progress=False)
-    train_dir = lambda *inputs: pipeline.stage_dir(cfg, "train", pipeline.digits_train_keys(cfg), inputs)  # noqa: E731
-    assert train_dir(fakes[0]) == train_dir(fakes[0]) != train_dir(fakes[1])
-    assert train_dir(fakes[0]) != train_dir()
-
-
 def test_train_stage_key_has_the_guidance_only_when_the_callback_picks_the_weights(compose_cfg):
     def train_dir(*overrides):
         cfg = compose_cfg("experiment=digits_edm_g++", *overrides)
-        return pipeline.stage_dir(cfg, "train", pipeline.digits_train_keys(cfg))
+        return stage_dir(cfg, "train", digits.train_keys(cfg))
 
     # select=last: a DG weight or window sweep reuses one trained head.
     assert train_dir("guidance.dg.weight=1.0") == train_dir("guidance.dg.weight=2.0", "guidance.dg.t_max=0.5")
@@ -136,7 +124,7 @@ def test_bad_data_source_names_the_file_and_the_expected_form_before_any_compute
         np.savez(path, **BAD_SOURCES[name])
     cfg = compose_cfg("experiment=digits_edm_g++", f"data.source={path}")
     with pytest.raises(ValueError) as error:
-        pipeline.run(cfg)
+        run(cfg)
     message = str(error.value)
     assert str(path) in message
     assert "expected an .npz with 'images' uint8 (N, 8, 8, 1) (NHWC, N >= 1) and 'labels' integer (N,) in [0, 10)" in message
@@ -146,14 +134,14 @@ def test_bad_data_source_names_the_file_and_the_expected_form_before_any_compute
 def test_inception_feature_network_reads_grey_digits_from_the_local_weights(compose_cfg, tmp_path, monkeypatch):
     weights, stand_in = random_inception_weights(tmp_path, monkeypatch)
     cfg = compose_cfg("experiment=digits_edm_g++", "metrics.features=inception", f"metrics.inception_path={weights}")
-    features = pipeline.feature_network(cfg, None, None)
+    features = digits.feature_net(SimpleNamespace(cfg=cfg))  # Inception needs no stage folder
     digits, _ = load_digits_split("held_out", 597)
     batch = torch.from_numpy(digits[:4]).permute(0, 3, 1, 2)
     with torch.no_grad():
         extracted = features(batch)
         assert extracted.shape == (4, 2048)
         assert torch.allclose(extracted, stand_in.eval()(batch.repeat(1, 3, 1, 1))[0].reshape(4, 2048), atol=1e-5)
-    assert not pipeline.generative_metrics(cfg, features).inception_score  # IS only from a digits classifier
+    assert not digits.generative_metrics(cfg, features).inception_score  # IS only from a digits classifier
     assert not (tmp_path / "logs" / "cache").exists()  # no feature classifier was trained
 
 
@@ -174,7 +162,7 @@ def test_reduced_conditional_run_gives_the_head_the_fakes_labels(compose_cfg, tm
     monkeypatch.setattr(Discriminator, "forward", spy_forward)
     cfg = compose_cfg(*(o.replace("trainer.max_epochs=2", "trainer.max_epochs=1") for o in REDUCED),
                       "discriminator.conditional=true", "logger=csv", "callbacks={}")
-    metrics = pipeline.run(cfg)
+    metrics = run(cfg)
     assert all(math.isfinite(v) for v in metrics.values()) and "eval/is" in metrics and "eval_unguided/kid" in metrics
 
     cache = tmp_path / "logs" / "cache" / "digits_edm_g++"

@@ -8,7 +8,8 @@ from test_checkpoints import write_edm_pickle  # noqa: F401  (fixture: EDM-forma
 from test_edm_pipeline import write_released_files
 
 from dg_lightning.config import ConfigError
-from dg_lightning.pipeline import edm_discriminator, run
+from dg_lightning.pipelines import run
+from dg_lightning.released import dg_discriminator
 
 TINY_TOY = ["logger=csv", "callbacks={}", "stage=train", "data.num_real=256", "data.num_fake=256", "data.batch_size=64",
             "sampler.num_steps=4", "trainer.max_steps=10", "discriminator.net.width=16", "discriminator.net.depth=2",
@@ -54,7 +55,7 @@ def test_toy_default_head_seed_gives_the_run_seed_head_and_another_seed_changes_
 def test_edm_head_is_initialised_from_the_head_seed(compose_cfg, tmp_path, write_edm_pickle):  # noqa: F811
     released = write_released_files(tmp_path / "released", "cifar10_edm_g++", write_edm_pickle)
     base = ["experiment=cifar10_edm_g++", "+smoke=edm", f"paths.released_dir={released}", "seed=0"]
-    heads = {seed: edm_discriminator(compose_cfg(*base, f"discriminator.seed={seed}")).head.state_dict()
+    heads = {seed: dg_discriminator(compose_cfg(*base, f"discriminator.seed={seed}")).head.state_dict()
              for seed in ("${seed}", "0", "1")}
     assert all(torch.equal(heads["0"][k], v) for k, v in heads["${seed}"].items())
     assert any(not torch.equal(heads["1"][k], v) for k, v in heads["${seed}"].items())

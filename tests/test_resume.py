@@ -2,16 +2,19 @@
 from last.ckpt to the weights of an uninterrupted run."""
 
 import shutil
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 
-from dg_lightning import pipeline, stages
+from dg_lightning import training
+from dg_lightning.pipelines import digits
 from dg_lightning.callbacks import RNGStates
-from dg_lightning.data import ArraySource, load_digits_split
-from dg_lightning.stages import build_network, stage_dir, train_discriminator
+from dg_lightning.data import ArraySource
+from dg_lightning.pipelines.recipe import stage_dir
+from dg_lightning.training import build_network, train_discriminator
 
 EPOCHS, KILL_AT = 4, 2
 TRAIN = ["logger=csv", f"trainer.max_epochs={EPOCHS}", "trainer.max_steps=-1", "data.batch_size=32",
@@ -65,7 +68,7 @@ def test_killed_training_resumes_from_last_checkpoint_to_the_uninterrupted_weigh
     assert any(not torch.equal(value, killed["state_dict"][f"discriminator.{name}"]) for name, value in resumed.items())
 
 
-# --- pretraining (stages.pretrain) ---
+# --- pretraining (training.pretrain) ---
 
 class Steps(L.Callback):
     """Appends trainer.global_step to the file at `path` before each optimiser step; raises Killed instead at step
@@ -85,7 +88,7 @@ MAX_STEPS, PER_EPOCH, CHECKPOINT_EPOCHS = 12, 3, 2  # last.ckpt after steps 6 an
 PRETRAIN = ["experiment=digits_edm_g++", "callbacks={}", "data.num_held_out=1597", "trainer.log_every_n_steps=1",  # 200 training digits: 3 batches of 64
             f"score.max_steps={MAX_STEPS}", "score.batch_size=64", "score.warmup_steps=2",
             f"discriminator.classifier.max_steps={MAX_STEPS}", "discriminator.classifier.batch_size=64"]
-PRETRAINED = {"pretrain_score": pipeline.pretrained_score, "pretrain_classifier": pipeline.pretrained_classifier}
+PRETRAINED = {"pretrain_score": digits.pretrain_score, "pretrain_classifier": digits.pretrain_classifier}
 
 
 @pytest.mark.parametrize("stage,num_workers", [("pretrain_score", 0), ("pretrain_classifier", 0), ("pretrain_score", 1)])
@@ -95,20 +98,20 @@ def test_killed_pretraining_resumes_from_the_last_epoch_checkpoint_to_the_uninte
     def pretrained(cache, steps_file, kill_at=None):
         cfg = compose_cfg(*PRETRAIN, f"paths.cache_dir={tmp_path / cache}", f"data.num_workers={num_workers}",
                           f"+callbacks.steps={{_target_: test_resume.Steps, path: '{tmp_path / steps_file}', kill_at: {kill_at}}}")
-        d = cfg.data
-        train = ArraySource(*load_digits_split("train", d.num_held_out, d.split_seed, d.source, d.num_classes))
-        assert len(train) // 64 == PER_EPOCH
-        return PRETRAINED[stage](cfg, train).state_dict()
+        assert len(digits.digits(cfg, "train")[0]) // 64 == PER_EPOCH
+        folder = stage_dir(cfg, stage, ["seed"])
+        folder.mkdir(parents=True, exist_ok=True)
+        return PRETRAINED[stage](SimpleNamespace(cfg=cfg, folder=folder)).state_dict()
 
     def steps(name):
         path = tmp_path / name
         return [int(line) for line in path.read_text().split()] if path.exists() else []
 
-    monkeypatch.setattr(stages, "PRETRAIN_CHECKPOINT_STEPS", 10**6)  # no checkpoint
+    monkeypatch.setattr(training, "PRETRAIN_CHECKPOINT_STEPS", 10**6)  # no checkpoint
     uninterrupted = pretrained("a", "a.txt")
     assert steps("a.txt") == list(range(MAX_STEPS))
 
-    monkeypatch.setattr(stages, "PRETRAIN_CHECKPOINT_STEPS", CHECKPOINT_EPOCHS * PER_EPOCH)
+    monkeypatch.setattr(training, "PRETRAIN_CHECKPOINT_STEPS", CHECKPOINT_EPOCHS * PER_EPOCH)
     with pytest.raises(Killed):
         pretrained("b", "killed.txt", kill_at=8)
     (folder,) = (tmp_path / "b" / "digits_edm_g++").glob(f"{stage}-*")
@@ -121,7 +124,7 @@ def test_killed_pretraining_resumes_from_the_last_epoch_checkpoint_to_the_uninte
         raise Killed(f"killed writing {path}")
 
     with monkeypatch.context() as m:
-        m.setattr(stages, "atomic_save", killed_writing)
+        m.setattr(training, "atomic_save", killed_writing)
         with pytest.raises(Killed, match="killed writing"):
             pretrained("b", "resumed.txt")
     assert steps("killed.txt") == list(range(8)) and steps("resumed.txt") == list(range(6, MAX_STEPS))

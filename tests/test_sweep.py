@@ -13,7 +13,7 @@ from omegaconf import OmegaConf, open_dict, read_write
 
 from dg_lightning.config import ConfigError
 from dg_lightning.report import main as report_main
-from dg_lightning.stages import finished_metrics, launch, write_metrics
+from dg_lightning.pipelines.recipe import finished_metrics, launch, write_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ["-m", "experiment=toy2d", "guidance.dg.weight=0,1", "guidance.dg.t_min=0.05", "trainer.max_steps=30",

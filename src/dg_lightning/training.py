@@ -56,6 +56,7 @@ def pretrain(cfg: DictConfig, module, source: ArraySource, batch_size, max_steps
     """
     loader = clean_loader(source, batch_size, num_workers=cfg.data.num_workers)
     folder, per_epoch = weights.parent, len(loader)
+    folder.mkdir(parents=True, exist_ok=True)
     checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", save_top_k=0, save_last=True, enable_version_counter=False,
                                  every_n_train_steps=per_epoch * max(1, round(PRETRAIN_CHECKPOINT_STEPS / per_epoch)))
     last = folder / "checkpoints" / "last.ckpt"
@@ -71,7 +72,7 @@ def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, n
     last.ckpt. EpochSeed re-seeds the global RNGs (batch order, diffusion times and noise) at each epoch from
     (discriminator.seed, epoch, rank), so the resumed run ends with the same weights as an uninterrupted one.
     """
-    weights = folder / "discriminator.pt"
+    weights = Path(folder) / "discriminator.pt"
     if weights.exists():
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         return net

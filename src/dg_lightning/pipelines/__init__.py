@@ -22,11 +22,11 @@ def pipelines():
 
 
 def run(cfg: DictConfig):
-    """Validate cfg (config.validate, sampling.check_sampler) before any compute, then run the experiment's pipeline
+    """Check cfg (sampling.check_sampler, config.validate) before any compute, then run the experiment's pipeline
     (cfg.pipeline) through the runner; returns its metrics."""
+    check_sampler(cfg)
     validate(cfg)
     known = pipelines()
     if cfg.pipeline not in known:
         raise ConfigError("pipeline", f"unknown pipeline {cfg.pipeline!r}", f"use one of {sorted(known)}")
-    check_sampler(cfg)
     return run_pipeline(cfg, known[cfg.pipeline])

@@ -46,6 +46,11 @@ def _with(node, **values):
     return OmegaConf.create({**OmegaConf.to_container(node, resolve=True), **values})
 
 
+def check(cfg: DictConfig):
+    """The digits source (data.source, or sklearn's digits) is read and checked before any compute."""
+    digits(cfg, "train")
+
+
 def pretrain_score(run):
     """The EDM denoiser (EMA weights) trained with the EDM loss on the training digits, with one-hot labels when the
     run is class-conditional; returned as IndexLabels (int64 class indices)."""
@@ -180,7 +185,7 @@ def sample(run):
 
 SCORE = ("seed", "score", *LABELS, *DIGITS)
 
-PIPELINE = Pipeline("digits", stages=(
+PIPELINE = Pipeline("digits", check=check, stages=(
     Stage("pretrain_score", pretrain_score, keys=SCORE),
     Stage("pretrain_classifier", pretrain_classifier, keys=("seed", "discriminator.classifier", "data.t_min", *DIGITS)),
     Stage("generate", generate_fakes, keys=("seed", "sampler", "data.num_fake", *LABELS), inputs=("pretrain_score",)),

@@ -27,6 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from dg_lightning.config import ConfigError
 from dg_lightning.distributed import rank_and_world_size
@@ -40,8 +41,9 @@ TRAINING_LENGTH = ("trainer.max_epochs", "trainer.max_steps")  # the trainer's o
 UNDECLARED = "dg_undeclared"
 
 
-class UndeclaredKeyError(KeyError):
-    """A stage read a config key that its declaration (keys or uses) omits."""
+class UndeclaredKeyError(InterpolationResolutionError):
+    """A stage read a config key that its declaration (keys or uses) omits (an OmegaConf resolution error, which
+    OmegaConf raises as it is)."""
 
 
 def _undeclared(stage, key):
@@ -186,7 +188,7 @@ def launch(cfg: DictConfig):
     torchrun or SLURM they exist already and only the process group is set up. A Hydra multirun on one machine cannot
     re-start its jobs, so it must get its ranks from SLURM (hydra/launcher=slurm) or use one process per point.
     """
-    t = cfg.trainer
+    t = cfg.get("trainer") or {}
     if t.get("strategy", "auto") != "ddp" or torch.distributed.is_initialized():
         return
     if not _external_launcher() and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
