@@ -1,4 +1,4 @@
-"""Checkpoint loaders (reference/checkpoints.md §1.2-1.6, §2, §4): EDM network pickles read without running code
+"""Checkpoint loaders: EDM network pickles read without running code
 from the file; ADM classifiers and DG heads as strict state dicts. Every file is written here, in tmp_path."""
 
 import builtins
@@ -36,7 +36,7 @@ MODULE_SRC = "raise RuntimeError('the module_src embedded in the pickle was exec
 class PersistencePickler(pickle.Pickler):
     """Pickles like EDM's torch_utils.persistence (version 6): every EDM object (network modules, the loss) reduces to
     reconstruct(meta), meta = {type, version, module_src, class_name, state=its __dict__ plus _init_args and
-    _init_kwargs}; ModuleDict, tensors and parameters are pickled by torch's own reductions (checkpoints.md §1.3)."""
+    _init_kwargs}; ModuleDict, tensors and parameters are pickled by torch's own reductions."""
 
     def __init__(self, file, reconstruct, top, init_kwargs, version):
         super().__init__(file, protocol=4)
@@ -57,7 +57,7 @@ class PersistencePickler(pickle.Pickler):
 @pytest.fixture
 def write_edm_pickle(monkeypatch):
     """write(path, net, init_kwargs, **entries): an EDM network pickle {ema, loss_fn, augment_pipe, dataset_kwargs}
-    (checkpoints.md §1.2) whose 'ema' is `net` recorded with constructor kwargs `init_kwargs`.
+    whose 'ema' is `net` recorded with constructor kwargs `init_kwargs`.
 
     Its reconstruct global resolves, while the test runs, to a function that records its calls in write.calls."""
     calls = []

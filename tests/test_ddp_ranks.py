@@ -1,7 +1,7 @@
 """Two ranks (CPU, gloo) against one: the same sample set, no shard written twice, the same metrics, DDP training in sync.
 
 Each test starts fresh Python processes (never forks the threaded pytest process, never spawns: ddp_spawn on CPU shares
-torchmetrics states between ranks, reference/ecosystem.md).
+torchmetrics states between ranks).
 """
 
 import json

@@ -24,7 +24,7 @@ def test_linear_schedule_alphas_cumprod():
     betas = ddpm.linear_betas(1000)
     assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
     torch.testing.assert_close(ddpm.DDPMSchedule(1000, "1000").alphas_cumprod, original_alphas_cumprod(), rtol=1e-12, atol=0)
-    # reference/official-code.md §5.2: abar_100 = 0.8951, abar_500 = 0.0778, abar_999 = 4.04e-5
+    # guided-diffusion's schedule: abar_100 = 0.8951, abar_500 = 0.0778, abar_999 = 4.04e-5
     abar = original_alphas_cumprod()
     assert [round(abar[k].item(), 4) for k in (100, 500)] == [0.8951, 0.0778] and abar[999].item() == pytest.approx(4.04e-5, rel=2e-3)
     torch.testing.assert_close(ddpm.linear_betas(250), 4 * torch.linspace(1e-4, 0.02, 250, dtype=torch.float64))

@@ -135,8 +135,8 @@ def test_inception_feature_network_reads_grey_digits_from_the_local_weights(comp
     weights, stand_in = random_inception_weights(tmp_path, monkeypatch)
     cfg = compose_cfg("experiment=digits_edm_g++", "metrics.features=inception", f"metrics.inception_path={weights}")
     features = digits.feature_net(SimpleNamespace(cfg=cfg))  # Inception needs no stage folder
-    digits, _ = load_digits_split("held_out", 597)
-    batch = torch.from_numpy(digits[:4]).permute(0, 3, 1, 2)
+    held_out, _ = load_digits_split("held_out", 597)
+    batch = torch.from_numpy(held_out[:4]).permute(0, 3, 1, 2)
     with torch.no_grad():
         extracted = features(batch)
         assert extracted.shape == (4, 2048)

@@ -13,7 +13,7 @@ from dg_lightning.data import ArraySource, RealFakeDataModule, ShardRows
 from dg_lightning.generate import generate
 from dg_lightning.seeds import SampleNoise, sample_seed
 from dg_lightning.shards import MANIFEST, load_shards
-from dg_lightning.latents import center_crop, encode_image_folder, image_folder
+from dg_lightning.latents import center_crop, shard_image_folder, image_folder
 from dg_lightning.sources import shard_source
 
 
@@ -127,7 +127,7 @@ def test_without_an_autoencoder_the_encode_stage_stores_the_uint8_crops(tmp_path
         for j in range(3):
             pixels = rng.integers(0, 256, (20 + 7 * j, 16 + 9 * c, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "train" / name / f"{j}.png")
-    encode_image_folder(None, tmp_path / "train", tmp_path / "crops", image_size=16, base_seed=4, batch_size=4,
+    shard_image_folder(None, tmp_path / "train", tmp_path / "crops", image_size=16, base_seed=4, batch_size=4,
                         shard_size=4, progress=False)
     crops, labels = load_shards(tmp_path / "crops")
     assert crops.dtype == np.uint8 and crops.shape == (6, 16, 16, 3) and labels.tolist() == [0, 0, 0, 1, 1, 1]

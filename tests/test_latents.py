@@ -17,7 +17,7 @@ from dg_lightning.latents import (
     LATENT_SCALE,
     LatentAutoencoder,
     center_crop,
-    encode_image_folder,
+    shard_image_folder,
     image_folder,
     load_vae,
     to_signed,
@@ -77,7 +77,7 @@ def test_encoding_is_per_sample_seeded_flipped_and_resumable(tmp_path):
     images = write_folder(tmp_path / "train")
     vae = autoencoder()
     out = tmp_path / "latents"
-    encode_image_folder(vae, images, out, image_size=32, base_seed=7, batch_size=4, shard_size=4, progress=False)
+    shard_image_folder(vae, images, out, image_size=32, base_seed=7, batch_size=4, shard_size=4, progress=False)
     latents, labels = load_shards(out)
     assert latents.shape == (6, 4, 4, 4) and latents.dtype == np.float32 and labels.tolist() == [0, 0, 0, 1, 1, 1]
 
@@ -96,10 +96,10 @@ def test_encoding_is_per_sample_seeded_flipped_and_resumable(tmp_path):
     # A deleted shard is made again, identically, with another batch size; a different run's folder raises.
     before = (out / "shard-000001.npz").read_bytes()
     (out / "shard-000001.npz").unlink()
-    encode_image_folder(vae, images, out, image_size=32, base_seed=7, batch_size=1, shard_size=4, progress=False)
+    shard_image_folder(vae, images, out, image_size=32, base_seed=7, batch_size=1, shard_size=4, progress=False)
     assert np.array_equal(np.load(out / "shard-000001.npz")["samples"], np.load(_bytes(tmp_path, before))["samples"])
     with pytest.raises(ValueError, match=r"holds another run's samples .*base_seed"):
-        encode_image_folder(vae, images, out, image_size=32, base_seed=8, shard_size=4, progress=False)
+        shard_image_folder(vae, images, out, image_size=32, base_seed=8, shard_size=4, progress=False)
 
 
 def _bytes(tmp_path, data):
@@ -110,7 +110,7 @@ def _bytes(tmp_path, data):
 
 def test_num_samples_takes_a_seeded_subset(tmp_path):
     images = write_folder(tmp_path / "train")
-    encode_image_folder(autoencoder(), images, tmp_path / "a", image_size=16, num_samples=4, flip=False, progress=False)
+    shard_image_folder(autoencoder(), images, tmp_path / "a", image_size=16, num_samples=4, flip=False, progress=False)
     latents, labels = load_shards(tmp_path / "a")
     assert latents.shape == (4, 4, 2, 2) and set(labels) <= {0, 1}
 
@@ -171,7 +171,7 @@ def test_encode_stage_with_a_real_autoencoder_kl_matches_diffusers(tmp_path):
     vae = tiny_sd_vae(tmp_path / "sd-vae")
     ours = LatentAutoencoder(load_vae(tmp_path / "sd-vae"))
     images = write_folder(tmp_path / "train", sizes=((16, 16),) * 3)  # already 16 x 16: the centre crop keeps them
-    encode_image_folder(ours, images, tmp_path / "latents", image_size=16, base_seed=3, batch_size=6, shard_size=6,
+    shard_image_folder(ours, images, tmp_path / "latents", image_size=16, base_seed=3, batch_size=6, shard_size=6,
                         progress=False)
     latents, _ = load_shards(tmp_path / "latents")
 

@@ -1,4 +1,4 @@
-"""ADM EncoderUNet, DG's head and the Discriminator wrapper (SPEC §4, reference/checkpoints.md §2 and §4)."""
+"""ADM EncoderUNet, DG's head and the Discriminator wrapper."""
 
 import math
 

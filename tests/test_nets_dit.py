@@ -12,7 +12,7 @@ TINY = {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 32, "
 
 
 def xl2_documented_shapes():
-    """The DiT-XL/2 256x256 state dict as documented in reference/checkpoints.md §3.2 (facebookresearch/DiT)."""
+    """The DiT-XL/2 256x256 state dict of facebookresearch/DiT."""
     shapes = {
         "pos_embed": (1, 256, 1152),
         "x_embedder.proj.weight": (1152, 4, 2, 2), "x_embedder.proj.bias": (1152,),

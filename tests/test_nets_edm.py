@@ -1,4 +1,4 @@
-"""EDM's U-Nets, preconditioners and training losses (reference/checkpoints.md §1)."""
+"""EDM's U-Nets, preconditioners and training losses."""
 
 import math
 
@@ -43,7 +43,7 @@ def one_hot(indices, label_dim=10):
 
 
 # --- released configurations (meta device: no memory, no compute) ---
-# Counts from reference/checkpoints.md §1.1/§1.8; 425 and 432 tensors were checked against EDM's own code.
+# 425 and 432 tensors were checked against EDM's own code.
 
 @pytest.mark.parametrize(
     "img_resolution, label_dim, kwargs, num_params, num_tensors",

@@ -1,4 +1,4 @@
-"""ADM's UNet (guided-diffusion `UNetModel`) with upstream parameter names (SPEC §5, ADM-G++)."""
+"""ADM's UNet (guided-diffusion `UNetModel`) with upstream parameter names (ADM-G++)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Noise processes against closed forms (SPEC §2-3)."""
+"""Noise processes against closed forms."""
 
 import math
 
@@ -70,5 +70,5 @@ def test_edm_schedule_and_default_window():
     assert sigmas[0].item() == pytest.approx(80.0) and sigmas[17].item() == pytest.approx(0.002) and sigmas[18] == 0
     assert (sigmas[:-1].diff() < 0).all()
     inside = vp.tau_from_edm_sigma(sigmas[:-1]) >= 0.01
-    assert inside.nonzero().flatten().tolist() == list(range(15))  # DG on for steps 0-14 (SPEC §5)
+    assert inside.nonzero().flatten().tolist() == list(range(15))  # DG on for steps 0-14
     np.testing.assert_allclose(sigmas[15:18].numpy(), [0.0229, 0.0075, 0.002], atol=1e-4)

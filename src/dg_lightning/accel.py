@@ -1,4 +1,4 @@
-"""The GPU fast path for the networks (issue 7): bf16 autocast, channels_last, torch.compile.
+"""The GPU fast path for the networks: bf16 autocast, channels_last, torch.compile.
 
 Only how the networks run changes, never what the samplers compute: the sampler state (x, slopes, the
 DG correction) stays float32, and every wrapped network returns float32. `Accel()` (the default)

@@ -1,4 +1,4 @@
-"""Loaders for the released checkpoints DG builds on (reference/checkpoints.md §1.6, §2 and §4).
+"""Loaders for the released checkpoints DG builds on.
 
 - EDM network pickles (`edm-*.pkl`) are read by a whitelisting unpickler that never runs code from the
   file: each `torch_utils.persistence` object becomes an inert record (class name and `__dict__`), the
@@ -31,7 +31,7 @@ ADM_SOURCE = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/64x6
 ADM_SOURCE_256 = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ (256x256_diffusion.pt, 256x256_classifier.pt)"
 DIT_SOURCE = "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"
 
-# The preconditioned networks an EDM pickle may hold under "ema" (reference/checkpoints.md §1.1).
+# The preconditioned networks an EDM pickle may hold under "ema".
 PRECONDITIONERS = {cls.__name__: cls for cls in (edm.VPPrecond, edm.VEPrecond, edm.iDDPMPrecond, edm.EDMPrecond)}
 PERSISTENCE_VERSION = 6  # torch_utils.persistence format of every released EDM (and StyleGAN3) pickle
 MAX_LISTED_KEYS = 5
@@ -77,7 +77,7 @@ def _load_storage(data):
 
 _NUMPY_SCALAR = np.float64(0).__reduce__()[0]  # numpy's multiarray.scalar, whatever this numpy calls its module
 
-# The closed set of globals an EDM network pickle references (reference/checkpoints.md §1.4).
+# The closed set of globals an EDM network pickle references.
 _EDM_GLOBALS = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_object,
     ("torch.nn.modules.container", "ModuleDict"): _ModuleDict,

@@ -1,4 +1,4 @@
-"""Real and fake sources, and the RealFakeDataModule that diffuses both on the fly (SPEC §3).
+"""Real and fake sources, and the RealFakeDataModule that diffuses both on the fly.
 
 A source holds clean samples x0 (float vectors, or uint8 NHWC images mapped to [-1, 1] NCHW) and
 optional int64 class labels. The data module pairs real and fake samples into balanced batches and,

@@ -1,12 +1,12 @@
 """The discrete DDPM of ADM / DiT and its ancestral sampler with classifier-free, classifier and Discriminator Guidance.
 
 Coordinates: x_k is the DDPM latent at the original timestep k in 0..T-1, already in VP coordinates,
-x_k = sqrt(abar_k) x0 + sqrt(1 - abar_k) z with abar_k = prod_{j <= k} (1 - beta_j) (SPEC §2). Sampling runs on a
+x_k = sqrt(abar_k) x0 + sqrt(1 - abar_k) z with abar_k = prod_{j <= k} (1 - beta_j). Sampling runs on a
 respaced subset of the timesteps: step i in 0..N-1 is the kept timestep k_i, and the respaced process has
 beta'_i = 1 - abar_{k_i} / abar_{k_{i-1}}, so that it has the same abar at every kept step. Models and guidance get the
 original k (guidance as the continuous VP time tau = k / (T - 1), the discriminator's convention).
 
-The adaptive schedules of ADM-G++ (paper Table D.1; SPEC §5) are small functions used by the sampler: switched_scale
+The adaptive schedules of ADM-G++ (paper Table D.1) are small functions used by the sampler: switched_scale
 (the CG scale switched at a timestep, like DiT's CFG), eds_scale (entropy-driven sampling on the CG scale),
 norm_ratio_dg_weight (DG rescaled to the classifier gradient's norm) and boosted_dg_weight (DG boosted on odd steps
 where the discriminator calls the sample fake). Each is off by default (plain CG + DG).
@@ -171,7 +171,7 @@ def ddpm_sampler(
             at tau = k / (T - 1), DG only while k > dg_switch_step (and inside dg's own window);
       x_{k_{i-1}} = mu' + sqrt(Sigma) n, with no noise at the last step.
     dg and classifier are GradientGuidance objects (evaluated in VP coordinates). DiT-G++ uses cfg 1.25 / 3.0
-    switched at 200, DG weight 1 above dg_switch_step = 100 (SPEC §5).
+    switched at 200, DG weight 1 above dg_switch_step = 100.
     ADM-G++'s adaptive schedules (Table D.1), each off by default:
       w_CG = switched_scale(k, cg_scale, cg_scale_late, cg_switch_step) (0.75 while k > 650, 1.5 after), times
              eds_scale per sample when eds (from the logits of the classifier-guidance forward);

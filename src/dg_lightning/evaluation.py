@@ -112,10 +112,10 @@ def evaluate(features, samples, reference: ReferenceBatch, batch_size=250, devic
     if samples.dtype != np.uint8 or samples.ndim != 4 or samples.shape[-1] != 3:
         raise ValueError(f"evaluate needs uint8 NHWC RGB samples, got {samples.dtype} {samples.shape}")
     features = features.to(device).eval()
-    pool = GenerativeMetrics(ExtractedFeatures(features.num_features), k=k).to(device)
-    spatial = GenerativeMetrics(ExtractedFeatures(features.num_spatial), precision_recall=False).to(device)
-    # FID and sFID read the reference statistics (GenerativeMetrics' fid_reference, here from the batch's arrays)
-    pool.reference, spatial.reference = reference.pool, reference.spatial
+    # FID and sFID against the reference statistics; precision / recall against the reference images' pool features
+    pool = GenerativeMetrics(ExtractedFeatures(features.num_features), fid_reference=reference.pool, k=k).to(device)
+    spatial = GenerativeMetrics(ExtractedFeatures(features.num_spatial), fid_reference=reference.spatial,
+                                precision_recall=False).to(device)
     logits = []
     for is_real, images in ((True, reference.images), (False, samples)):
         for start in range(0, len(images), batch_size):

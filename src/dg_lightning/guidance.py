@@ -1,4 +1,4 @@
-"""Guidance terms (SPEC §5): gradients of per-sample log densities w.r.t. the sampler's input.
+"""Guidance terms: gradients of per-sample log densities w.r.t. the sampler's input.
 
 A guidance term has a per-sample log density L(x_vp, tau, y) in VP coordinates:
 - Discriminator Guidance: L = log(d / (1 - d)), the discriminator's log density ratio;

@@ -1,4 +1,4 @@
-"""The SD-VAE latent space of DiT-XL/2-G++ (SPEC §5): the autoencoder, ADM's centre crop, and the resumable
+"""The SD-VAE latent space of DiT-XL/2-G++: the autoencoder, ADM's centre crop, and the resumable
 stage that encodes an ImageNet-style image folder into labelled latent shards (or, for ADM-G++ in pixel space,
 into shards of the uint8 centre crops themselves).
 
@@ -147,10 +147,11 @@ def to_signed(images):
     return images.float() / 127.5 - 1.0
 
 
-def encode_image_folder(autoencoder: LatentAutoencoder | None, image_dir, out_dir, *, image_size=256, flip=True,
+def shard_image_folder(autoencoder: LatentAutoencoder | None, image_dir, out_dir, *, image_size=256, flip=True,
                         num_samples=None, base_seed=0, batch_size=64, shard_size=1000, num_workers=0,
                         fingerprint=None, device="cpu", rank=None, world_size=None, progress=True):
-    """Write this rank's missing shards (k % world_size == rank) of the images in image_dir, then wait for the other
+    """The images of an ImageNet-style folder as shards: centre crops, as uint8 pixels (autoencoder None, ADM-G++) or
+    encoded to latents (DiT-G++). Writes this rank's missing shards (k % world_size == rank), then waits for the other
     ranks (rank and world_size default to this process's place in torch.distributed's group, as generate's).
 
     Sample i is image order[i] (all images in sorted order, or with num_samples a seeded random subset), centre

@@ -268,8 +268,8 @@ class GenerativeMetrics(nn.Module):
     """FID (torchmetrics, float64 statistics), improved precision/recall and optionally KID and IS of uint8 images,
     one feature pass per batch.
 
-    FID compares against the real images fed with `real=True`, or against `fid_reference` (an npz with `mu`,
-    `sigma`) when given. Precision/recall always need real images; turn them off with `precision_recall=False`.
+    FID compares against the real images fed with `real=True`, or against `fid_reference` when given: the path of an
+    npz with `mu`, `sigma`, or those statistics as a (mu, sigma) pair of tensors. Precision/recall always need real images; turn them off with `precision_recall=False`.
     `kid_subsets` (None: off) switches KID on, in the same feature space, against the real images.
     `inception_score` computes IS of the fakes from `feature_extractor.class_logits(features)` (a classifier's
     logits, e.g. ClassifierFeatures): IS means something only for a classifier of the data's own classes.
@@ -289,7 +289,8 @@ class GenerativeMetrics(nn.Module):
                 f"e.g. ClassifierFeatures), got {type(feature_extractor).__name__}"
             )
         self.feature_extractor = feature_extractor
-        self.reference = None if fid_reference is None else load_fid_reference(fid_reference, num_features)
+        self.reference = (fid_reference if fid_reference is None or isinstance(fid_reference, tuple)
+                          else load_fid_reference(fid_reference, num_features))
         self.fid = FrechetInceptionDistance(
             feature=ExtractedFeatures(num_features), normalize=False, reset_real_features=reset_real_features
         )

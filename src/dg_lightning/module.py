@@ -37,7 +37,7 @@ OBJECTIVES = {"bce": BCELoss, "lsif": LSIFLoss, "ukl": UKLLoss}
 
 
 class DiscriminatorModule(L.LightningModule):
-    """Trains d_phi(x_t, t) on diffused real (label 1) vs diffused fake (label 0) with Adam (SPEC §3).
+    """Trains d_phi(x_t, t) on diffused real (label 1) vs diffused fake (label 0) with Adam.
 
     `accel` runs the discriminator on the GPU fast path (bf16 autocast, channels_last, compiled); the loss,
     the optimiser and the weights stay float32.

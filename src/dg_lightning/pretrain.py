@@ -3,7 +3,7 @@
 ScoreModule trains an EDM denoiser D(x; sigma) in EDM coordinates (x = x0 + sigma n) and keeps the EMA copy
 that EDM samples with. NoisyClassifierModule trains an ADM EncoderUNet to classify LVP-diffused inputs
 x_t = alpha(t) x0 + sigma_vp(t) z at ADM timesteps 999 t, the classifier whose middle-block features feed
-DG's discriminator head (SPEC §4). Both read batches {"x0", "class_labels"?} of clean samples from
+DG's discriminator head. Both read batches {"x0", "class_labels"?} of clean samples from
 clean_loader.
 """
 

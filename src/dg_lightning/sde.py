@@ -1,4 +1,4 @@
-"""Noise processes and the maps between them (SPEC §2-3). Plain torch, no Lightning.
+"""Noise processes and the maps between them. Plain torch, no Lightning.
 
 Coordinates:
 - LVP time t (or tau) in [0, 1]: x_t = alpha(t) x0 + sigma_vp(t) z, the discriminator's process.
@@ -55,7 +55,7 @@ class LinearVP:
         """The factor that takes EDM coordinates x to VP coordinates: x_vp = x / sqrt(1 + sigma^2)."""
         return torch.rsqrt(1.0 + sigma**2)
 
-    # --- importance-sampled training times (SPEC §3) ---
+    # --- importance-sampled training times ---
     def log_expm1_integral(self, t):
         """A(t) = log(exp(I(t)) - 1), the antiderivative of beta(t) / (1 - exp(-I(t)))."""
         integral = self.integral_beta(t)
@@ -79,7 +79,7 @@ class LinearVP:
 
 
 def cosine_time_from_tau(tau, vp: LinearVP = LinearVP(), s=0.008):
-    """Cosine-VP time with the same alpha as LVP time tau (ADM's 64x64 classifiers, SPEC §2)."""
+    """Cosine-VP time with the same alpha as LVP time tau (ADM's 64x64 classifiers)."""
     f0_sqrt = math.cos((s / (1.0 + s)) * math.pi / 2.0)
     theta = torch.arccos((f0_sqrt * vp.alpha(tau)).clamp(-1.0, 1.0))
     return (1.0 + s) * (2.0 / math.pi) * theta - s

@@ -1,4 +1,4 @@
-"""Seed streams: sample i of a run has its own seed (base_seed, i) and its own random generator (DESIGN.md, Principles)."""
+"""Seed streams: sample i of a run has its own seed (base_seed, i) and its own random generator."""
 
 import numpy as np
 import torch

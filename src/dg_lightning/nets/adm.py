@@ -1,9 +1,9 @@
-"""ADM's noise-aware encoder and DG's discriminator built from it (SPEC §4).
+"""ADM's noise-aware encoder and DG's discriminator built from it.
 
 `EncoderUNet` reproduces guided-diffusion's `EncoderUNetModel` module by module: the names and shapes
 of its parameters are those of the released state_dicts (OpenAI's classifiers, DG's
 `32x32_classifier.pt` and `discriminator_*.pt`), so they load with `strict=True`.
-Two attention layouts coexist (reference/checkpoints.md §2.2): the attention blocks pack their qkv
+Two attention layouts coexist: the attention blocks pack their qkv
 channels as [head][q|k|v][c] (ADM's "legacy" order), the attention pool as [q|k|v][head][c].
 """
 
@@ -291,7 +291,7 @@ def check_config(image_size, widths, attention_resolutions, num_head_channels, p
 
 class Discriminator(nn.Module):
     """DG's time-dependent discriminator: logit log(d/(1-d)) of a trainable head on a frozen ADM classifier's
-    middle-block features (SPEC §4). Both networks see timesteps 999 * time_map(tau)."""
+    middle-block features. Both networks see timesteps 999 * time_map(tau)."""
 
     def __init__(self, feature_extractor, head, time_map=None):
         super().__init__()

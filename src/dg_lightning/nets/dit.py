@@ -1,7 +1,7 @@
-"""DiT: the Diffusion Transformer of Peebles & Xie (2023), the score model of DiT-XL/2-G++ (SPEC §5-6).
+"""DiT: the Diffusion Transformer of Peebles & Xie (2023), the score model of DiT-XL/2-G++.
 
 Parameter names and shapes are those of facebookresearch/DiT `models.py`, so the released plain state dicts
-(`DiT-XL-2-256x256.pt`) load with `strict=True` (reference/checkpoints.md §3.2). The network predicts, from a
+(`DiT-XL-2-256x256.pt`) load with `strict=True`. The network predicts, from a
 latent x_k at the integer DDPM timestep k and a class label y (num_classes is the null class), the noise eps
 (channels 0..C-1) and, with learn_sigma, the learned-range variance interpolation v in [-1, 1] (channels C..2C-1).
 """

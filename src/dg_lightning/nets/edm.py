@@ -1,6 +1,6 @@
 """EDM's denoisers (Karras et al. 2022): the DDPM++/NCSN++ and ADM U-Nets and their preconditioners.
 
-Written from the published architecture description (reference/checkpoints.md §1), with EDM's module
+Written from the published architecture description, with EDM's module
 tree, parameter/buffer names and constructor arguments, so that the state dict of a released EDM pickle
 loads with strict=True and the `_init_kwargs` recorded in it can be passed straight to the constructor.
 

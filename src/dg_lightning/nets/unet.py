@@ -1,4 +1,4 @@
-"""ADM's noise predictor: guided-diffusion's `UNetModel`, the score model of ADM-G++ (SPEC §5).
+"""ADM's noise predictor: guided-diffusion's `UNetModel`, the score model of ADM-G++.
 
 The names and shapes of the parameters are those of guided-diffusion's module tree, so OpenAI's released plain
 state dicts (`256x256_diffusion.pt`, class-conditional, and `256x256_diffusion_uncond.pt` with num_classes=None)

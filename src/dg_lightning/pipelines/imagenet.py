@@ -1,6 +1,6 @@
 """What the two ImageNet 256 pipelines (imagenet_dit: DiT-XL/2-G++, paper Table 4; imagenet_adm: ADM-G++, Table D.1)
-share: their checks, the encode stage (the ImageNet train folder as labelled shards), sharded sampling to uint8
-images, the G++ and baseline sampling stages, and the evaluate stage (FID, sFID, IS, precision, recall against ADM's
+share: their checks, the encode stage (the ImageNet train folder as labelled shards), the head's training, sharded
+sampling to uint8 images, the G++ and baseline sampling stages, and the evaluate stage (FID, sFID, IS, precision, recall against ADM's
 reference batch, and the evaluator's npz exports)."""
 
 from pathlib import Path
@@ -11,13 +11,14 @@ from omegaconf import DictConfig
 from dg_lightning.config import ConfigError
 from dg_lightning.evaluation import ADMInception, evaluate, export_samples, load_reference_batch
 from dg_lightning.generate import generate
-from dg_lightning.latents import encode_image_folder
+from dg_lightning.latents import shard_image_folder
 from dg_lightning.pipelines.images import device_of
 from dg_lightning.pipelines.recipe import fingerprint
-from dg_lightning.released import check_discriminator_config
+from dg_lightning.released import check_discriminator_config, dg_discriminator
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.shards import load_shards
 from dg_lightning.sources import IMAGE_SUFFIXES, shard_source
+from dg_lightning.training import train_discriminator
 
 ENCODE_KEYS = ("seed", "data.image_dir", "data.image_size", "data.flip", "data.num_real")
 SAMPLE_KEYS = ("sampler", "data.image_size", "data.num_classes", "metrics.num_samples", "metrics.sampling_seed")
@@ -51,7 +52,7 @@ def encode_real(cfg: DictConfig, encoder, folder):
     """The image folder's centre crops as shards in `folder` (latents of `encoder`, or uint8 crops when it is None),
     read back in place (sources.shard_source)."""
     d = cfg.data
-    encode_image_folder(encoder, d.image_dir, folder, image_size=d.image_size, flip=d.flip, num_samples=d.num_real,
+    shard_image_folder(encoder, d.image_dir, folder, image_size=d.image_size, flip=d.flip, num_samples=d.num_real,
                         base_seed=stream_base_seed(cfg.seed, "real"), batch_size=d.encode_batch_size,
                         num_workers=d.num_workers, fingerprint=fingerprint(cfg, ENCODE_KEYS), device=device_of(cfg))
     return shard_source(folder, name=f"real {'images' if encoder is None else 'latents'} in {folder}")
@@ -65,6 +66,19 @@ def sample_to(cfg: DictConfig, sample_fn, folder, num_samples, base_seed, keys, 
              num_classes=cfg.data.num_classes, out_shape=(3, size, size) if images else None,
              dtype="uint8" if images else "float32", fingerprint=fingerprint(cfg, keys), device=device_of(cfg))
     return folder
+
+
+def train(run):
+    """DG's conditional head on the frozen ADM classifier (the one trained by pretrain_classifier, when it ran):
+    trained on the encoded real data against the fakes, or the released head as it is (trainer.max_epochs=0);
+    frozen, on the run's device."""
+    cfg = run.cfg
+    discriminator = dg_discriminator(cfg, run.results.get("pretrain_classifier"))
+    if trains(cfg):
+        fakes = run.folders["generate"]
+        discriminator = train_discriminator(cfg, run.results["encode"], shard_source(fakes, name=f"fakes in {fakes}"),
+                                            discriminator, run.loggers, run.folder)
+    return discriminator.to(device_of(cfg)).eval().requires_grad_(False)
 
 
 def _sample(run, discriminator, keys):

@@ -18,11 +18,9 @@ from dg_lightning.nets.unet import adm256_cond
 from dg_lightning.pipelines import imagenet
 from dg_lightning.pipelines.images import device_of
 from dg_lightning.pipelines.recipe import Pipeline, Stage
-from dg_lightning.released import dg_discriminator, require_released
+from dg_lightning.released import require_released
 from dg_lightning.sampling import build_sampler
 from dg_lightning.seeds import stream_base_seed
-from dg_lightning.sources import shard_source
-from dg_lightning.training import train_discriminator
 
 FAKE_KEYS = ("seed", "sampler.solver", "sampler.schedule", "sampler.clip_denoised", "data.num_classes",
              "data.image_size", "data.fake_cg_scale", "data.num_fake")
@@ -111,24 +109,11 @@ def generate_fakes(run):
                        loaded.shape, True)
 
 
-def train(run):
-    """DG's conditional head on the 256 classifier's features: trained on the real crops against the fakes, or the
-    released head as it is (trainer.max_epochs=0); frozen, on the run's device."""
-    cfg = run.cfg
-    discriminator = dg_discriminator(cfg)
-    if imagenet.trains(cfg):
-        folder = run.folders["generate"]
-        discriminator = train_discriminator(cfg, run.results["encode"], shard_source(folder, name=f"fake images in "
-                                                                                                  f"{folder}"),
-                                            discriminator, run.loggers, run.folder)
-    return discriminator.to(device_of(cfg)).eval().requires_grad_(False)
-
-
 PIPELINE = Pipeline("imagenet_adm", check=check, stages=(
     Stage("load", load, keys=("score", "discriminator.classifier", "data.image_size")),
     Stage("encode", encode, keys=imagenet.ENCODE_KEYS, when=imagenet.trains),
     Stage("generate", generate_fakes, keys=FAKE_KEYS, uses=CG_SCHEDULES, inputs=("load",), when=imagenet.trains),
-    Stage("train", train, keys=("seed", "data", "discriminator", *imagenet.TRAINING), inputs=("encode", "generate")),
+    Stage("train", imagenet.train, keys=("seed", "data", "discriminator", *imagenet.TRAINING), inputs=("encode", "generate")),
     Stage("sample_unguided", imagenet.sample_unguided, keys=imagenet.SAMPLE_KEYS,
           inputs=("load",)),
     Stage("sample", imagenet.sample, keys=(*imagenet.SAMPLE_KEYS, "guidance"), inputs=("load", "train")),

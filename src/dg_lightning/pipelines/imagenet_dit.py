@@ -18,11 +18,10 @@ from dg_lightning.pipelines import imagenet
 from dg_lightning.pipelines.images import device_of
 from dg_lightning.pipelines.recipe import Pipeline, Stage
 from dg_lightning.pretrain import NoisyClassifierModule
-from dg_lightning.released import dg_discriminator, require_released
+from dg_lightning.released import require_released
 from dg_lightning.sampling import build_sampler
 from dg_lightning.seeds import stream_base_seed
-from dg_lightning.sources import shard_source
-from dg_lightning.training import build_network, pretrain, train_discriminator
+from dg_lightning.training import build_network, pretrain
 
 FAKE_KEYS = ("seed", "sampler.solver", "sampler.schedule", "sampler.guided_channels", "sampler.clip_denoised",
              "data.num_classes", "data.image_size", "data.fake_cfg_scale", "data.num_fake", "data.fake_round_trip",
@@ -131,19 +130,6 @@ def pretrain_classifier(run):
     return str(weights)
 
 
-def train(run):
-    """DG's conditional head on the latent classifier: trained on the real latents against the fakes, or the released
-    head as it is (trainer.max_epochs=0); frozen, on the run's device."""
-    cfg = run.cfg
-    discriminator = dg_discriminator(cfg, run.results.get("pretrain_classifier"))
-    if imagenet.trains(cfg):
-        folder = run.folders["generate"]
-        discriminator = train_discriminator(cfg, run.results["encode"], shard_source(folder, name=f"fake latents in "
-                                                                                                  f"{folder}"),
-                                            discriminator, run.loggers, run.folder)
-    return discriminator.to(device_of(cfg)).eval().requires_grad_(False)
-
-
 PIPELINE = Pipeline("imagenet", check=check, stages=(
     Stage("load", load, keys=("score", "data.num_classes")),
     Stage("encoder", encoder, keys=("data.vae",), when=imagenet.trains),
@@ -151,7 +137,7 @@ PIPELINE = Pipeline("imagenet", check=check, stages=(
     Stage("generate", generate_fakes, keys=FAKE_KEYS, inputs=("load", "encoder"), when=imagenet.trains,
           uses=("sampler.cfg_scale", "sampler.cfg_scale_late", "sampler.cfg_switch_step")),
     Stage("pretrain_classifier", pretrain_classifier, keys=CLASSIFIER_KEYS, inputs=("encode",), when=trains_classifier),
-    Stage("train", train, keys=("seed", "data", "discriminator", *imagenet.TRAINING),
+    Stage("train", imagenet.train, keys=("seed", "data", "discriminator", *imagenet.TRAINING),
           inputs=("encode", "generate", "pretrain_classifier")),
     Stage("sample_unguided", imagenet.sample_unguided, keys=imagenet.SAMPLE_KEYS, inputs=("load",)),
     Stage("sample", imagenet.sample, keys=(*imagenet.SAMPLE_KEYS, "guidance"), inputs=("load", "train")),
