@@ -13,8 +13,8 @@ from dg_lightning.data import ArraySource, RealFakeDataModule, ShardRows
 from dg_lightning.generate import generate
 from dg_lightning.seeds import SampleNoise, sample_seed
 from dg_lightning.shards import MANIFEST, load_shards
-from dg_lightning.latents import center_crop, shard_image_folder, image_folder
-from dg_lightning.sources import shard_source
+from dg_lightning.latents import center_crop, shard_image_folder
+from dg_lightning.sources import image_folder, shard_source
 
 
 def write_shards(folder, num_samples, images=False, num_classes=5):

@@ -13,13 +13,13 @@ from PIL import Image
 from dg_lightning.generate import generate
 from dg_lightning.seeds import SampleNoise, sample_seed
 from dg_lightning.shards import load_shards
+from dg_lightning.sources import image_folder
 from dg_lightning.latents import (
     LATENT_SCALE,
     LatentAutoencoder,
     center_crop,
-    shard_image_folder,
-    image_folder,
     load_vae,
+    shard_image_folder,
     to_signed,
 )
 

@@ -25,7 +25,7 @@ from dg_lightning.generate import claim_shards
 from dg_lightning.seeds import SampleNoise, sample_seed
 from dg_lightning.shards import FORMAT, shard_indices, shard_name, to_uint8
 from dg_lightning.progress import track
-from dg_lightning.sources import IMAGE_SUFFIXES
+from dg_lightning.sources import image_folder
 
 LATENT_SCALE = 0.18215  # the SD-VAE scaling factor (DiT, DG_imagenet)
 VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # preferred first
@@ -96,27 +96,6 @@ def center_crop(image: Image.Image, size):
     pixels = np.array(image)
     top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
     return pixels[top:top + size, left:left + size]
-
-
-def image_folder(path):
-    """(files, int64 labels, class names) of an ImageNet-style folder <class>/<image>: labels 0, 1, ... in sorted
-    class-folder order (torchvision's ImageFolder, DiT's and DG_imagenet's convention)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such folder; expected an ImageNet-style folder <class>/<image>")
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        images = sorted(p for p in (path / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not images:
-            raise FileNotFoundError(f"{path / name}: class folder with no {'/'.join(IMAGE_SUFFIXES)} files; every "
-                                    "class folder needs images (or remove it: labels follow the sorted folder names)")
-        files += images
-        labels += [label] * len(images)
-    if not files:
-        raise FileNotFoundError(f"{path}: no class subfolders with images; expected <class>/<image> "
-                                f"({'/'.join(IMAGE_SUFFIXES)} files, one subfolder per class)")
-    return files, np.array(labels, np.int64), classes
 
 
 class CroppedImages(Dataset):

@@ -12,13 +12,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-# The samplers' modules register their solvers on import.
-from dg_lightning import ddpm, samplers  # noqa: F401
+from dg_lightning import ddpm, samplers
 from dg_lightning.accel import accelerate, build_accel
 from dg_lightning.config import ConfigError
 from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.solvers import SCORE_KINDS, SOLVERS
 
+SAMPLER_MODULES = (samplers, ddpm)  # the package's samplers: importing them registers their solvers
 DG_TERM = ("t_min", "t_max", "clip")  # guidance.dg settings of the DiscriminatorGuidance term
 DG_NEUTRAL = {"weight_2nd": 0.0, "boosting": False, "switch_step": 0, "boost": 1.0, "norm_ratio": False}
 CONVENTION = ("score_model", "latents", "class_labels", "dg", "randn_like", "progress")

@@ -94,23 +94,45 @@ def _stack(pixels, names, where):
     return np.stack(pixels)
 
 
-def read_image_folder(path):
-    """(images, labels or None) of PNG / JPEG files directly in `path` (no labels) or in class subfolders (labels)."""
+def image_folder(path):
+    """(files, int64 labels, class names) of an ImageNet-style folder <class>/<image>: labels 0, 1, ... in sorted
+    class-folder order (torchvision's ImageFolder, DiT's and DG_imagenet's convention)."""
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder; expected an ImageNet-style folder <class>/<image>")
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        images = sorted(p for p in (path / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not images:
+            raise FileNotFoundError(f"{path / name}: class folder with no {'/'.join(IMAGE_SUFFIXES)} files; every "
+                                    "class folder needs images (or remove it: labels follow the sorted folder names)")
+        files += images
+        labels += [label] * len(images)
     if not files:
+        raise FileNotFoundError(f"{path}: no class subfolders with images; expected <class>/<image> "
+                                f"({'/'.join(IMAGE_SUFFIXES)} files, one subfolder per class)")
+    return files, np.array(labels, np.int64), classes
+
+
+def read_image_folder(path):
+    """(images, labels or None) of PNG / JPEG files directly in `path` (no labels) or in class subfolders (labels in
+    sorted class-folder order, image_folder)."""
+    path = Path(path)
+    flat = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    nested = any(f.suffix.lower() in IMAGE_SUFFIXES for d in path.iterdir() if d.is_dir() for f in d.rglob("*"))
+    if not (flat or nested):
         raise SourceError(f"{path}: no {'/'.join(IMAGE_SUFFIXES)} files; expected images in the folder or in class "
                           "subfolders (one per class)")
-    depths = {len(f.relative_to(path).parts) for f in files}
-    if depths not in ({1}, {2}):
+    if flat and nested:
         raise SourceError(f"{path}: images lie at several depths; put them all directly in the folder (unlabelled) "
                           "or all in class subfolders <class>/<image> (labelled)")
-    names = [str(f.relative_to(path)) for f in files]
-    images = _stack([_decode(f.read_bytes(), f) for f in files], names, path)
-    if depths == {1}:
-        return images, None
-    classes = sorted({f.parent.name for f in files})
-    return images, np.array([classes.index(f.parent.name) for f in files], np.int64)
+    try:
+        files, labels = (flat, None) if flat else image_folder(path)[:2]
+    except FileNotFoundError as exc:
+        raise SourceError(str(exc)) from exc
+    images = _stack([_decode(f.read_bytes(), f) for f in files], [str(f.relative_to(path)) for f in files], path)
+    return images, labels
 
 
 def read_edm_zip(path):

@@ -3,8 +3,6 @@ share: their checks, the encode stage (the ImageNet train folder as labelled sha
 sampling to uint8 images, the G++ and baseline sampling stages, and the evaluate stage (FID, sFID, IS, precision, recall against ADM's
 reference batch, and the evaluator's npz exports)."""
 
-from pathlib import Path
-
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -17,7 +15,7 @@ from dg_lightning.pipelines.recipe import fingerprint
 from dg_lightning.released import check_discriminator_config, dg_discriminator
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.shards import load_shards
-from dg_lightning.sources import IMAGE_SUFFIXES, shard_source
+from dg_lightning.sources import image_folder, shard_source
 from dg_lightning.training import train_discriminator
 
 ENCODE_KEYS = ("seed", "data.image_dir", "data.image_size", "data.flip", "data.num_real")
@@ -40,12 +38,12 @@ def check_common(cfg: DictConfig):
     except Exception as exc:  # hydra wraps the schedule's ValueError
         raise ConfigError("sampler.schedule.respacing", str(exc), "use e.g. 250 of num_timesteps=1000") from exc
     if trains(cfg):
-        image_dir = cfg.data.image_dir
-        if image_dir is None or not Path(image_dir).is_dir() or not any(
-                f.suffix.lower() in IMAGE_SUFFIXES for c in Path(image_dir).iterdir() if c.is_dir() for f in c.iterdir()):
-            raise ConfigError("data.image_dir", f"{image_dir} is not a folder of class subfolders with images, but "
-                              "training the discriminator needs real images", "point it at ImageNet's train folder "
-                              "(<wnid>/<image>.JPEG), or guide with a released head as it is (trainer.max_epochs=0)")
+        try:
+            image_folder(cfg.data.image_dir or "")
+        except FileNotFoundError as exc:
+            raise ConfigError("data.image_dir", f"{exc}, but training the discriminator needs real images",
+                              "point it at ImageNet's train folder (<wnid>/<image>.JPEG), or guide with a released head "
+                              "as it is (trainer.max_epochs=0)") from exc
 
 
 def encode_real(cfg: DictConfig, encoder, folder):
