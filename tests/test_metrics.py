@@ -3,6 +3,7 @@ KID against a direct numpy computation, IS in its closed-form limits, reference 
 error messages. CPU only, no network."""
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -433,3 +434,25 @@ def test_grey_digits_reach_inception_as_three_equal_channels(tmp_path, monkeypat
         assert not torch.allclose(features[0], features[1])  # the images, not a constant, reach the network
     with pytest.raises(ValueError, match=r"expects grey images \(B, 1, H, W\), got \(3, 3, 8, 8\)"):
         grey(digits.repeat(1, 3, 1, 1))
+
+
+class LeavesAMarker:
+    """Unpickling it runs `touch <marker>`: a weights file that executes code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("load", ["inception_features", "ADMInception"])
+def test_an_inception_file_whose_pickle_runs_code_is_refused_unrun(tmp_path, load):
+    from dg_lightning import evaluation, metrics
+
+    marker, weights = tmp_path / "executed", tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save({"fc.weight": LeavesAMarker(marker)}, weights)
+    reader = metrics.inception_features if load == "inception_features" else evaluation.ADMInception
+    with pytest.raises(ValueError, match=r"weights-inception-2015-12-05-6726825d.pth: not a plain file of tensors"):
+        reader(weights)
+    assert not marker.exists()

@@ -1,5 +1,6 @@
 """Config checks that run before any compute: each error names the key and the fix."""
 
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -35,7 +36,9 @@ def validate(cfg: DictConfig):
              f"the DG window needs 0 <= t_min < t_max <= 1 in VP time, got t_min={dg.t_min}, t_max={dg.t_max}",
              "set guidance.dg.t_min below guidance.dg.t_max (defaults 0.01 and 1.0)")
     for key in ("weight", "weight_2nd"):
-        _require(dg[key] >= 0, f"guidance.dg.{key}", f"must be >= 0, got {dg[key]}", "use 0 to switch DG off, 1-2 to guide")
+        value = dg[key]
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0,
+                 f"guidance.dg.{key}", f"must be a finite number >= 0, got {value!r}", "use 0 to switch DG off, 1-2 to guide")
     _require(dg.clip is None or 0.0 < dg.clip < 0.5, "guidance.dg.clip", f"must be null or in (0, 0.5), got {dg.clip}",
              "use null (log ratio = logit) or 1e-5 (the authors' clipping)")
     s = cfg.sampler

@@ -66,8 +66,6 @@ class ADMInception(nn.Module):
 
     def __init__(self, weights_path):
         super().__init__()
-        if Path(weights_path).is_file():  # torch-fidelity reads it with weights_only=False: check it holds only tensors
-            torch.load(weights_path, map_location="cpu", weights_only=True)
         self.net = inception_features(weights_path)
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
         self._spatial = None

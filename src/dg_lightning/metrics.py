@@ -1,6 +1,7 @@
 """Distribution metrics: sliced Wasserstein distance, improved precision/recall, FID, KID, IS, and the feature extractors they use."""
 
 import copy
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -222,7 +223,9 @@ class GreyAsRGB(nn.Module):
 def inception_features(weights_path):
     """FID Inception-v3 (torch-fidelity's port of the TF graph) from a local weights file.
 
-    Maps uint8 images of any size to 2048-d pool3 features, resized to 299 like TF1 (antialias=False).
+    Maps uint8 images of any size to 2048-d pool3 features, resized to 299 like TF1 (antialias=False). torch-fidelity
+    reads the file with weights_only=False, so it is first read here with weights_only=True: a file whose pickle would
+    run code is refused before torch-fidelity sees it.
     """
     path = Path(weights_path)
     if not path.is_file():
@@ -230,6 +233,11 @@ def inception_features(weights_path):
             f"Inception weights not found at '{path}'. Download torch-fidelity's {INCEPTION_WEIGHTS_NAME} "
             f"from {INCEPTION_WEIGHTS_URL} and pass its path (nothing is downloaded at run time)."
         )
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path}: not a plain file of tensors (its pickle would run code, refused unread: {exc}). "
+                         f"Use torch-fidelity's {INCEPTION_WEIGHTS_NAME} from {INCEPTION_WEIGHTS_URL}") from exc
     net = NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path), antialias=False)
     net.num_features = 2048
     return net
