@@ -2,6 +2,7 @@
 its inputs' folders, `stage=` stops after a stage, every experiment's declarations name keys that exist, an experiment
 on an existing pipeline is one YAML file, and a sampler is one function plus one config file."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,21 @@ def test_a_sampler_for_another_kind_of_score_model_is_a_config_error(compose_cfg
         run(compose_cfg(f"experiment={experiment}", f"sampler={sampler}"))
     assert "use a sampler config with a solver for" in str(error.value)
     assert not (tmp_path / "logs" / "cache").exists()
+
+
+def test_each_stage_is_announced_as_run_or_cached_and_the_run_ends_with_its_metrics(tmp_path, capsys):
+    def write(run):
+        (run.folder / "out.txt").write_text("x")
+        run.metrics["unit/value"] = 0.5
+
+    pipeline = Pipeline("unit", (Stage("made", write, keys=("seed",)), Stage("plain", lambda run: None)))
+    for name in ("first", "second"):
+        cfg = plain_cfg(tmp_path)
+        cfg.paths.output_dir = str(tmp_path / name)
+        run_pipeline(cfg, pipeline)
+    first, second = capsys.readouterr().out.split("unit finished")[:2]
+    assert "stage 1/2 made: running" in first and "stage 2/2 plain: running" in first
+    assert "stage 1/2 made: from the cache" in second and "stage 2/2 plain: running" in second  # no folder: no cache
+    assert "unit/value  0.5000" in second
+    (folder,) = (tmp_path / "cache" / "unit").iterdir()
+    assert json.loads((folder / "stage.json").read_text()) == {"keys": {"seed": 0}, "inputs": []}

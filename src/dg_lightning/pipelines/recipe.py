@@ -38,6 +38,7 @@ from dg_lightning.loggers import build_loggers, finish_loggers
 RUNTIME = ("experiment_name", "pipeline", "stage", "paths", "logger", "callbacks", "accel", "data.num_workers",
            "data.encode_batch_size", "metrics.batch_size", "metrics.sample_batch_size", "metrics.export")
 TRAINING_LENGTH = ("trainer.max_epochs", "trainer.max_steps")  # the trainer's other keys are runtime too
+STAGE_RECORD = "stage.json"  # written by the runner when a stage finished in its folder
 UNDECLARED = "dg_undeclared"
 
 
@@ -215,16 +216,48 @@ def run_pipeline(cfg: DictConfig, pipeline: Pipeline):
         (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, verbose=False)
     loggers, results, folders, metrics = build_loggers(cfg), {}, {}, {}
-    for stage in pipeline.stages:
+    for number, stage in enumerate(pipeline.stages, 1):
         if stage.when(cfg):
             keys, ran = stage.declared_keys(cfg), [name for name in stage.inputs if name in folders]
-            folders[stage.name] = stage_dir(cfg, stage.name, keys, [folders[name] for name in ran])
+            folder = folders[stage.name] = stage_dir(cfg, stage.name, keys, [folders[name] for name in ran])
+            cached = (folder / STAGE_RECORD).is_file()
+            announce(f"stage {number}/{len(pipeline.stages)} {stage.name}: "
+                     f"{'from the cache' if cached else 'running'}{f' ({folder})' if cached else ''}")
             view = config_view(cfg, stage.name, (*keys, *stage.uses))
-            results[stage.name] = stage.run(StageRun(view, folders[stage.name], out_dir, loggers,
+            results[stage.name] = stage.run(StageRun(view, folder, out_dir, loggers,
                                                      {name: results[name] for name in ran},
                                                      {name: folders[name] for name in ran}, metrics))
+            if folder.is_dir() and not cached:
+                record(folder, cfg, keys, [folders[name] for name in ran])
         if stage.name == cfg.stage:
             break
     write_metrics(out_dir, metrics)
     finish_loggers(loggers, metrics)
+    announce(summary(cfg, out_dir, metrics))
     return metrics
+
+
+def announce(text):
+    """Print text on rank 0 (the stage banners and the run's summary)."""
+    if rank_and_world_size()[0] == 0:
+        print(text, flush=True)
+
+
+def record(folder, cfg: DictConfig, keys, inputs):
+    """Write the finished stage's record into its folder: the values of its declared keys and its input folders (the
+    runner's sign that the folder is complete, and what a person reads to know what made it)."""
+    values = {key: _select(cfg, key) for key in keys}
+    atomic_save({"keys": {k: v for k, v in values.items() if v is not _ABSENT},
+                 "inputs": [Path(p).name for p in inputs]}, folder / STAGE_RECORD,
+                save=lambda obj, f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
+
+
+def summary(cfg: DictConfig, out_dir: Path, metrics):
+    """The run's closing lines: the experiment, its folder, every metric and the figures written there."""
+    width = max((len(name) for name in metrics), default=0)
+    lines = [f"{cfg.experiment_name} finished: {out_dir}"]
+    lines += [f"  {name:<{width}}  {value:.4f}" for name, value in sorted(metrics.items())]
+    figures = sorted(p.name for p in out_dir.glob("*.png"))
+    if figures:
+        lines.append(f"  figures: {', '.join(figures)}")
+    return "\n".join(lines)
