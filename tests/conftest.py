@@ -9,6 +9,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(1)
 
+HANG_GUARD_S = 3600  # subprocess time limit of the tests: a guard against a hang, far above any machine's run time
+
 
 @pytest.fixture(autouse=True)
 def _wandb_disabled(monkeypatch, tmp_path):

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD_S
 from hydra.errors import ConfigCompositionException, InstantiationException
 
 from dg_lightning.config import ConfigError, validate
@@ -62,6 +63,6 @@ def test_unknown_keys_and_groups_are_refused_by_composition(compose_cfg):
 
 def test_entry_point_exits_nonzero_with_the_message(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "run.py"), "guidance.dg.t_min=2", f"paths.log_dir={tmp_path}"],
-                            capture_output=True, text=True, timeout=120, check=False)
+                            capture_output=True, text=True, timeout=HANG_GUARD_S, check=False)
     assert result.returncode != 0
     assert "guidance.dg.t_min" in result.stderr and "Fix:" in result.stderr

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HANG_GUARD_S
 import torch
 from torch import nn
 
@@ -84,7 +85,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_ranks(script, args, world_size=2, timeout=120):
+def run_ranks(script, args, world_size=2, timeout=HANG_GUARD_S):
     """Run `script` in world_size fresh processes with torch.distributed's env:// variables; fail with their output."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world_size),
                OMP_NUM_THREADS="1")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HANG_GUARD_S
 import torch
 
 from dg_lightning.module import BCELoss
@@ -69,7 +70,7 @@ def test_ddp_discriminator_training_keeps_ranks_in_sync_and_learns(tmp_path):
     script.write_text(SCRIPT)
     result = subprocess.run([sys.executable, str(script), str(tmp_path), str(ROOT / "conf")], check=False,
                             capture_output=True,
-                            text=True, timeout=300, cwd=tmp_path)
+                            text=True, timeout=HANG_GUARD_S, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
@@ -150,7 +151,7 @@ def test_ddp_pretraining_draws_different_noise_per_rank_and_resumes_every_ranks_
 
     def pretrain(cache, tag, kill_at=-1):
         return subprocess.run([sys.executable, str(script), str(tmp_path), str(ROOT / "conf"), cache, tag, str(kill_at)],
-                              check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                              check=False, capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=tmp_path)
 
     def lines(tag, rank):
         return (tmp_path / f"{tag}-rank{rank}.txt").read_text().splitlines()

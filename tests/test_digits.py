@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import HANG_GUARD_S
 import torch
 from test_metrics import random_inception_weights
 
@@ -43,7 +44,7 @@ def test_digits_split_is_disjoint_and_scaled_to_uint8():
 def test_reduced_digits_run_goes_through_every_stage_and_reuses_them(tmp_path):
     def run(*extra):
         result = subprocess.run([sys.executable, str(ROOT / "run.py"), *REDUCED, *extra], cwd=tmp_path,
-                                capture_output=True, text=True, timeout=600, check=False,
+                                capture_output=True, text=True, timeout=HANG_GUARD_S, check=False,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})  # one torch thread, as in conftest
         assert result.returncode == 0, result.stderr[-3000:]
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD_S
 from omegaconf import OmegaConf
 
 from dg_lightning.pipelines import run
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["trainer.max_steps=30", "data.num_fake=400", "data.num_real=400", "metrics.num_samples=300"]
 
 
-def run_py(cwd, *args, timeout=300):
+def run_py(cwd, *args, timeout=HANG_GUARD_S):
     """Run `python run.py ARGS` in folder cwd with the default paths (logs under cwd/logs); fail with its output."""
     result = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD_S
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict, read_write
@@ -22,7 +23,7 @@ SWEEP = ["-m", "experiment=toy2d", "guidance.dg.weight=0,1", "guidance.dg.t_min=
 
 def run_py(cwd, *args):
     result = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=300, check=False)
+                            timeout=HANG_GUARD_S, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -88,7 +89,7 @@ def test_slurm_launcher_gives_one_rank_per_gpu():
 
 def test_a_failing_sweep_point_reports_its_error_when_it_fails(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", "guidance.dg.weight=-1,-2"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300, check=False)
+                            capture_output=True, text=True, timeout=HANG_GUARD_S, check=False)
     assert result.returncode != 0
     # Each point's error is logged as it fails (in its run.log and on the console), before the next point starts.
     first_error = result.stdout.find("config key 'guidance.dg.weight': must be >= 0, got -1")
