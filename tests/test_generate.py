@@ -231,6 +231,24 @@ def test_damaged_shards_are_reported_then_made_again(tmp_path):
     assert np.array_equal(load_shards(folder)[0], load_shards(tmp_path / "ref")[0])
 
 
+def test_a_shard_with_flipped_bytes_under_intact_headers_is_removed_when_read_and_made_again(tmp_path):
+    generate(toy_fn, tmp_path / "ref", N, SHAPE, shard_size=SHARD, progress=False)
+    folder = tmp_path / "run"
+    generate(toy_fn, folder, N, SHAPE, shard_size=SHARD, progress=False)
+    damaged = folder / shard_name(2)
+    offset, _ = check_shard_headers(damaged, json.loads((folder / MANIFEST).read_text()), 2)
+    data = bytearray(damaged.read_bytes())
+    data[offset + 3] ^= 0xFF  # a sample byte: the zip's CRC no longer matches, the headers still do
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"shard-000002\.npz: unreadable.*The shard was removed: rerun"):
+        load_shards(folder)
+    assert not damaged.exists()
+    remade = Recorder()
+    generate(remade, folder, N, SHAPE, shard_size=SHARD, progress=False)
+    assert remade.calls == SHARD  # that shard only
+    assert np.array_equal(load_shards(folder)[0], load_shards(tmp_path / "ref")[0])
+
+
 def test_load_shards_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         load_shards(tmp_path / "nowhere")

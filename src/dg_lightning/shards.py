@@ -131,8 +131,10 @@ def load_shards(folder, expect_shape=None, expect_labels=None):
     for k in range(count):
         try:
             arrays = read_shard(folder / shard_name(k), manifest, k)
-        except ShardError as e:
-            raise ShardError(f"{e}. Rerun the generation with the same settings to make this shard again.") from e
+        except ShardError as e:  # e.g. flipped bytes under intact headers, which is_finished does not read: remove it
+            (folder / shard_name(k)).unlink(missing_ok=True)
+            raise ShardError(f"{e}. The shard was removed: rerun the generation with the same settings to make it "
+                             "again (the other shards are kept)") from e
         rows = slice(k * manifest["shard_size"], k * manifest["shard_size"] + len(arrays["indices"]))
         samples[rows] = arrays["samples"]
         if labels is not None:
