@@ -9,12 +9,14 @@ against --rows, one line per --cols value). Jobs that share both values (they di
 are pooled: a cell gives their mean ± sample std and their number n; with --all a last row pools each column (for
 rows that are seeds, e.g. --rows discriminator.seed). With --minus, each job contributes its paired difference
 metric - minus (e.g. eval/fid - eval_unguided/fid, DG against no DG from the same seeds), and a cell also counts the
-jobs whose difference is below 0.
+jobs whose difference is below 0 and gives a bootstrap 95 % interval of the mean difference, saying when it holds 0.
 """
 
 import argparse
 import json
 import statistics
+
+import numpy as np
 from collections import defaultdict
 from pathlib import Path
 
@@ -63,12 +65,30 @@ def pooled(rows, pool_rows=False):
     return cells
 
 
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 10_000, 0
+
+
+def bootstrap_interval(values, level=0.95, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
+    """The percentile bootstrap interval (lo, hi) of the mean of `values` at `level`: the means of `resamples`
+    resamples with replacement (a seeded generator, so a report is reproducible), cut at (1 - level) / 2 each side."""
+    values = np.asarray(values, dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    means = values[picks].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
 def cell_text(values, paired):
-    """One value as it is; several as mean ± sample std (n), with the count below 0 for paired differences."""
+    """One value as it is; several as mean ± sample std (n), and for paired differences the count below 0 and the
+    bootstrap 95 % interval of the mean, marked when it includes 0 (no sign of an effect at that level)."""
     if len(values) == 1:
         return f"{values[0]:.4f}"
-    below = f", {sum(v < 0 for v in values)} < 0" if paired else ""
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} (n={len(values)}{below})"
+    text = f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} (n={len(values)}"
+    if not paired:
+        return text + ")"
+    lo, hi = bootstrap_interval(values)
+    return text + f", {sum(v < 0 for v in values)} < 0; 95% CI [{lo:.4f}, {hi:.4f}]" + \
+        (", includes 0)" if lo <= 0 <= hi else ")")
 
 
 def metric_label(metric, minus=None):
