@@ -53,9 +53,10 @@ def test_paired_differences_pool_the_sampling_seeds_per_head_and_all_heads(tmp_p
     assert (tmp_path / "report.png").stat().st_size > 5000
 
 
-def test_a_plain_metric_pools_without_a_count_and_without_an_all_row(tmp_path):
+def test_a_plain_metric_pools_without_a_count_and_without_an_all_row(tmp_path, capsys):
     write_sweep(tmp_path)
     report_main([str(tmp_path), "--metric", "eval/fid", "--rows", "metrics.sampling_seed", "--cols", "guidance.dg.t_max"])
+    assert capsys.readouterr().out.endswith(f"wrote {tmp_path / 'report.md'} and {tmp_path / 'report.png'}\n")
     table = (tmp_path / "report.md").read_text().splitlines()
     assert table[2] == f"| 0 | {cell([8.9, 9.2])} | {cell([9.5, 8.1])} |" and len(table) == 4
 

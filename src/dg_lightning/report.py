@@ -126,10 +126,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rows = collect(args.sweep_dir, args.metric, args.rows, args.cols, args.minus)
     table = markdown_table(rows, args.metric, args.rows, args.cols, args.minus, args.all)
-    (Path(args.sweep_dir) / "report.md").write_text(table)
-    sweep_figure(pooled(rows), metric_label(args.metric, args.minus), args.rows, short_key(args.cols),
-                 Path(args.sweep_dir) / "report.png")
+    markdown, figure = Path(args.sweep_dir) / "report.md", Path(args.sweep_dir) / "report.png"
+    markdown.write_text(table)
+    sweep_figure(pooled(rows), metric_label(args.metric, args.minus), args.rows, short_key(args.cols), figure)
     print(table)
+    print(f"wrote {markdown} and {figure}")
 
 
 if __name__ == "__main__":
