@@ -57,6 +57,7 @@ def validate(cfg: DictConfig):
     source = cfg.data.get("source")
     _require(source is None or Path(source).is_file(), "data.source", f"the data source {source} does not exist",
              "give an .npz with 'images' uint8 (N, 8, 8, 1) (NHWC) and integer 'labels' (N,), or null for sklearn's digits")
+    _validate_counts(cfg)
     _validate_features(cfg.metrics)
 
 
@@ -69,6 +70,27 @@ def _validate_seeds(cfg: DictConfig):
             continue
         _require(not isinstance(value, bool) and isinstance(value, int) and 0 <= value <= 2**32 - 1, key,
                  f"must be an integer in [0, 2**32 - 1], got {value!r}", f"use e.g. {key}=0")
+
+
+COUNTS = ("data.num_real", "data.num_fake", "metrics.num_samples")  # sample counts (null: all, where allowed)
+RATES = ("discriminator.lr", "score.lr", "discriminator.classifier.lr")
+
+
+def _validate_counts(cfg: DictConfig):
+    """Sample counts are integers >= 1 (or null), learning rates finite numbers > 0, trainer.max_steps -1 (no limit)
+    or >= 1: each checked only where the config has it."""
+    for key in COUNTS:
+        value = OmegaConf.select(cfg, key, default=None)
+        _require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1), key,
+                 f"must be an integer >= 1, got {value!r}", f"e.g. {key}=1000")
+    for key in RATES:
+        value = OmegaConf.select(cfg, key, default=None)
+        _require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                   and math.isfinite(value) and value > 0), key,
+                 f"must be a finite number > 0, got {value!r}", f"e.g. {key}=3e-4")
+    steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)
+    _require(isinstance(steps, int) and (steps == -1 or steps >= 1), "trainer.max_steps",
+             f"must be -1 (no limit) or >= 1, got {steps!r}", "use trainer.max_epochs to bound training by epochs")
 
 
 def _validate_features(metrics):
