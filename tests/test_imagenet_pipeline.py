@@ -115,7 +115,8 @@ def test_an_empty_image_folder_stops_the_run_before_any_compute(tmp_path, compos
     for image in (released / "imagenet" / "train").rglob("*.JPEG"):
         image.unlink()
     PIPELINE.check_stops_before_any_compute(tmp_path, compose_cfg, released,
-                                            r"config key 'data.image_dir': .*not a folder of class subfolders with images")
+                                            r"config key 'data.image_dir': .*n01440764: class folder with no "
+                                            r"\.png/\.jpg/\.jpeg files.*Fix: point it at ImageNet's train folder")
 
 
 def test_a_missing_latent_classifier_is_trained_on_the_real_latents_and_used_by_the_head(tmp_path, compose_cfg):
