@@ -92,8 +92,8 @@ def test_a_failing_sweep_point_reports_its_error_when_it_fails(tmp_path):
                             capture_output=True, text=True, timeout=HANG_GUARD_S, check=False)
     assert result.returncode != 0
     # Each point's error is logged as it fails (in its run.log and on the console), before the next point starts.
-    first_error = result.stdout.find("config key 'guidance.dg.weight': must be >= 0, got -1")
+    first_error = result.stdout.find("config key 'guidance.dg.weight': must be a finite number >= 0, got -1")
     assert 0 <= first_error < result.stdout.find("#1 : guidance.dg.weight=-2")
     (sweep_dir,) = (tmp_path / "logs" / "toy2d" / "multiruns").iterdir()
     for point, weight in enumerate((-1, -2)):
-        assert f"must be >= 0, got {weight}" in (sweep_dir / f"{point}_guidance.dg.weight={weight}" / "run.log").read_text()
+        assert f"must be a finite number >= 0, got {weight}" in (sweep_dir / f"{point}_guidance.dg.weight={weight}" / "run.log").read_text()
