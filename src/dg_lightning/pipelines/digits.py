@@ -18,7 +18,7 @@ from dg_lightning.metrics import ClassifierFeatures, GenerativeMetrics, GreyAsRG
 from dg_lightning.nets.adm import Discriminator
 from dg_lightning.nets.edm import IndexLabels
 from dg_lightning.pipelines.images import frozen, sample_images
-from dg_lightning.pipelines.recipe import Pipeline, Stage
+from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
 from dg_lightning.plots import image_grid
 from dg_lightning.pretrain import NoisyClassifierModule, ScoreModule, train_feature_classifier
 from dg_lightning.sampling import build_sampler
@@ -150,8 +150,7 @@ def train_keys(cfg: DictConfig):
     """The keys that determine the head's weights. select=last: guidance settings only change the callback's samples,
     not the weights used, so DG weight and window sweeps reuse one trained head; select=best: the weights used are the
     epoch the callback picked by its guided FID, which depends on the guidance."""
-    keys = ("seed", "sampler", "data", "discriminator", "trainer.max_epochs", "trainer.max_steps",
-            "metrics.sampling_callback", "metrics.kid")
+    keys = ("seed", "sampler", "data", "discriminator", *TRAINING_LENGTH, "metrics.sampling_callback", "metrics.kid")
     return (*keys, "guidance") if cfg.discriminator.select == "best" else keys
 
 

@@ -14,7 +14,7 @@ from dg_lightning.config import ConfigError
 from dg_lightning.metrics import GenerativeMetrics, inception_features
 from dg_lightning.nets.edm import IndexLabels
 from dg_lightning.pipelines.images import device_of, sample_images
-from dg_lightning.pipelines.recipe import Pipeline, Stage
+from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
 from dg_lightning.released import FID_REFS_SOURCE, check_discriminator_config, dg_discriminator, require_released
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.sources import load_source
@@ -119,13 +119,11 @@ def sample(run):
         run.metrics.update({f"{prefix}/{name}": value for name, value in metrics.compute().items()})
 
 
-TRAINING = ("trainer.max_epochs", "trainer.max_steps")
-
 PIPELINE = Pipeline("edm", check=check, stages=(
     Stage("load", load, keys=("score", "data.path", "data.num_real", "discriminator.conditional"),
           uses=("discriminator.classifier.config", "discriminator.classifier.overrides")),
     Stage("generate", generate_fakes, keys=("seed", "sampler", "data.num_fake"), inputs=("load",), when=trains),
-    Stage("train", train, keys=("seed", "data", "discriminator", *TRAINING), inputs=("load", "generate")),
+    Stage("train", train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), inputs=("load", "generate")),
     Stage("sample_unguided", sample_unguided, keys=("sampler", "metrics.num_samples", "metrics.sampling_seed"),
           inputs=("load",)),
     Stage("sample", sample, keys=("sampler", "guidance", "metrics"), inputs=("load", "train", "sample_unguided")),

@@ -20,7 +20,6 @@ from dg_lightning.training import train_discriminator
 
 ENCODE_KEYS = ("seed", "data.image_dir", "data.image_size", "data.flip", "data.num_real")
 SAMPLE_KEYS = ("sampler", "data.image_size", "data.num_classes", "metrics.num_samples", "metrics.sampling_seed")
-TRAINING = ("trainer.max_epochs", "trainer.max_steps")
 
 
 def trains(cfg: DictConfig):

@@ -16,7 +16,7 @@ from dg_lightning.evaluation import REFERENCE_SOURCE
 from dg_lightning.latents import VAE_SOURCE, LatentAutoencoder, round_trip
 from dg_lightning.pipelines import imagenet
 from dg_lightning.pipelines.images import device_of
-from dg_lightning.pipelines.recipe import Pipeline, Stage
+from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
 from dg_lightning.pretrain import NoisyClassifierModule
 from dg_lightning.released import require_released
 from dg_lightning.sampling import build_sampler
@@ -137,7 +137,7 @@ PIPELINE = Pipeline("imagenet", check=check, stages=(
     Stage("generate", generate_fakes, keys=FAKE_KEYS, inputs=("load", "encoder"), when=imagenet.trains,
           uses=("sampler.cfg_scale", "sampler.cfg_scale_late", "sampler.cfg_switch_step")),
     Stage("pretrain_classifier", pretrain_classifier, keys=CLASSIFIER_KEYS, inputs=("encode",), when=trains_classifier),
-    Stage("train", imagenet.train, keys=("seed", "data", "discriminator", *imagenet.TRAINING),
+    Stage("train", imagenet.train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH),
           inputs=("encode", "generate", "pretrain_classifier")),
     Stage("sample_unguided", imagenet.sample_unguided, keys=imagenet.SAMPLE_KEYS, inputs=("load",)),
     Stage("sample", imagenet.sample, keys=(*imagenet.SAMPLE_KEYS, "guidance"), inputs=("load", "train")),

@@ -8,7 +8,7 @@ from dg_lightning.config import ConfigError
 from dg_lightning.data import ArraySource
 from dg_lightning.files import atomic_save
 from dg_lightning.metrics import sliced_wasserstein
-from dg_lightning.pipelines.recipe import Pipeline, Stage
+from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
 from dg_lightning.plots import toy2d_figure
 from dg_lightning.sampling import build_sampler
 from dg_lightning.sde import LinearVP
@@ -82,10 +82,8 @@ def sample(run):
     toy2d_figure(reference, samples, taus, curves, run.metrics, run.out_dir / "toy2d.png")
 
 
-TRAINING = ("trainer.max_steps", "trainer.max_epochs")
-
 PIPELINE = Pipeline("toy2d", check=check, stages=(
     Stage("generate", generate, keys=("seed", "score", "sampler", "data.num_fake")),
-    Stage("train", train, keys=("seed", "data", "discriminator", *TRAINING), inputs=("generate",)),
+    Stage("train", train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), inputs=("generate",)),
     Stage("sample", sample, keys=("seed", "data.mixture", "score", "sampler", "guidance", "metrics"), inputs=("train",)),
 ))
