@@ -102,7 +102,8 @@ def run(net, accel: Accel, x, *args, **kwargs):
 
 
 class Accelerated(torch.nn.Module):
-    """A network run as `accel` says (see `run`), with the network's call signature."""
+    """A network run as `accel` says (see `run`), with the network's call signature and attributes (e.g. an EDM
+    network's sigma_min, sigma_max and round_sigma, which the EDM sampler reads)."""
 
     def __init__(self, net: torch.nn.Module, accel: Accel):
         super().__init__()
@@ -110,6 +111,15 @@ class Accelerated(torch.nn.Module):
 
     def forward(self, x, *args, **kwargs):
         return run(self.net, self.accel, x, *args, **kwargs)
+
+    def __getattr__(self, name):
+        """An attribute of this module, else of the wrapped network."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "net":  # not set yet
+                raise
+            return getattr(self.net, name)
 
 
 def accelerate(net: torch.nn.Module, accel: Accel):

@@ -3,7 +3,8 @@
 `edm_sampler` is EDM's Algorithm 2 (Heun / Euler on the PF-ODE, optional churn) with Discriminator
 Guidance as in the paper's Appendix D.1 (EDM-G++): the DG gradient enters the first-order slope with
 weight w1 (dg_weight) and the second-order slope with weight w2 (dg_weight_2nd), inside the VP-time window of the
-guidance.
+guidance. As in EDM's own sampler, the schedule is fitted to the network: its range clipped to the noise levels the
+network supports and every noise level rounded to one the network takes (`network_sigmas`).
 """
 
 import math
@@ -18,6 +19,15 @@ BOOST_PERIOD = 5  # boosting: every 5th step, samples the discriminator calls fa
 BOOST_CHURN = 4.0  # ... with S_churn = 4
 BOOST_WEIGHT_PERIOD = 2  # ... and on even steps their DG correction is doubled
 BOOST_WEIGHT = 2.0
+
+
+def network_sigmas(denoiser, sigma_min, sigma_max):
+    """(sigma_min, sigma_max, round_sigma) fitted to the denoiser, as EDM's sampler does: [sigma_min, sigma_max] clipped
+    to the network's [denoiser.sigma_min, denoiser.sigma_max], and its round_sigma (the supported noise level nearest
+    to sigma). A score model without these (e.g. toy.MixtureDenoiser) takes every sigma > 0: no clipping, no rounding."""
+    sigma_min = max(sigma_min, getattr(denoiser, "sigma_min", 0.0))
+    sigma_max = min(sigma_max, getattr(denoiser, "sigma_max", math.inf))
+    return sigma_min, sigma_max, getattr(denoiser, "round_sigma", lambda sigma: sigma)
 
 
 @solver("heun", score="denoiser", solver="heun")
@@ -45,7 +55,8 @@ def edm_sampler(
 ):
     """Sample x ~ q (or the DG-refined model) from latents z ~ N(0, I): x_0 = sigma_max z, then num_steps PF-ODE steps.
 
-    denoiser(x, sigma, class_labels) -> D(x; sigma), with sigma of shape (B,). Slopes (EDM coordinates):
+    denoiser(x, sigma, class_labels) -> D(x; sigma), with sigma of shape (B,); its range and round_sigma, where it has
+    them, fit the schedule (network_sigmas). Slopes (EDM coordinates):
       d = (x - D(x; sigma)) / sigma - w * sigma * grad_x log(d / (1 - d))   (score + w * DG correction)
     with w = dg_weight (w1 of Appendix D.1) on the first-order slope and dg_weight_2nd (w2) on Heun's correction; dg is
     the DiscriminatorGuidance term, dg_boosting the authors' adaptive boosting (BOOST_*).
@@ -55,7 +66,9 @@ def edm_sampler(
     batch = latents.shape[0]
     bshape = (-1,) + (1,) * (latents.ndim - 1)
     use_dg = dg is not None and (dg_weight != 0.0 or dg_weight_2nd != 0.0)
-    sigmas_host = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).to(dtype)
+    sigma_min, sigma_max, round_sigma = network_sigmas(denoiser, sigma_min, sigma_max)
+    steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho)
+    sigmas_host = torch.cat([round_sigma(steps[:-1]), steps[-1:]]).to(dtype)  # t_0 > ... > t_{N-1} rounded, t_N = 0
     sigmas = sigmas_host.to(latents.device)
     sigmas_host = sigmas_host.tolist()
     x_next = latents.to(dtype) * sigmas[0]
@@ -77,7 +90,7 @@ def edm_sampler(
                 churn = torch.where(log_ratio < 0, torch.full_like(churn, BOOST_CHURN), churn)
             gamma = torch.clamp(churn / num_steps, max=math.sqrt(2.0) - 1.0)
             if (gamma > 0).any():
-                t_hat = sigma_dg = t_cur * (1.0 + gamma)
+                t_hat = sigma_dg = round_sigma(t_cur + gamma * t_cur)
                 x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt().view(bshape) * S_noise * randn_like(x_cur)
 
         # Euler step with the DG correction of weight dg_weight (doubled by boosting on even steps where log ratio < 0).

@@ -568,12 +568,14 @@ class EDMPrecond(Precond):
 
 class IndexLabels(torch.nn.Module):
     """An EDM network D(x; sigma, one-hot float labels) called with int64 class indices (B,), the labels that the
-    generator draws and DG's heads take: the one place where index labels become EDM's one-hot vectors."""
+    generator draws and DG's heads take: the one place where index labels become EDM's one-hot vectors. It keeps the
+    network's supported noise levels (sigma_min, sigma_max, round_sigma), which the EDM sampler fits its schedule to."""
 
     def __init__(self, net):
         super().__init__()
         self.net = net
         self.img_channels, self.img_resolution, self.label_dim = net.img_channels, net.img_resolution, net.label_dim
+        self.sigma_min, self.sigma_max, self.round_sigma = net.sigma_min, net.sigma_max, net.round_sigma
 
     def forward(self, x, sigma, class_labels=None):
         """D(x; sigma, one_hot(class_labels)); class_labels None for an unconditional network."""
