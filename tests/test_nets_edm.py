@@ -111,6 +111,30 @@ def test_adm_imagenet64_keys_and_shapes():
     assert [net.model.enc[f"{r}x{r}_block0"].num_heads for r in (64, 32, 16, 8)] == [0, 6, 9, 12]
 
 
+# EDM's DhariwalUNet(img_resolution=8, in_channels=1, out_channels=2, num_blocks=1, dropout=0, ...): its number of
+# tensors and its attention blocks with their heads, read off EDM's own code. A block of width c has c // 64 heads,
+# so a width below 64 has no attention layers at all.
+EDM_NARROW_ADM = [
+    (dict(model_channels=16, channel_mult=[1, 2], attn_resolutions=[4]), 124, {}),
+    (dict(model_channels=32, channel_mult=[1, 2, 4], attn_resolutions=[8, 4, 2]), 226,
+     {"enc.4x4_block0": 1, "enc.2x2_block0": 2, "dec.2x2_in0": 2, "dec.2x2_block0": 2, "dec.2x2_block1": 2,
+      "dec.4x4_block0": 1, "dec.4x4_block1": 1}),
+]
+
+
+@pytest.mark.parametrize("kwargs, num_tensors, heads", EDM_NARROW_ADM, ids=["16-wide", "32-to-128-wide"])
+def test_narrow_adm_has_edms_attention_layout(kwargs, num_tensors, heads):
+    with torch.device("meta"):
+        net = edm.DhariwalUNet(8, 1, 2, num_blocks=1, dropout=0.0, **kwargs)
+    keys = list(net.state_dict())
+    assert len(keys) == num_tensors
+    assert {name: block.num_heads for name, block in net.named_modules()
+            if isinstance(block, edm.UNetBlock) and block.num_heads} == heads
+    attention_keys = {k for k in keys if k.split(".")[-2] in ("norm2", "qkv", "proj")}
+    assert attention_keys == {f"{block}.{layer}.{p}" for block in heads for layer in ("norm2", "qkv", "proj")
+                              for p in ("weight", "bias")}
+
+
 # --- building blocks ---
 
 def test_attention_uses_edm_head_layout():

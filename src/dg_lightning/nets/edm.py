@@ -334,8 +334,9 @@ class SongUNet(torch.nn.Module):
 class DhariwalUNet(torch.nn.Module):
     """ADM U-Net of Dhariwal & Nichol (2021) as re-implemented by EDM: F(x, c_noise, labels).
 
-    Attention heads have 64 channels (at least one head). `augment_dim` > 0 adds EDM's `map_augment`
-    layer for checkpoint compatibility only (see SongUNet).
+    Attention heads have 64 channels: an attention block of width c has c // 64 heads, so none below 64 channels
+    (EDM's channels_per_head=64). `augment_dim` > 0 adds EDM's `map_augment` layer for checkpoint compatibility only
+    (see SongUNet).
     """
 
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, model_channels=192,
@@ -363,7 +364,7 @@ class DhariwalUNet(torch.nn.Module):
         cout = in_channels
         for level, mult in enumerate(channel_mult):
             res, width = img_resolution >> level, model_channels * mult
-            heads = max(1, width // 64) if res in attn_resolutions else 0
+            heads = width // 64 if res in attn_resolutions else 0
             if level == 0:
                 self.enc[f"{res}x{res}_conv"] = Conv2d(cout, width, kernel=3, **init)
                 cout = width
@@ -378,9 +379,9 @@ class DhariwalUNet(torch.nn.Module):
         self.dec = torch.nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res, width = img_resolution >> level, model_channels * mult
-            heads = max(1, width // 64) if res in attn_resolutions else 0
+            heads = width // 64 if res in attn_resolutions else 0
             if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, num_heads=max(1, cout // 64), **block_kwargs)
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, num_heads=cout // 64, **block_kwargs)
                 self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
             else:
                 self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
