@@ -262,6 +262,19 @@ def test_load_adm_classifier_loads_strictly(tmp_path, tiny_classifiers, config):
         assert torch.equal(loaded(x, t, features=True), source(x, t, features=True))
 
 
+def test_load_adm_classifier_takes_every_setting_as_an_override(tmp_path):
+    """The released cifar10 builder itself, narrowed by keyword overrides of image_size, channel_mult and
+    num_res_blocks as well as of the plain EncoderUNet arguments."""
+    overrides = dict(image_size=16, channel_mult=(1, 2), num_res_blocks=1, model_channels=32, num_head_channels=32)
+    source = randomized_zeros(adm.cifar10_classifier(**overrides)).eval()
+    loaded = load_adm_classifier(saved(source, tmp_path / "classifier.pt"), "cifar10", **overrides)
+
+    assert (loaded.image_size, loaded.feature_channels, loaded.feature_size) == (16, 64, 8)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10.0, 700.0])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, features=True), source(x, t, features=True))
+
+
 @pytest.mark.parametrize("classifier, num_classes, time_map", [
     ("cifar10", None, None), ("cifar10", 1000, None), ("latent", 1000, None), ("adm64", None, cosine_time_from_tau),
 ])

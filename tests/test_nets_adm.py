@@ -122,6 +122,31 @@ def test_released_feature_map_shapes(build, in_channels, image_size, feature_sha
     assert tuple(logits.shape) == (2, 1000)
 
 
+# Each builder and the EncoderUNet arguments it sets apart from adm_classifier's (create_classifier's) own.
+PRESETS = {
+    "cifar10": (adm.cifar10_classifier, {}),
+    "latent": (adm.latent_classifier, dict(in_channels=4)),
+    "adm64": (adm.adm64_classifier, {}),
+    "adm256": (adm.adm256_classifier, {}),
+    "dg_head": (lambda **overrides: adm.dg_head(64, num_classes=10, **overrides),
+                dict(in_channels=64, out_channels=1, num_classes=10)),
+}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_builder_setting_can_be_overridden_by_keyword(name):
+    """image_size, channel_mult and num_res_blocks too (the loaders pass overrides as keywords); attention follows the
+    overridden image_size (factors image_size // 32, // 16, // 8: here at the second level only)."""
+    build, own = PRESETS[name]
+    small = dict(image_size=64, channel_mult=(1, 2), num_res_blocks=1, model_channels=32, num_head_channels=32)
+    with torch.device("meta"):
+        net = build(**small)
+        expected = adm.EncoderUNet(**{"in_channels": 3, "out_channels": 1000, **own, **small,
+                                      "attention_resolutions": (2, 4, 8)})
+    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in expected.state_dict().items()}
+    assert (net.feature_channels, net.feature_size) == (64, 32)
+
+
 # --- building blocks ---
 
 def naive_attention(qkv, num_heads, heads_first):

@@ -323,7 +323,8 @@ class Discriminator(nn.Module):
 def adm_classifier(image_size, channel_mult, num_res_blocks, **overrides):
     """EncoderUNet with guided-diffusion's create_classifier settings: width 128, 64-channel heads, attention at
     resolutions 32, 16, 8 (factors image_size // r), scale-shift norm, ResBlock down-sampling, attention pool,
-    1000 classes; `overrides` replace any EncoderUNet argument."""
+    1000 classes; `overrides` replace any other EncoderUNet argument. The builders below pass all their settings by
+    keyword, so an override can replace any of them (image_size, channel_mult and num_res_blocks included)."""
     config = dict(
         image_size=image_size,
         in_channels=3,
@@ -338,27 +339,29 @@ def adm_classifier(image_size, channel_mult, num_res_blocks, **overrides):
 
 def cifar10_classifier(**overrides):
     """DG's CIFAR-10 feature extractor (`32x32_classifier.pt`): 3x32x32, depth 4, mult (1,2,4); features 512x8x8."""
-    return adm_classifier(32, (1, 2, 4), 4, **overrides)
+    return adm_classifier(**{"image_size": 32, "channel_mult": (1, 2, 4), "num_res_blocks": 4, **overrides})
 
 
 def latent_classifier(**overrides):
     """DG_imagenet's feature extractor for SD-VAE latents: 4x32x32, depth 2, mult (1,2,3); features 384x8x8."""
-    return adm_classifier(32, (1, 2, 3), 2, **{"in_channels": 4, **overrides})
+    return adm_classifier(**{"image_size": 32, "channel_mult": (1, 2, 3), "num_res_blocks": 2, "in_channels": 4,
+                              **overrides})
 
 
 def adm64_classifier(**overrides):
     """OpenAI's `64x64_classifier.pt` (cosine time: use time_map=cosine_time_from_tau): depth 4, mult (1,2,3,4);
     features 512x8x8."""
-    return adm_classifier(64, (1, 2, 3, 4), 4, **overrides)
+    return adm_classifier(**{"image_size": 64, "channel_mult": (1, 2, 3, 4), "num_res_blocks": 4, **overrides})
 
 
 def adm256_classifier(**overrides):
     """OpenAI's `256x256_classifier.pt` (linear time, ADM-G++'s classifier): depth 2, mult (1,1,2,2,4,4);
     features 512x8x8."""
-    return adm_classifier(256, (1, 1, 2, 2, 4, 4), 2, **overrides)
+    return adm_classifier(**{"image_size": 256, "channel_mult": (1, 1, 2, 2, 4, 4), "num_res_blocks": 2, **overrides})
 
 
 def dg_head(in_channels, num_classes=None, **overrides):
     """DG's trainable head on 8x8 features: one level of width 128, 2 ResBlocks with attention, middle block,
     attention pool -> 1 logit. The released conditional heads use num_classes=1000 (CIFAR-10 uses rows 0-9)."""
-    return adm_classifier(8, (1,), 2, **{"in_channels": in_channels, "out_channels": 1, "num_classes": num_classes, **overrides})
+    return adm_classifier(**{"image_size": 8, "channel_mult": (1,), "num_res_blocks": 2, "in_channels": in_channels,
+                              "out_channels": 1, "num_classes": num_classes, **overrides})
