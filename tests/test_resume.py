@@ -17,8 +17,12 @@ from dg_lightning.pipelines.recipe import stage_dir
 from dg_lightning.training import build_network, train_discriminator
 
 EPOCHS, KILL_AT = 4, 2
-TRAIN = ["logger=csv", f"trainer.max_epochs={EPOCHS}", "trainer.max_steps=-1", "data.batch_size=32",
-         "discriminator.net.width=32", "discriminator.net.depth=2", "discriminator.net.time_dim=16", "callbacks={}"]
+TRAIN = ["logger=csv", "data.batch_size=32", "discriminator.net.width=32", "discriminator.net.depth=2",
+         "discriminator.net.time_dim=16", "callbacks={}"]
+PER_EPOCH = 96 // 16  # 96 pairs, 16 pairs a batch of 32
+# step-bounded training (the toy's setting) that ends one step before the end of the last epoch
+LENGTHS = {"epochs": [f"trainer.max_epochs={EPOCHS}", "trainer.max_steps=-1"],
+           "steps": ["trainer.max_epochs=-1", f"trainer.max_steps={PER_EPOCH * EPOCHS - 1}"]}
 
 
 class Killed(Exception):
@@ -48,10 +52,12 @@ def train(cfg, callbacks=()):
                                stage_dir(cfg, "train", ["seed", "trainer"]), callbacks=callbacks)
 
 
-def test_killed_training_resumes_from_last_checkpoint_to_the_uninterrupted_weights(compose_cfg, tmp_path):
-    uninterrupted = train(compose_cfg(*TRAIN, f"paths.cache_dir={tmp_path}/a")).state_dict()
+@pytest.mark.parametrize("length", LENGTHS)
+def test_killed_training_resumes_from_last_checkpoint_to_the_uninterrupted_weights(compose_cfg, tmp_path, length):
+    """Bounded by epochs or by steps (where Lightning's own fit loop would replay a batch of the finished epoch)."""
+    uninterrupted = train(compose_cfg(*TRAIN, *LENGTHS[length], f"paths.cache_dir={tmp_path}/a")).state_dict()
 
-    cfg = compose_cfg(*TRAIN, f"paths.cache_dir={tmp_path}/b")
+    cfg = compose_cfg(*TRAIN, *LENGTHS[length], f"paths.cache_dir={tmp_path}/b")
     with pytest.raises(Killed):
         train(cfg, [KillAtEpoch(KILL_AT)])
     checkpoints = stage_dir(cfg, "train", ["seed", "trainer"]) / "checkpoints"

@@ -7,6 +7,8 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loops.fit_loop import _FitLoop
+from lightning.pytorch.loops.loop import _Loop
 from omegaconf import DictConfig
 
 from dg_lightning.accel import build_accel
@@ -25,9 +27,25 @@ def build_network(cfg: DictConfig, node, seed=None):
     return instantiate(node)
 
 
+class EpochEndResumeFitLoop(_FitLoop):
+    """Lightning's fit loop, except that a checkpoint saved at an epoch's end resumes at the next epoch also when
+    training is bounded by trainer.max_steps.
+
+    Lightning marks every resume of step-bounded training as restarting, so from an epoch-end checkpoint it runs one
+    more batch of the finished epoch and the resumed weights differ from an uninterrupted run's; here a resume is
+    restarting only when the checkpoint's epoch is unfinished (as for epoch-bounded training).
+    """
+
+    @_FitLoop.restarting.setter
+    def restarting(self, restarting: bool) -> None:
+        current = self.epoch_progress.current
+        unfinished = current.ready != current.processed or current.started != current.processed
+        _Loop.restarting.fset(self, restarting and unfinished)
+
+
 def fit(cfg: DictConfig, module, data, folder, loggers=(), callbacks=(), ckpt_path=None, seed=None, **trainer_overrides):
     """Fit a LightningModule with cfg.trainer (plus the configured callbacks) in folder, from the checkpoint at
-    ckpt_path when given; returns the trainer.
+    ckpt_path when given, through EpochEndResumeFitLoop; returns the trainer.
 
     The global RNG is re-seeded with `seed` (default cfg.seed) first, so a stage gives the same result whether or
     not the stages before it were loaded from the cache.
@@ -36,6 +54,8 @@ def fit(cfg: DictConfig, module, data, folder, loggers=(), callbacks=(), ckpt_pa
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(callbacks)
     trainer = instantiate(cfg.trainer, default_root_dir=str(folder), logger=list(loggers) or False, callbacks=callbacks,
                           **trainer_overrides)
+    loop = EpochEndResumeFitLoop(trainer, min_epochs=trainer.fit_loop.min_epochs, max_epochs=trainer.fit_loop.max_epochs)
+    loop.epoch_loop, trainer.fit_loop = trainer.fit_loop.epoch_loop, loop
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer
 
