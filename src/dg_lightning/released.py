@@ -11,6 +11,7 @@ from dg_lightning.nets.adm import Discriminator
 from dg_lightning.training import build_network
 
 FID_REFS_SOURCE = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/ (cifar10-32x32.npz, ffhq-64x64.npz)"
+DISCRIMINATOR_FILES = ("discriminator.classifier.path", "discriminator.head_path")  # the files dg_discriminator reads
 
 
 def require_released(cfg: DictConfig, files):

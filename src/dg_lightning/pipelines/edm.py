@@ -15,7 +15,13 @@ from dg_lightning.metrics import GenerativeMetrics, inception_features
 from dg_lightning.nets.edm import IndexLabels
 from dg_lightning.pipelines.images import device_of, sample_images
 from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
-from dg_lightning.released import FID_REFS_SOURCE, check_discriminator_config, dg_discriminator, require_released
+from dg_lightning.released import (
+    DISCRIMINATOR_FILES,
+    FID_REFS_SOURCE,
+    check_discriminator_config,
+    dg_discriminator,
+    require_released,
+)
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.sources import load_source
 from dg_lightning.training import train_discriminator
@@ -121,10 +127,13 @@ def sample(run):
 
 PIPELINE = Pipeline("edm", check=check, stages=(
     Stage("load", load, keys=("score", "data.path", "data.num_real", "discriminator.conditional"),
-          uses=("discriminator.classifier.config", "discriminator.classifier.overrides")),
+          uses=("discriminator.classifier.config", "discriminator.classifier.overrides"),
+          files=("score.checkpoint", "data.path")),
     Stage("generate", generate_fakes, keys=("seed", "sampler", "data.num_fake"), inputs=("load",), when=trains),
-    Stage("train", train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), inputs=("load", "generate")),
+    Stage("train", train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), files=DISCRIMINATOR_FILES,
+          inputs=("load", "generate")),
     Stage("sample_unguided", sample_unguided, keys=("sampler", "metrics.num_samples", "metrics.sampling_seed"),
           inputs=("load",)),
-    Stage("sample", sample, keys=("sampler", "guidance", "metrics"), inputs=("load", "train", "sample_unguided")),
+    Stage("sample", sample, keys=("sampler", "guidance", "metrics"),
+          files=("metrics.fid_reference", "metrics.inception_path"), inputs=("load", "train", "sample_unguided")),
 ))

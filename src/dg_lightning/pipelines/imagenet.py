@@ -19,6 +19,8 @@ from dg_lightning.sources import image_folder, shard_source
 from dg_lightning.training import train_discriminator
 
 ENCODE_KEYS = ("seed", "data.image_dir", "data.image_size", "data.flip", "data.num_real")
+ENCODE_FILES = ("data.image_dir",)  # fingerprinted by its listing (names, sizes, mtimes)
+EVALUATE_FILES = ("metrics.reference_batch", "metrics.inception_path")
 SAMPLE_KEYS = ("sampler", "data.image_size", "data.num_classes", "metrics.num_samples", "metrics.sampling_seed")
 
 

@@ -18,7 +18,7 @@ from dg_lightning.nets.unet import adm256_cond
 from dg_lightning.pipelines import imagenet
 from dg_lightning.pipelines.images import device_of
 from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
-from dg_lightning.released import require_released
+from dg_lightning.released import DISCRIMINATOR_FILES, require_released
 from dg_lightning.sampling import build_sampler
 from dg_lightning.seeds import stream_base_seed
 
@@ -110,12 +110,15 @@ def generate_fakes(run):
 
 
 PIPELINE = Pipeline("imagenet_adm", check=check, stages=(
-    Stage("load", load, keys=("score", "discriminator.classifier", "data.image_size")),
-    Stage("encode", encode, keys=imagenet.ENCODE_KEYS, when=imagenet.trains),
+    Stage("load", load, keys=("score", "discriminator.classifier", "data.image_size"),
+          files=("score.checkpoint", "discriminator.classifier.path")),
+    Stage("encode", encode, keys=imagenet.ENCODE_KEYS, files=imagenet.ENCODE_FILES, when=imagenet.trains),
     Stage("generate", generate_fakes, keys=FAKE_KEYS, uses=CG_SCHEDULES, inputs=("load",), when=imagenet.trains),
-    Stage("train", imagenet.train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), inputs=("encode", "generate")),
+    Stage("train", imagenet.train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), files=DISCRIMINATOR_FILES,
+          inputs=("encode", "generate")),
     Stage("sample_unguided", imagenet.sample_unguided, keys=imagenet.SAMPLE_KEYS,
           inputs=("load",)),
     Stage("sample", imagenet.sample, keys=(*imagenet.SAMPLE_KEYS, "guidance"), inputs=("load", "train")),
-    Stage("evaluate", imagenet.evaluate_samples, keys=("metrics",), inputs=("sample", "sample_unguided")),
+    Stage("evaluate", imagenet.evaluate_samples, keys=("metrics",), files=imagenet.EVALUATE_FILES,
+          inputs=("sample", "sample_unguided")),
 ))

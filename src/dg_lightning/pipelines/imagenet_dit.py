@@ -18,7 +18,7 @@ from dg_lightning.pipelines import imagenet
 from dg_lightning.pipelines.images import device_of
 from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
 from dg_lightning.pretrain import NoisyClassifierModule
-from dg_lightning.released import require_released
+from dg_lightning.released import DISCRIMINATOR_FILES, require_released
 from dg_lightning.sampling import build_sampler
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.training import build_network, pretrain
@@ -131,15 +131,17 @@ def pretrain_classifier(run):
 
 
 PIPELINE = Pipeline("imagenet", check=check, stages=(
-    Stage("load", load, keys=("score", "data.num_classes")),
-    Stage("encoder", encoder, keys=("data.vae",), when=imagenet.trains),
-    Stage("encode", encode, keys=imagenet.ENCODE_KEYS, inputs=("encoder",), when=imagenet.trains),
+    Stage("load", load, keys=("score", "data.num_classes"), files=("score.checkpoint", "score.vae.path")),
+    Stage("encoder", encoder, keys=("data.vae",), files=("data.vae.path",), when=imagenet.trains),
+    Stage("encode", encode, keys=imagenet.ENCODE_KEYS, files=imagenet.ENCODE_FILES, inputs=("encoder",),
+          when=imagenet.trains),
     Stage("generate", generate_fakes, keys=FAKE_KEYS, inputs=("load", "encoder"), when=imagenet.trains,
           uses=("sampler.cfg_scale", "sampler.cfg_scale_late", "sampler.cfg_switch_step")),
     Stage("pretrain_classifier", pretrain_classifier, keys=CLASSIFIER_KEYS, inputs=("encode",), when=trains_classifier),
-    Stage("train", imagenet.train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH),
+    Stage("train", imagenet.train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), files=DISCRIMINATOR_FILES,
           inputs=("encode", "generate", "pretrain_classifier")),
     Stage("sample_unguided", imagenet.sample_unguided, keys=imagenet.SAMPLE_KEYS, inputs=("load",)),
     Stage("sample", imagenet.sample, keys=(*imagenet.SAMPLE_KEYS, "guidance"), inputs=("load", "train")),
-    Stage("evaluate", imagenet.evaluate_samples, keys=("metrics",), inputs=("sample", "sample_unguided")),
+    Stage("evaluate", imagenet.evaluate_samples, keys=("metrics",), files=imagenet.EVALUATE_FILES,
+          inputs=("sample", "sample_unguided")),
 ))
