@@ -14,7 +14,8 @@ The runner gives every pipeline the same machinery:
   a stage sees the results and folders of its declared inputs only;
 - each stage function sees the config through a view that holds only what the stage declares (and RUNTIME): reading
   any other key raises UndeclaredKeyError, so no stage depends on a key its fingerprint misses;
-- resumption (a stage function finds its finished outputs or checkpoints in its folder), the loggers, and metrics.json.
+- resumption (a stage function finds its finished outputs or checkpoints in its folder), the loggers, metrics.json, and
+  the run folder's status marker run.json (running / failed / done, runstatus.py).
 """
 
 import hashlib
@@ -36,6 +37,7 @@ from dg_lightning.config import ConfigError
 from dg_lightning.distributed import rank_and_world_size
 from dg_lightning.files import atomic_save, content_id
 from dg_lightning.loggers import build_loggers, finish_loggers
+from dg_lightning.runstatus import run_status
 
 # Keys that decide how a stage runs, never what it computes: any stage may read them and none is fingerprinted by them.
 RUNTIME = ("experiment_name", "pipeline", "stage", "paths", "logger", "callbacks", "accel", "data.num_workers",
@@ -219,6 +221,13 @@ def launch(cfg: DictConfig):
 
 
 def run_pipeline(cfg: DictConfig, pipeline: Pipeline):
+    """run_stages with the run folder's status marker (runstatus.run_status: run.json running, then done or failed).
+    Returns the run's metrics."""
+    with run_status(cfg.paths.output_dir):
+        return run_stages(cfg, pipeline)
+
+
+def run_stages(cfg: DictConfig, pipeline: Pipeline):
     """Run `pipeline`'s stages up to cfg.stage, each in its cache folder and through its config view, after the
     pipeline's own checks; then metrics.json and the loggers' final record. Returns the run's metrics."""
     if cfg.stage != "all" and cfg.stage not in pipeline.stage_names:
