@@ -72,3 +72,12 @@ def test_entry_point_exits_nonzero_with_the_message(tmp_path):
                             capture_output=True, text=True, timeout=HANG_GUARD_S, check=False)
     assert result.returncode != 0
     assert "guidance.dg.t_min" in result.stderr and "Fix:" in result.stderr
+
+
+@pytest.mark.parametrize("experiment, smoke", [("cifar10_edm_g++", "edm"), ("imagenet_dit_g++", "imagenet"),
+                                               ("imagenet_adm_g++", "imagenet_adm")])
+def test_a_smoke_overlay_runs_on_the_cpu_unless_the_command_line_picks_the_trainer(compose_cfg, experiment, smoke):
+    on_cpu = compose_cfg(f"experiment={experiment}", f"+smoke={smoke}")
+    on_gpu = compose_cfg(f"experiment={experiment}", f"+smoke={smoke}", "trainer=gpu")
+    assert (on_cpu.trainer.accelerator, on_gpu.trainer.accelerator) == ("cpu", "gpu")
+    assert on_cpu.trainer.max_epochs == on_gpu.trainer.max_epochs == 1
