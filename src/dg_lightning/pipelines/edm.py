@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dg_lightning.checkpoints import ADM_CLASSIFIERS, EDM_SOURCE, load_edm
 from dg_lightning.config import ConfigError
-from dg_lightning.metrics import GenerativeMetrics, inception_features
+from dg_lightning.metrics import FID_REFERENCE_ARRAYS, GenerativeMetrics, inception_features
 from dg_lightning.nets.edm import IndexLabels
 from dg_lightning.pipelines.images import device_of, sample_images
 from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
@@ -20,6 +20,7 @@ from dg_lightning.released import (
     FID_REFS_SOURCE,
     check_discriminator_config,
     dg_discriminator,
+    require_arrays,
     require_released,
 )
 from dg_lightning.seeds import stream_base_seed
@@ -38,14 +39,16 @@ def released_files(cfg: DictConfig):
 
 
 def check(cfg: DictConfig):
-    """ConfigError before any compute for check_discriminator_config's problems, no real data to train on, or a
-    missing released file (naming the key, the file and where to get it)."""
+    """ConfigError before any compute for check_discriminator_config's problems, no real data to train on, a
+    missing released file (naming the key, the file and where to get it), or FID reference statistics without their
+    arrays."""
     check_discriminator_config(cfg, "discriminator_60.pt")
     if trains(cfg) and cfg.data.path is None:
         raise ConfigError("data.path", "is null but training the discriminator needs real images",
                           "set data.path to true_data.npz, EDM's dataset zip or an image folder, or guide with a released "
                           "head as it is (discriminator.head_path=... trainer.max_epochs=0)")
     require_released(cfg, released_files(cfg))
+    require_arrays(cfg, "metrics.fid_reference", FID_REFERENCE_ARRAYS, FID_REFS_SOURCE)
 
 
 def trains(cfg: DictConfig):

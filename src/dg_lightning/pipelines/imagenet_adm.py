@@ -12,13 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 from dg_lightning.accel import accelerate, build_accel
 from dg_lightning.checkpoints import ADM_CLASSIFIERS, ADM_SOURCE_256, load_adm_classifier, load_adm_unet
 from dg_lightning.config import ConfigError
-from dg_lightning.evaluation import REFERENCE_SOURCE
+from dg_lightning.evaluation import REFERENCE_ARRAYS, REFERENCE_SOURCE
 from dg_lightning.guidance import ClassifierGuidance
 from dg_lightning.nets.unet import adm256_cond
 from dg_lightning.pipelines import imagenet
 from dg_lightning.pipelines.images import device_of
 from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
-from dg_lightning.released import DISCRIMINATOR_FILES, require_released
+from dg_lightning.released import DISCRIMINATOR_FILES, require_arrays, require_released
 from dg_lightning.sampling import build_sampler
 from dg_lightning.seeds import stream_base_seed
 
@@ -49,7 +49,8 @@ def image_sizes(cfg: DictConfig):
 
 def check(cfg: DictConfig):
     """ConfigError before any compute for imagenet.check_common's problems, negative guidance scales, a non-positive
-    DG boost, a UNet or classifier on another image size than data.image_size, or a missing released file."""
+    DG boost, a UNet or classifier on another image size than data.image_size, a missing released file, or a reference
+    batch without its arrays."""
     imagenet.check_common(cfg)
     s = cfg.sampler
     for key, value in (("sampler.cg_scale", s.cg_scale), ("sampler.cg_scale_late", s.cg_scale_late),
@@ -65,6 +66,7 @@ def check(cfg: DictConfig):
                               f"data.image_size is {cfg.data.image_size}", "use the 256x256 files with "
                               "data.image_size=256")
     require_released(cfg, released_files(cfg))
+    require_arrays(cfg, "metrics.reference_batch", REFERENCE_ARRAYS, REFERENCE_SOURCE)
 
 
 def adm_sample_fn(cfg: DictConfig, model, classifier, discriminator=None, fake_cg_scale=None):

@@ -12,13 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from dg_lightning.checkpoints import ADM_CLASSIFIERS, DG_IMAGENET_SOURCE, DIT_SOURCE, load_dit
 from dg_lightning.config import ConfigError
-from dg_lightning.evaluation import REFERENCE_SOURCE
+from dg_lightning.evaluation import REFERENCE_ARRAYS, REFERENCE_SOURCE
 from dg_lightning.latents import VAE_SOURCE, LatentAutoencoder, round_trip
 from dg_lightning.pipelines import imagenet
 from dg_lightning.pipelines.images import device_of
 from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
 from dg_lightning.pretrain import NoisyClassifierModule
-from dg_lightning.released import DISCRIMINATOR_FILES, require_released
+from dg_lightning.released import DISCRIMINATOR_FILES, require_arrays, require_released
 from dg_lightning.sampling import build_sampler
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.training import build_network, pretrain
@@ -51,7 +51,7 @@ def released_files(cfg: DictConfig):
 
 def check(cfg: DictConfig):
     """ConfigError before any compute for imagenet.check_common's problems, inconsistent latent sizes or CFG channels,
-    a released head without its released classifier, or a missing released file."""
+    a released head without its released classifier, a missing released file, or a reference batch without its arrays."""
     imagenet.check_common(cfg)
     s, d = cfg.sampler, cfg.discriminator
     if cfg.data.image_size != 8 * cfg.score.input_size:
@@ -66,6 +66,7 @@ def check(cfg: DictConfig):
                           "released classifier's features", "give the released 32x32_classifier.pt, or train a new "
                           "head (discriminator.head_path=null)")
     require_released(cfg, released_files(cfg))
+    require_arrays(cfg, "metrics.reference_batch", REFERENCE_ARRAYS, REFERENCE_SOURCE)
 
 
 def dit_sample_fn(cfg: DictConfig, dit, discriminator=None, fake_cfg_scale=None, decoder=None, encoder=None):
