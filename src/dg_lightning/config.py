@@ -112,6 +112,13 @@ def _validate_devices(cfg: DictConfig):
              f"(trainer.accelerator={accelerator})", "use accel=none on the CPU, or trainer=gpu on a machine with CUDA")
 
 
+def require_count(key, wanted, found, where):
+    """ConfigError when the sample count `wanted` at config key `key` (null: all) is more than the `found` that
+    `where` holds (a larger count would silently use what there is)."""
+    _require(wanted is None or wanted <= found, key, f"asks for {wanted} samples but {where} holds only {found}",
+             f"set {key}={found} or fewer, or {key}=null to use all {found}")
+
+
 def _validate_features(metrics):
     """metrics.features names a known feature network; Inception needs its weights file on disk (nothing is downloaded)."""
     features = metrics.get("features")

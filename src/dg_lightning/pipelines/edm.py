@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dg_lightning.checkpoints import ADM_CLASSIFIERS, EDM_SOURCE, load_edm
-from dg_lightning.config import ConfigError
+from dg_lightning.config import ConfigError, require_count
 from dg_lightning.metrics import FID_REFERENCE_ARRAYS, GenerativeMetrics, inception_features
 from dg_lightning.nets.edm import IndexLabels
 from dg_lightning.pipelines.images import device_of, sample_images
@@ -74,6 +74,8 @@ def load(run):
                           "use cifar10 for 32x32, adm64 for 64x64")
     real = None if cfg.data.path is None else load_source(
         cfg.data.path, "data.path", denoiser.img_resolution, denoiser.img_channels, d.conditional, cfg.data.num_real)
+    if real is not None:  # load_source keeps at most data.num_real: fewer means the data holds fewer
+        require_count("data.num_real", cfg.data.num_real, len(real), cfg.data.path)
     if real is not None and num_classes and real.labels.max() >= num_classes:
         raise ConfigError("data.path", f"{cfg.data.path} has labels up to {real.labels.max().item()} but the score "
                           f"network has {num_classes} classes", "use the real data of the score network's data set")
