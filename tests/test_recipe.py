@@ -3,6 +3,7 @@ its inputs' folders, `stage=` stops after a stage, every experiment's declaratio
 on an existing pipeline is one YAML file, and a sampler is one function plus one config file."""
 
 import hashlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -114,6 +115,16 @@ def test_every_experiments_stage_declarations_name_keys_its_config_has(compose_c
         for stage in known[cfg.pipeline].stages:
             for key in (*stage.declared_keys(cfg), *stage.uses, *stage.declared_files(cfg)):
                 assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", (file.stem, stage.name, key)
+
+
+def test_every_released_file_an_experiment_checks_is_fingerprinted_by_content_in_a_stage(compose_cfg):
+    for file in sorted((CONF / "experiment").glob("*.yaml")):
+        cfg = compose_cfg(f"experiment={file.stem}")
+        pipeline = pipelines()[cfg.pipeline]
+        module = inspect.getmodule(pipeline.check)  # the pipeline's module, with its released_files(cfg) if it has any
+        if hasattr(module, "released_files"):
+            declared = {key for stage in pipeline.stages for key in stage.declared_files(cfg)}
+            assert set(module.released_files(cfg)) <= declared, file.stem
 
 
 def test_an_experiment_on_an_existing_pipeline_is_one_yaml_file(tmp_path):

@@ -53,13 +53,20 @@ def content_hash(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _files_under(folder):
+    """(relative path, size, mtime_ns) of every file under folder, from one stat per file."""
+    for entry in os.scandir(folder):
+        if entry.is_dir():
+            yield from ((f"{entry.name}/{name}", size, mtime) for name, size, mtime in _files_under(entry.path))
+        elif entry.is_file():
+            stat = entry.stat()
+            yield entry.name, stat.st_size, stat.st_mtime_ns
+
+
 def listing_hash(folder):
-    """The sha256 hex digest of a folder's listing: the sorted (relative name, size, mtime_ns) of every file under it
+    """The sha256 hex digest of a folder's listing: the sorted (relative path, size, mtime_ns) of every file under it
     (the files' bytes are not read, so an image folder of a million files costs one walk)."""
-    folder = Path(folder)
-    stats = ((p, p.stat()) for p in folder.rglob("*") if p.is_file())
-    entries = sorted((str(p.relative_to(folder)), s.st_size, s.st_mtime_ns) for p, s in stats)
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(sorted(_files_under(folder))).encode()).hexdigest()
 
 
 def content_id(path, cache_file):
