@@ -72,3 +72,32 @@ def test_entry_point_exits_nonzero_with_the_message(tmp_path):
                             capture_output=True, text=True, timeout=HANG_GUARD_S, check=False)
     assert result.returncode != 0
     assert "guidance.dg.t_min" in result.stderr and "Fix:" in result.stderr
+
+
+@pytest.mark.parametrize("experiment, smoke", [("cifar10_edm_g++", "edm"), ("imagenet_dit_g++", "imagenet"),
+                                               ("imagenet_adm_g++", "imagenet_adm")])
+def test_a_smoke_overlay_runs_on_the_cpu_unless_the_command_line_picks_the_trainer(compose_cfg, experiment, smoke):
+    on_cpu = compose_cfg(f"experiment={experiment}", f"+smoke={smoke}")
+    on_gpu = compose_cfg(f"experiment={experiment}", f"+smoke={smoke}", "trainer=gpu")
+    assert (on_cpu.trainer.accelerator, on_gpu.trainer.accelerator) == ("cpu", "gpu")
+    assert on_cpu.trainer.max_epochs == on_gpu.trainer.max_epochs == 1
+
+
+@pytest.mark.parametrize("overrides, key, message", [
+    (["trainer=gpu"], "trainer.accelerator", r"is gpu but this machine has no CUDA device.*Fix: use trainer=default "
+                                             r"\(the CPU\) here, or run on a machine with a CUDA GPU"),
+    (["trainer.accelerator=cuda"], "trainer.accelerator", "is cuda but this machine has no CUDA device"),
+    (["accel=gpu"], "accel", r"sets accel.compile=default, accel.autocast=bf16 \(the GPU fast path\) but the networks "
+                             r"run on the CPU \(trainer.accelerator=cpu\). Fix: use accel=none on the CPU, or trainer=gpu"),
+    (["accel.compile=default"], "accel", r"sets accel.compile=default \(the GPU fast path\)"),
+])
+def test_a_gpu_setting_without_cuda_is_a_config_error_before_compute(compose_cfg, monkeypatch, overrides, key, message):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ConfigError, match=message) as error:
+        validate(compose_cfg(*overrides))
+    assert error.value.key == key
+
+
+def test_the_gpu_fast_path_on_a_cuda_machine_passes_the_device_checks(compose_cfg, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    validate(compose_cfg("trainer=gpu", "accel=gpu"))

@@ -135,6 +135,29 @@ def test_a_missing_released_file_names_its_key_file_and_source(tmp_path, compose
     assert not (tmp_path / "logs" / "cache").exists()  # stopped before any stage
 
 
+def test_fid_reference_statistics_without_mu_and_sigma_are_refused_before_any_stage(tmp_path, compose_cfg,  # noqa: F811
+                                                                                   write_edm_pickle):
+    released = write_released_files(tmp_path / "released", "cifar10_edm_g++", write_edm_pickle)
+    np.savez(released / "cifar10-32x32.npz", mean=np.zeros(48), cov=np.eye(48))  # another tool's names
+    with pytest.raises(ConfigError, match=r"config key 'metrics.fid_reference': .*cifar10-32x32.npz lacks the arrays "
+                                          r"\['mu', 'sigma'\] \(it has \['cov', 'mean'\]\). Fix: give an .npz with the "
+                                          r"arrays \['mu', 'sigma'\], e.g. the one from https://nvlabs-fi-cdn"):
+        run(compose_cfg("experiment=cifar10_edm_g++", "+smoke=edm", f"paths.released_dir={released}", "logger=csv"))
+    assert not (tmp_path / "logs" / "cache").exists()
+
+
+def test_more_real_images_than_the_data_holds_is_refused_naming_data_num_real(tmp_path, compose_cfg,  # noqa: F811
+                                                                             write_edm_pickle):
+    released = write_released_files(tmp_path / "released", "cifar10_edm_g++", write_edm_pickle)
+    with np.load(released / "true_data.npz") as npz:
+        held = len(npz["arr_0"])
+    with pytest.raises(ConfigError, match=rf"config key 'data.num_real': asks for 1000 samples but .*true_data.npz holds "
+                                          rf"only {held}. Fix: set data.num_real={held} or fewer, or data.num_real=null"):
+        run(compose_cfg("experiment=cifar10_edm_g++", "+smoke=edm", f"paths.released_dir={released}", "logger=csv",
+                        "data.num_real=1000"))
+    assert not cache(tmp_path, "cifar10_edm_g++", "generate")
+
+
 def test_without_smoke_the_inception_weights_are_required(tmp_path, compose_cfg, write_edm_pickle):  # noqa: F811
     released = write_released_files(tmp_path / "released", "cifar10_edm_g++", write_edm_pickle)
     with pytest.raises(ConfigError, match=r"'metrics.inception_path': .*weights-inception-2015-12-05-6726825d.pth does "

@@ -3,6 +3,7 @@ exactly the batches of the in-memory arrays, and the encode stage stores ADM-G++
 
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from dg_lightning.generate import generate
 from dg_lightning.seeds import SampleNoise, sample_seed
 from dg_lightning.shards import MANIFEST, load_shards
 from dg_lightning.latents import center_crop, shard_image_folder
-from dg_lightning.sources import image_folder, shard_source
+from dg_lightning.sources import SourceError, image_folder, shard_source
 
 
 def write_shards(folder, num_samples, images=False, num_classes=5):
@@ -138,3 +139,17 @@ def test_without_an_autoencoder_the_encode_stage_stores_the_uint8_crops(tmp_path
         expected = center_crop(Image.open(path), 16)
         assert np.array_equal(crops[i], expected[:, ::-1] if flips[-1] else expected)
     assert 0 < sum(flips) < len(flips)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_truncated_jpeg_in_the_image_folder_is_named_when_encoded(tmp_path, num_workers):
+    rng = np.random.default_rng(0)
+    (tmp_path / "train" / "n01").mkdir(parents=True)
+    for j in range(3):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "train" / "n01" / f"{j}.JPEG")
+    broken = tmp_path / "train" / "n01" / "1.JPEG"
+    os.truncate(broken, os.path.getsize(broken) // 2)
+    with pytest.raises(SourceError, match=rf"{re.escape(str(broken))}: not a readable image \(.*[Tt]runcated.*\); "
+                                          r"replace it with an intact copy, or remove it"):
+        shard_image_folder(None, tmp_path / "train", tmp_path / "crops", image_size=16, batch_size=4,
+                           num_workers=num_workers, progress=False)

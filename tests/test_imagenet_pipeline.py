@@ -110,6 +110,27 @@ def test_a_missing_released_file_stops_the_run_before_any_compute(tmp_path, comp
                                             rf"config key '{key}': .*{remove} does not exist.*download it from", *more)
 
 
+def test_a_reference_batch_without_its_sfid_statistics_stops_the_run_before_any_compute(tmp_path, compose_cfg):
+    released = write_released_files(tmp_path / "released")
+    reference = released / "VIRTUAL_imagenet256_labeled.npz"
+    with np.load(reference) as npz:
+        np.savez(reference, **{k: npz[k] for k in ("arr_0", "mu", "sigma")})
+    PIPELINE.check_stops_before_any_compute(tmp_path, compose_cfg, released,
+                                            r"config key 'metrics.reference_batch': .*VIRTUAL_imagenet256_labeled.npz "
+                                            r"lacks the arrays \['mu_s', 'sigma_s'\] \(it has \['arr_0', 'mu', 'sigma'\]\)."
+                                            r" Fix: give an .npz with the arrays \['arr_0', 'mu', 'sigma', 'mu_s', "
+                                            r"'sigma_s'\], e.g. the one from https://openaipublic")
+
+
+def test_more_real_images_than_the_image_folder_holds_stops_the_run_before_any_compute(tmp_path, compose_cfg):
+    released = write_released_files(tmp_path / "released")
+    held = len(list((released / "imagenet" / "train").rglob("*.JPEG")))
+    PIPELINE.check_stops_before_any_compute(tmp_path, compose_cfg, released,
+                                            rf"config key 'data.num_real': asks for 1000000 samples but .*imagenet/train "
+                                            rf"holds only {held}. Fix: set data.num_real={held} or fewer",
+                                            "data.num_real=1000000")
+
+
 def test_an_empty_image_folder_stops_the_run_before_any_compute(tmp_path, compose_cfg):
     released = write_released_files(tmp_path / "released")
     for image in (released / "imagenet" / "train").rglob("*.JPEG"):

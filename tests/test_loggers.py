@@ -1,13 +1,15 @@
-"""ResumableCSVLogger: a resumed run keeps the rows its killed part logged before the resumption step."""
+"""ResumableCSVLogger: a resumed run keeps the rows its killed part logged before the resumption step; WANDB_MODE=disabled
+builds no W&B logger."""
 
 import csv
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from dg_lightning.loggers import ResumableCSVLogger
+from dg_lightning.loggers import ResumableCSVLogger, build_loggers
 
 
 class TinyRegression(L.LightningModule):
@@ -117,3 +119,11 @@ def test_trainer_resumed_from_a_mid_run_checkpoint_logs_the_uninterrupted_rows(t
     _, resumed = read(tmp_path / "resumed")
     assert [int(r["step"]) for r in resumed] == [int(r["step"]) for r in whole] == list(range(6))
     assert [float(r["loss"]) for r in resumed] == [float(r["loss"]) for r in whole]
+
+
+@pytest.mark.parametrize("mode, kinds", [("disabled", [ResumableCSVLogger]), ("offline", [ResumableCSVLogger, WandbLogger])])
+def test_wandb_mode_disabled_wins_over_the_logger_configs_offline_flag(compose_cfg, monkeypatch, mode, kinds):
+    monkeypatch.setenv("WANDB_MODE", mode)
+    cfg = compose_cfg("logger=default")
+    assert cfg.logger.wandb.offline is True
+    assert [type(logger) for logger in build_loggers(cfg)] == kinds

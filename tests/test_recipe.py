@@ -2,7 +2,10 @@
 its inputs' folders, `stage=` stops after a stage, every experiment's declarations name keys that exist, an experiment
 on an existing pipeline is one YAML file, and a sampler is one function plus one config file."""
 
+import hashlib
+import inspect
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,8 +14,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
+from dg_lightning import files as files_module
 from dg_lightning.config import ConfigError
-from dg_lightning.pipelines import pipelines, run
+from dg_lightning.pipelines import pipelines, recipe, run
 from dg_lightning.pipelines.recipe import Pipeline, Stage, UndeclaredKeyError, config_view, run_pipeline
 from dg_lightning.solvers import solver
 from dg_lightning.toy import GaussianMixture, MixtureDenoiser
@@ -109,8 +113,18 @@ def test_every_experiments_stage_declarations_name_keys_its_config_has(compose_c
     for file in sorted((CONF / "experiment").glob("*.yaml")):
         cfg = compose_cfg(f"experiment={file.stem}")
         for stage in known[cfg.pipeline].stages:
-            for key in (*stage.declared_keys(cfg), *stage.uses):
+            for key in (*stage.declared_keys(cfg), *stage.uses, *stage.declared_files(cfg)):
                 assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", (file.stem, stage.name, key)
+
+
+def test_every_released_file_an_experiment_checks_is_fingerprinted_by_content_in_a_stage(compose_cfg):
+    for file in sorted((CONF / "experiment").glob("*.yaml")):
+        cfg = compose_cfg(f"experiment={file.stem}")
+        pipeline = pipelines()[cfg.pipeline]
+        module = inspect.getmodule(pipeline.check)  # the pipeline's module, with its released_files(cfg) if it has any
+        if hasattr(module, "released_files"):
+            declared = {key for stage in pipeline.stages for key in stage.declared_files(cfg)}
+            assert set(module.released_files(cfg)) <= declared, file.stem
 
 
 def test_an_experiment_on_an_existing_pipeline_is_one_yaml_file(tmp_path):
@@ -187,4 +201,54 @@ def test_each_stage_is_announced_as_run_or_cached_and_the_run_ends_with_its_metr
     assert "stage 1/2 made: from the cache" in second and "stage 2/2 plain: running" in second  # no folder: no cache
     assert "unit/value  0.5000" in second
     (folder,) = (tmp_path / "cache" / "unit").iterdir()
-    assert json.loads((folder / "stage.json").read_text()) == {"keys": {"seed": 0}, "inputs": []}
+    assert json.loads((folder / "stage.json").read_text()) == {"keys": {"seed": 0}, "files": {}, "inputs": []}
+
+
+def test_a_released_file_replaced_at_its_path_makes_the_stage_again_and_is_hashed_once_per_size_and_mtime(
+        tmp_path, monkeypatch):
+    hashed = []
+    content_hash = files_module.content_hash
+    monkeypatch.setattr(files_module, "content_hash", lambda path: hashed.append(path) or content_hash(path))
+    checkpoint = tmp_path / "released" / "score.pt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"network A")
+    folders = []
+    pipeline = Pipeline("unit", (Stage("load", lambda run: folders.append(run.folder.name), keys=("seed",),
+                                       files=("data.path",)),))
+
+    def folder(name):
+        """The load stage's folder in a run (its own run folder, the shared cache)."""
+        cfg = plain_cfg(tmp_path, data={"path": str(checkpoint)})
+        cfg.paths.output_dir = str(tmp_path / name)
+        run_pipeline(cfg, pipeline)
+        return folders[-1]
+
+    first = folder("1")
+    assert folder("2") == first and len(hashed) == 1  # same size and mtime: the cached hash, no new read
+    mtime = checkpoint.stat().st_mtime_ns
+    checkpoint.write_bytes(b"network B")  # another network of the same size, at the same path
+    os.utime(checkpoint, ns=(mtime + 10**9, mtime + 10**9))
+    replaced = folder("3")
+    assert replaced != first and len(hashed) == 2
+    record = json.loads((tmp_path / "cache" / "unit" / replaced / "stage.json").read_text())
+    assert record["files"] == {"data.path": "sha256:" + hashlib.sha256(b"network B").hexdigest()}
+    os.utime(checkpoint, ns=(mtime + 2 * 10**9, mtime + 2 * 10**9))  # touched, bytes unchanged: hashed again, same id
+    assert folder("4") == replaced and len(hashed) == 3
+    cache = json.loads((tmp_path / "cache" / "file_hashes.json").read_text())
+    assert cache == {str(checkpoint): {"size": 9, "mtime_ns": mtime + 2 * 10**9,
+                                       "sha256": hashlib.sha256(b"network B").hexdigest()}}
+
+
+def test_a_folder_is_fingerprinted_by_its_listing_and_an_absent_file_adds_nothing(tmp_path):
+    images = tmp_path / "images"
+    (images / "n01").mkdir(parents=True)
+    (images / "n01" / "a.png").write_bytes(b"1")
+    cfg = plain_cfg(tmp_path, data={"path": str(images)})
+    before = recipe.file_contents(cfg, ("data.path",))["data.path"]
+    (images / "n01" / "b.png").write_bytes(b"2")
+    after = recipe.file_contents(cfg, ("data.path",))["data.path"]
+    assert before.startswith("listing:") and after.startswith("listing:") and before != after
+    absent = plain_cfg(tmp_path, data={"path": str(tmp_path / "none.pt")})
+    assert recipe.file_contents(absent, ("data.path",)) == {"data.path": None}
+    contents = recipe.file_contents(absent, ("data.path",))
+    assert recipe.fingerprint(absent, ("seed",), contents=contents) == recipe.fingerprint(absent, ("seed",))

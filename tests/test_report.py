@@ -2,7 +2,10 @@
 std, n), --minus gives paired differences with the count below 0, --all pools each column, bad keys are named."""
 
 import json
+import socket
 import statistics
+import subprocess
+import sys
 
 import numpy as np
 
@@ -70,6 +73,29 @@ def test_a_missing_metric_or_config_key_is_named(tmp_path, args, message):
     write_sweep(tmp_path)
     with pytest.raises(KeyError, match=message):
         report_main([str(tmp_path), "--cols", "guidance.dg.t_max", *args])
+
+
+def test_job_folders_without_metrics_are_listed_as_failed_or_running_with_why(tmp_path, capsys):
+    write_sweep(tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    jobs = {"8_broken": {"status": "failed", "error": "ValueError: bad shard"},
+            "9_killed": {"status": "running", "pid": gone.pid, "host": socket.gethostname()}}
+    for name, status in jobs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(json.dumps(status))
+    (tmp_path / "10_config_error" / ".hydra").mkdir(parents=True)
+    (tmp_path / "plots").mkdir()  # not a job folder
+    report_main([str(tmp_path), "--metric", "eval/fid", "--rows", "metrics.sampling_seed", "--cols", "guidance.dg.t_max"])
+    expected = [
+        "Not in the table (3 job folders without metrics.json):",
+        f"- {tmp_path / '10_config_error'}: failed: no metrics.json; no run.json: it stopped before its first stage",
+        f"- {tmp_path / '8_broken'}: failed: no metrics.json; ValueError: bad shard",
+        f"- {tmp_path / '9_killed'}: failed: no metrics.json; process {gone.pid} on {socket.gethostname()} ended "
+        "without finishing (killed?)",
+    ]
+    assert (tmp_path / "report.md").read_text().splitlines()[-4:] == expected
+    assert "\n".join(expected) in capsys.readouterr().out
 
 
 def test_the_bootstrap_interval_has_the_normal_limit_and_its_degenerate_cases():

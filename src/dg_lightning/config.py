@@ -3,6 +3,7 @@
 import math
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dg_lightning.metrics import INCEPTION_WEIGHTS_URL
@@ -27,7 +28,7 @@ def _require(condition, key, problem, fix):
 
 def validate(cfg: DictConfig):
     """Check the seeds, the guidance window and weights, the sampler's steps, the data sizes, the metrics' feature
-    network and every configured input path (the sampler's solver: sampling.check_sampler)."""
+    network, every configured input path and the devices (the sampler's solver: sampling.check_sampler)."""
     missing = sorted(k for k in ("experiment_name", "pipeline") if OmegaConf.is_missing(cfg, k))
     _require(not missing, missing[0] if missing else "", "is not set", "choose an experiment, e.g. experiment=toy2d")
     _validate_seeds(cfg)
@@ -59,6 +60,7 @@ def validate(cfg: DictConfig):
              "give an .npz with 'images' uint8 (N, 8, 8, 1) (NHWC) and integer 'labels' (N,), or null for sklearn's digits")
     _validate_counts(cfg)
     _validate_features(cfg.metrics)
+    _validate_devices(cfg)
 
 
 def _validate_seeds(cfg: DictConfig):
@@ -91,6 +93,30 @@ def _validate_counts(cfg: DictConfig):
     steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)
     _require(isinstance(steps, int) and (steps == -1 or steps >= 1), "trainer.max_steps",
              f"must be -1 (no limit) or >= 1, got {steps!r}", "use trainer.max_epochs to bound training by epochs")
+
+
+GPU_ACCELERATORS = ("gpu", "cuda")  # trainer.accelerator values that put the networks on a CUDA device
+GPU_ONLY_ACCEL = ("compile", "autocast")  # accel settings of the GPU fast path that the CPU cannot take
+
+
+def _validate_devices(cfg: DictConfig):
+    """trainer.accelerator gpu / cuda needs a CUDA device on this machine, and accel's GPU fast path (torch.compile,
+    autocast) needs the networks on one (on the CPU, torch.compile builds C++ kernels: a compiler error, or a hang)."""
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default="cpu")
+    on_gpu = accelerator in GPU_ACCELERATORS
+    _require(not on_gpu or torch.cuda.is_available(), "trainer.accelerator",
+             f"is {accelerator} but this machine has no CUDA device (torch.cuda.is_available() is False)",
+             "use trainer=default (the CPU) here, or run on a machine with a CUDA GPU")
+    fast = [f"accel.{key}={cfg.accel[key]}" for key in GPU_ONLY_ACCEL if (cfg.get("accel") or {}).get(key) is not None]
+    _require(not fast or on_gpu, "accel", f"sets {', '.join(fast)} (the GPU fast path) but the networks run on the CPU "
+             f"(trainer.accelerator={accelerator})", "use accel=none on the CPU, or trainer=gpu on a machine with CUDA")
+
+
+def require_count(key, wanted, found, where):
+    """ConfigError when the sample count `wanted` at config key `key` (null: all) is more than the `found` that
+    `where` holds (a larger count would silently use what there is)."""
+    _require(wanted is None or wanted <= found, key, f"asks for {wanted} samples but {where} holds only {found}",
+             f"set {key}={found} or fewer, or {key}=null to use all {found}")
 
 
 def _validate_features(metrics):

@@ -21,6 +21,7 @@ from dg_lightning.metrics import ExtractedFeatures, GenerativeMetrics, Inception
 
 REFERENCE_SOURCE = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
                     "VIRTUAL_imagenet256_labeled.npz")
+REFERENCE_ARRAYS = ("arr_0", "mu", "sigma", "mu_s", "sigma_s")  # an ADM reference batch .npz
 SPATIAL_CHANNELS = 7    # ADM's sFID keeps the first 7 of mixed_6/conv's 192 channels
 IS_SPLIT_SIZE = 5000    # ADM's Inception Score: mean over splits of 5,000 samples
 
@@ -43,10 +44,10 @@ def load_reference_batch(path, num_features=2048, num_spatial=2023) -> Reference
     if not path.is_file():
         raise FileNotFoundError(f"reference batch {path} not found; {expected}, from {REFERENCE_SOURCE}")
     with np.load(path) as npz:
-        missing = sorted({"arr_0", "mu", "sigma", "mu_s", "sigma_s"} - set(npz.files))
+        missing = sorted(set(REFERENCE_ARRAYS) - set(npz.files))
         if missing:
             raise ValueError(f"reference batch {path} lacks {missing} (has {sorted(npz.files)}); {expected}")
-        arrays = {key: npz[key] for key in ("arr_0", "mu", "sigma", "mu_s", "sigma_s")}
+        arrays = {key: npz[key] for key in REFERENCE_ARRAYS}
     shapes = {"mu": (num_features,), "sigma": (num_features,) * 2, "mu_s": (num_spatial,), "sigma_s": (num_spatial,) * 2}
     images = arrays["arr_0"]
     wrong = [f"{k} {arrays[k].shape}" for k, shape in shapes.items() if arrays[k].shape != shape]

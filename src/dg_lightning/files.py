@@ -1,5 +1,8 @@
-"""Atomic files: a reader never sees a partial file, and a killed or failed write leaves the old one."""
+"""Atomic files (a reader never sees a partial file, and a killed or failed write leaves the old one) and the content
+ids of the files a stage reads (what its fingerprint holds of them)."""
 
+import hashlib
+import json
 import os
 import secrets
 from pathlib import Path
@@ -42,3 +45,45 @@ def atomic_save(obj, path: Path, save=torch.save):
     if rank_and_world_size()[0] == 0:
         write_atomic(path, lambda f: save(obj, f))
     barrier()
+
+
+def content_hash(path):
+    """The sha256 hex digest of a file's bytes, streamed in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _files_under(folder):
+    """(relative path, size, mtime_ns) of every file under folder, from one stat per file."""
+    for entry in os.scandir(folder):
+        if entry.is_dir():
+            yield from ((f"{entry.name}/{name}", size, mtime) for name, size, mtime in _files_under(entry.path))
+        elif entry.is_file():
+            stat = entry.stat()
+            yield entry.name, stat.st_size, stat.st_mtime_ns
+
+
+def listing_hash(folder):
+    """The sha256 hex digest of a folder's listing: the sorted (relative path, size, mtime_ns) of every file under it
+    (the files' bytes are not read, so an image folder of a million files costs one walk)."""
+    return hashlib.sha256(json.dumps(sorted(_files_under(folder))).encode()).hexdigest()
+
+
+def content_id(path, cache_file):
+    """What a fingerprint holds of the file or folder at `path`: None when there is none, "listing:<hash>" of a folder,
+    "sha256:<hash>" of a file's bytes, read from the JSON cache_file when the file's (path, size, mtime_ns) are those
+    it was hashed at, else hashed and stored there (atomically)."""
+    path = Path(path).absolute() if path is not None else None
+    if path is None or not path.exists():
+        return None
+    if path.is_dir():
+        return f"listing:{listing_hash(path)}"
+    cache_file = Path(cache_file)
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    stat = path.stat()
+    known = cache.get(str(path), {})
+    if known.get("size") != stat.st_size or known.get("mtime_ns") != stat.st_mtime_ns:
+        known = cache[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": content_hash(path)}
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(cache_file, lambda f: f.write((json.dumps(cache, indent=1, sort_keys=True) + "\n").encode()))
+    return f"sha256:{known['sha256']}"

@@ -25,7 +25,7 @@ from dg_lightning.generate import claim_shards
 from dg_lightning.seeds import SampleNoise, sample_seed
 from dg_lightning.shards import FORMAT, shard_indices, shard_name, to_uint8
 from dg_lightning.progress import track
-from dg_lightning.sources import image_folder
+from dg_lightning.sources import SourceError, image_folder
 
 LATENT_SCALE = 0.18215  # the SD-VAE scaling factor (DiT, DG_imagenet)
 VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # preferred first
@@ -99,7 +99,8 @@ def center_crop(image: Image.Image, size):
 
 
 class CroppedImages(Dataset):
-    """Item j: (uint8 CHW centre crop of files[j], j); decoded in DataLoader workers."""
+    """Item j: (uint8 CHW centre crop of files[j], j); decoded in DataLoader workers. A file that cannot be decoded
+    (truncated, corrupt, not an image) raises SourceError naming it."""
 
     def __init__(self, files, size):
         self.files, self.size = files, size
@@ -108,8 +109,12 @@ class CroppedImages(Dataset):
         return len(self.files)
 
     def __getitem__(self, j):
-        with Image.open(self.files[j]) as image:
-            return torch.from_numpy(center_crop(image, self.size)).permute(2, 0, 1), j
+        try:
+            with Image.open(self.files[j]) as image:
+                return torch.from_numpy(center_crop(image, self.size)).permute(2, 0, 1), j
+        except OSError as exc:  # PIL's truncated or unidentified image
+            raise SourceError(f"{self.files[j]}: not a readable image ({exc}); replace it with an intact copy, or remove "
+                              "it (the stage then encodes the folder without it)") from exc
 
 
 def jpeg_round_trip(images, quality=75):

@@ -2,6 +2,7 @@
 continues it when the run resumes in the same folder."""
 
 import csv
+import os
 
 import wandb
 from hydra.utils import instantiate
@@ -65,8 +66,12 @@ class ResumableCSVLogger(CSVLogger):
 
 
 def build_loggers(cfg: DictConfig):
-    """The configured Lightning loggers (CSV always; W&B offline unless disabled by WANDB_MODE)."""
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    """The configured Lightning loggers (CSV always; W&B offline), without the W&B ones when WANDB_MODE=disabled (a
+    WandbLogger with offline: true would set WANDB_MODE=dryrun itself and write its run anyway)."""
+    configs = (cfg.get("logger") or {}).values()
+    if os.environ.get("WANDB_MODE") == "disabled":
+        configs = [c for c in configs if not str(c.get("_target_", "")).endswith("WandbLogger")]
+    return [instantiate(c) for c in configs]
 
 
 def finish_loggers(loggers, metrics):

@@ -243,13 +243,16 @@ def inception_features(weights_path):
     return net
 
 
+FID_REFERENCE_ARRAYS = ("mu", "sigma")  # an FID reference .npz (EDM fid-refs, ADM's statistics)
+
+
 def load_fid_reference(path, num_features):
     """Reads FID reference statistics (EDM fid-refs / ADM npz arrays `mu` (D,), `sigma` (D, D)) as float64 tensors."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"FID reference statistics not found at '{path}' (an .npz with arrays 'mu' and 'sigma')")
     with np.load(path) as npz:
-        if "mu" not in npz or "sigma" not in npz:
+        if not set(FID_REFERENCE_ARRAYS) <= set(npz.files):
             raise KeyError(f"FID reference '{path}' must hold arrays 'mu' and 'sigma', found {sorted(npz.files)}")
         mu, sigma = torch.from_numpy(npz["mu"]).double(), torch.from_numpy(npz["sigma"]).double()
     if mu.shape != (num_features,) or sigma.shape != (num_features, num_features):

@@ -1,8 +1,11 @@
 """Released files: the checks that every file a run reads exists (naming the key, the file and where it comes from)
-before any compute, and DG's discriminator on a released ADM classifier (EDM-G++, DiT-XL/2-G++, ADM-G++)."""
+and that a statistics file holds its arrays, before any compute, and DG's discriminator on a released ADM classifier
+(EDM-G++, DiT-XL/2-G++, ADM-G++)."""
 
+import zipfile
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from dg_lightning.checkpoints import ADM_CLASSIFIERS, load_adm_classifier, load_dg_discriminator
@@ -11,6 +14,7 @@ from dg_lightning.nets.adm import Discriminator
 from dg_lightning.training import build_network
 
 FID_REFS_SOURCE = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/ (cifar10-32x32.npz, ffhq-64x64.npz)"
+DISCRIMINATOR_FILES = ("discriminator.classifier.path", "discriminator.head_path")  # the files dg_discriminator reads
 
 
 def require_released(cfg: DictConfig, files):
@@ -20,6 +24,25 @@ def require_released(cfg: DictConfig, files):
         if path is None or not Path(path).exists():
             raise ConfigError(key, f"the file or folder {path} does not exist", f"download it from {source} into "
                               f"paths.released_dir ({OmegaConf.select(cfg, 'paths.released_dir')}) or set {key}=/path/to/it")
+
+
+def require_arrays(cfg: DictConfig, key, names, source):
+    """Raise a ConfigError unless the .npz at config key `key` holds the arrays `names` (from its listing: no array is
+    read), naming the file, what it lacks and where the right one comes from."""
+    path = OmegaConf.select(cfg, key)
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConfigError(key, f"cannot read {path} as an .npz ({type(exc).__name__}: {exc})",
+                          f"download it again from {source}") from exc
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ConfigError(key, f"{path} is a single .npy array, not an .npz with the arrays {list(names)}",
+                          f"give the .npz from {source}")
+    with npz:
+        missing = [name for name in names if name not in npz.files]
+        if missing:
+            raise ConfigError(key, f"{path} lacks the arrays {missing} (it has {sorted(npz.files)})",
+                              f"give an .npz with the arrays {list(names)}, e.g. the one from {source}")
 
 
 def check_discriminator_config(cfg: DictConfig, released_head):

@@ -4,8 +4,9 @@
                                   [--cols guidance.dg.t_min] [--minus eval_unguided/fid] [--all]
 
 Reads every job folder's resolved_config.yaml and metrics.json under <sweep_dir>; writes <sweep_dir>/report.md (a
-Markdown table: one row per value of --rows, one column per value of --cols) and <sweep_dir>/report.png (the metric
-against --rows, one line per --cols value). Jobs that share both values (they differ in other swept keys, e.g. seeds)
+Markdown table: one row per value of --rows, one column per value of --cols, then the job folders without metrics.json,
+each as failed or running with its error from run.json) and <sweep_dir>/report.png (the metric against --rows, one line
+per --cols value). Jobs that share both values (they differ in other swept keys, e.g. seeds)
 are pooled: a cell gives their mean ± sample std and their number n; with --all a last row pools each column (for
 rows that are seeds, e.g. --rows discriminator.seed). With --minus, each job contributes its paired difference
 metric - minus (e.g. eval/fid - eval_unguided/fid, DG against no DG from the same seeds), and a cell also counts the
@@ -24,8 +25,10 @@ from omegaconf import OmegaConf
 
 from dg_lightning.config import ABSENT
 from dg_lightning.plots import sweep_figure
+from dg_lightning.runstatus import RUN_STATUS, read_status
 
 ROWS, COLS = "guidance.dg.weight", "guidance.dg.t_min"  # the default swept keys: DG weight by window start
+JOB_FILES = (".hydra", "resolved_config.yaml", RUN_STATUS)  # what makes a folder of the sweep a job's folder
 
 
 def collect(sweep_dir, metric, rows_key=ROWS, cols_key=COLS, minus=None):
@@ -47,6 +50,27 @@ def collect(sweep_dir, metric, rows_key=ROWS, cols_key=COLS, minus=None):
     if not rows:
         raise FileNotFoundError(f"no */metrics.json under {sweep_dir}: is it a finished Hydra multirun folder?")
     return sorted(rows, key=lambda r: (order(r[0]), order(r[1]), r[2]))
+
+
+def unfinished(sweep_dir):
+    """[(job folder, why)] of the sweep's job folders without metrics.json, each failed (with run.json's error, or
+    because its process ended without finishing) or still running."""
+    found = []
+    for folder in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir()):
+        if (folder / "metrics.json").is_file() or not any((folder / name).exists() for name in JOB_FILES):
+            continue
+        status = read_status(folder) or {"status": "failed", "error": f"no {RUN_STATUS}: it stopped before its first stage"}
+        why = f"{status['status']}: no metrics.json" + (f"; {status['error']}" if status.get("error") else "")
+        found.append((folder, why))
+    return found
+
+
+def unfinished_text(jobs):
+    """The report's lines on the jobs left out of the table (empty when there are none)."""
+    if not jobs:
+        return ""
+    return f"\nNot in the table ({len(jobs)} job folders without metrics.json):\n" + \
+        "".join(f"- {folder}: {why}\n" for folder, why in jobs)
 
 
 def order(value):
@@ -124,8 +148,12 @@ def main(argv=None):
     parser.add_argument("--minus", default=None, help="a metric of the same job to subtract (a paired difference)")
     parser.add_argument("--all", action="store_true", help="add a row pooling all rows of each column")
     args = parser.parse_args(argv)
-    rows = collect(args.sweep_dir, args.metric, args.rows, args.cols, args.minus)
-    table = markdown_table(rows, args.metric, args.rows, args.cols, args.minus, args.all)
+    left_out = unfinished_text(unfinished(args.sweep_dir))
+    try:
+        rows = collect(args.sweep_dir, args.metric, args.rows, args.cols, args.minus)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc}{left_out}") from exc
+    table = markdown_table(rows, args.metric, args.rows, args.cols, args.minus, args.all) + left_out
     markdown, figure = Path(args.sweep_dir) / "report.md", Path(args.sweep_dir) / "report.png"
     markdown.write_text(table)
     sweep_figure(pooled(rows), metric_label(args.metric, args.minus), args.rows, short_key(args.cols), figure)

@@ -27,6 +27,7 @@ from dg_lightning.shards import load_shards
 from dg_lightning.training import build_network, pretrain, train_discriminator
 
 DIGITS = ("data.source", "data.num_classes", "data.num_held_out", "data.split_seed")  # which digits, split how
+SOURCE = ("data.source",)  # the file of the digits (null: sklearn's), fingerprinted by its content
 LABELS = ("discriminator.conditional", "data.num_classes")  # whether samples carry class labels
 
 
@@ -185,15 +186,17 @@ def sample(run):
 SCORE = ("seed", "score", *LABELS, *DIGITS)
 
 PIPELINE = Pipeline("digits", check=check, stages=(
-    Stage("pretrain_score", pretrain_score, keys=SCORE),
-    Stage("pretrain_classifier", pretrain_classifier, keys=("seed", "discriminator.classifier", "data.t_min", *DIGITS)),
+    Stage("pretrain_score", pretrain_score, keys=SCORE, files=SOURCE),
+    Stage("pretrain_classifier", pretrain_classifier, keys=("seed", "discriminator.classifier", "data.t_min", *DIGITS),
+          files=SOURCE),
     Stage("generate", generate_fakes, keys=("seed", "sampler", "data.num_fake", *LABELS), inputs=("pretrain_score",)),
     Stage("feature_net", feature_net, keys=("seed", "metrics.features", "metrics.inception_path", "metrics.feature_net",
-                                            "metrics.feature_steps", "score.net.img_channels", *DIGITS)),
-    Stage("train", train, keys=train_keys, uses=("guidance", "metrics.features"),
+                                            "metrics.feature_steps", "score.net.img_channels", *DIGITS),
+          files=(*SOURCE, "metrics.inception_path")),
+    Stage("train", train, keys=train_keys, uses=("guidance", "metrics.features"), files=SOURCE,
           inputs=("pretrain_score", "pretrain_classifier", "generate", "feature_net")),
     Stage("sample_unguided", sample_unguided, keys=("sampler", "metrics.num_samples", "metrics.sampling_seed", *LABELS),
           inputs=("pretrain_score",)),
-    Stage("sample", sample, keys=("seed", "sampler", "guidance", "metrics", *LABELS, *DIGITS),
+    Stage("sample", sample, keys=("seed", "sampler", "guidance", "metrics", *LABELS, *DIGITS), files=SOURCE,
           inputs=("pretrain_score", "train", "sample_unguided", "feature_net")),
 ))

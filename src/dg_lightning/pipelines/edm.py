@@ -10,12 +10,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dg_lightning.checkpoints import ADM_CLASSIFIERS, EDM_SOURCE, load_edm
-from dg_lightning.config import ConfigError
-from dg_lightning.metrics import GenerativeMetrics, inception_features
+from dg_lightning.config import ConfigError, require_count
+from dg_lightning.metrics import FID_REFERENCE_ARRAYS, GenerativeMetrics, inception_features
 from dg_lightning.nets.edm import IndexLabels
 from dg_lightning.pipelines.images import device_of, sample_images
 from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
-from dg_lightning.released import FID_REFS_SOURCE, check_discriminator_config, dg_discriminator, require_released
+from dg_lightning.released import (
+    DISCRIMINATOR_FILES,
+    FID_REFS_SOURCE,
+    check_discriminator_config,
+    dg_discriminator,
+    require_arrays,
+    require_released,
+)
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.sources import load_source
 from dg_lightning.training import train_discriminator
@@ -32,14 +39,16 @@ def released_files(cfg: DictConfig):
 
 
 def check(cfg: DictConfig):
-    """ConfigError before any compute for check_discriminator_config's problems, no real data to train on, or a
-    missing released file (naming the key, the file and where to get it)."""
+    """ConfigError before any compute for check_discriminator_config's problems, no real data to train on, a
+    missing released file (naming the key, the file and where to get it), or FID reference statistics without their
+    arrays."""
     check_discriminator_config(cfg, "discriminator_60.pt")
     if trains(cfg) and cfg.data.path is None:
         raise ConfigError("data.path", "is null but training the discriminator needs real images",
                           "set data.path to true_data.npz, EDM's dataset zip or an image folder, or guide with a released "
                           "head as it is (discriminator.head_path=... trainer.max_epochs=0)")
     require_released(cfg, released_files(cfg))
+    require_arrays(cfg, "metrics.fid_reference", FID_REFERENCE_ARRAYS, FID_REFS_SOURCE)
 
 
 def trains(cfg: DictConfig):
@@ -65,6 +74,8 @@ def load(run):
                           "use cifar10 for 32x32, adm64 for 64x64")
     real = None if cfg.data.path is None else load_source(
         cfg.data.path, "data.path", denoiser.img_resolution, denoiser.img_channels, d.conditional, cfg.data.num_real)
+    if real is not None:  # load_source keeps at most data.num_real: fewer means the data holds fewer
+        require_count("data.num_real", cfg.data.num_real, len(real), cfg.data.path)
     if real is not None and num_classes and real.labels.max() >= num_classes:
         raise ConfigError("data.path", f"{cfg.data.path} has labels up to {real.labels.max().item()} but the score "
                           f"network has {num_classes} classes", "use the real data of the score network's data set")
@@ -121,10 +132,13 @@ def sample(run):
 
 PIPELINE = Pipeline("edm", check=check, stages=(
     Stage("load", load, keys=("score", "data.path", "data.num_real", "discriminator.conditional"),
-          uses=("discriminator.classifier.config", "discriminator.classifier.overrides")),
+          uses=("discriminator.classifier.config", "discriminator.classifier.overrides"),
+          files=("score.checkpoint", "data.path")),
     Stage("generate", generate_fakes, keys=("seed", "sampler", "data.num_fake"), inputs=("load",), when=trains),
-    Stage("train", train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), inputs=("load", "generate")),
+    Stage("train", train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), files=DISCRIMINATOR_FILES,
+          inputs=("load", "generate")),
     Stage("sample_unguided", sample_unguided, keys=("sampler", "metrics.num_samples", "metrics.sampling_seed"),
           inputs=("load",)),
-    Stage("sample", sample, keys=("sampler", "guidance", "metrics"), inputs=("load", "train", "sample_unguided")),
+    Stage("sample", sample, keys=("sampler", "guidance", "metrics"),
+          files=("metrics.fid_reference", "metrics.inception_path"), inputs=("load", "train", "sample_unguided")),
 ))

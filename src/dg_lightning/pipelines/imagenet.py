@@ -6,7 +6,7 @@ reference batch, and the evaluator's npz exports)."""
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from dg_lightning.config import ConfigError
+from dg_lightning.config import ConfigError, require_count
 from dg_lightning.evaluation import ADMInception, evaluate, export_samples, load_reference_batch
 from dg_lightning.generate import generate
 from dg_lightning.latents import shard_image_folder
@@ -19,6 +19,8 @@ from dg_lightning.sources import image_folder, shard_source
 from dg_lightning.training import train_discriminator
 
 ENCODE_KEYS = ("seed", "data.image_dir", "data.image_size", "data.flip", "data.num_real")
+ENCODE_FILES = ("data.image_dir",)  # fingerprinted by its listing (names, sizes, mtimes)
+EVALUATE_FILES = ("metrics.reference_batch", "metrics.inception_path")
 SAMPLE_KEYS = ("sampler", "data.image_size", "data.num_classes", "metrics.num_samples", "metrics.sampling_seed")
 
 
@@ -29,8 +31,8 @@ def trains(cfg: DictConfig):
 
 
 def check_common(cfg: DictConfig):
-    """ConfigError before any compute for check_discriminator_config's problems, a bad DDPM schedule, or no (or an
-    empty) image folder to train on."""
+    """ConfigError before any compute for check_discriminator_config's problems, a bad DDPM schedule, no (or an
+    empty) image folder to train on, or data.num_real above its number of images."""
     check_discriminator_config(cfg, "discriminator_7.pt")
     try:
         instantiate(cfg.sampler.schedule)
@@ -38,11 +40,12 @@ def check_common(cfg: DictConfig):
         raise ConfigError("sampler.schedule.respacing", str(exc), "use e.g. 250 of num_timesteps=1000") from exc
     if trains(cfg):
         try:
-            image_folder(cfg.data.image_dir or "")
+            files = image_folder(cfg.data.image_dir or "")[0]
         except FileNotFoundError as exc:
             raise ConfigError("data.image_dir", f"{exc}, but training the discriminator needs real images",
                               "point it at ImageNet's train folder (<wnid>/<image>.JPEG), or guide with a released head "
                               "as it is (trainer.max_epochs=0)") from exc
+        require_count("data.num_real", cfg.data.num_real, len(files), cfg.data.image_dir)
 
 
 def encode_real(cfg: DictConfig, encoder, folder):

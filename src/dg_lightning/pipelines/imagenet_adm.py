@@ -12,13 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 from dg_lightning.accel import accelerate, build_accel
 from dg_lightning.checkpoints import ADM_CLASSIFIERS, ADM_SOURCE_256, load_adm_classifier, load_adm_unet
 from dg_lightning.config import ConfigError
-from dg_lightning.evaluation import REFERENCE_SOURCE
+from dg_lightning.evaluation import REFERENCE_ARRAYS, REFERENCE_SOURCE
 from dg_lightning.guidance import ClassifierGuidance
 from dg_lightning.nets.unet import adm256_cond
 from dg_lightning.pipelines import imagenet
 from dg_lightning.pipelines.images import device_of
 from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
-from dg_lightning.released import require_released
+from dg_lightning.released import DISCRIMINATOR_FILES, require_arrays, require_released
 from dg_lightning.sampling import build_sampler
 from dg_lightning.seeds import stream_base_seed
 
@@ -49,7 +49,8 @@ def image_sizes(cfg: DictConfig):
 
 def check(cfg: DictConfig):
     """ConfigError before any compute for imagenet.check_common's problems, negative guidance scales, a non-positive
-    DG boost, a UNet or classifier on another image size than data.image_size, or a missing released file."""
+    DG boost, a UNet or classifier on another image size than data.image_size, a missing released file, or a reference
+    batch without its arrays."""
     imagenet.check_common(cfg)
     s = cfg.sampler
     for key, value in (("sampler.cg_scale", s.cg_scale), ("sampler.cg_scale_late", s.cg_scale_late),
@@ -65,6 +66,7 @@ def check(cfg: DictConfig):
                               f"data.image_size is {cfg.data.image_size}", "use the 256x256 files with "
                               "data.image_size=256")
     require_released(cfg, released_files(cfg))
+    require_arrays(cfg, "metrics.reference_batch", REFERENCE_ARRAYS, REFERENCE_SOURCE)
 
 
 def adm_sample_fn(cfg: DictConfig, model, classifier, discriminator=None, fake_cg_scale=None):
@@ -110,12 +112,15 @@ def generate_fakes(run):
 
 
 PIPELINE = Pipeline("imagenet_adm", check=check, stages=(
-    Stage("load", load, keys=("score", "discriminator.classifier", "data.image_size")),
-    Stage("encode", encode, keys=imagenet.ENCODE_KEYS, when=imagenet.trains),
+    Stage("load", load, keys=("score", "discriminator.classifier", "data.image_size"),
+          files=("score.checkpoint", "discriminator.classifier.path")),
+    Stage("encode", encode, keys=imagenet.ENCODE_KEYS, files=imagenet.ENCODE_FILES, when=imagenet.trains),
     Stage("generate", generate_fakes, keys=FAKE_KEYS, uses=CG_SCHEDULES, inputs=("load",), when=imagenet.trains),
-    Stage("train", imagenet.train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), inputs=("encode", "generate")),
+    Stage("train", imagenet.train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), files=DISCRIMINATOR_FILES,
+          inputs=("encode", "generate")),
     Stage("sample_unguided", imagenet.sample_unguided, keys=imagenet.SAMPLE_KEYS,
           inputs=("load",)),
     Stage("sample", imagenet.sample, keys=(*imagenet.SAMPLE_KEYS, "guidance"), inputs=("load", "train")),
-    Stage("evaluate", imagenet.evaluate_samples, keys=("metrics",), inputs=("sample", "sample_unguided")),
+    Stage("evaluate", imagenet.evaluate_samples, keys=("metrics",), files=imagenet.EVALUATE_FILES,
+          inputs=("sample", "sample_unguided")),
 ))

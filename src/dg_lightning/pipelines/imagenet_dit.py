@@ -12,13 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from dg_lightning.checkpoints import ADM_CLASSIFIERS, DG_IMAGENET_SOURCE, DIT_SOURCE, load_dit
 from dg_lightning.config import ConfigError
-from dg_lightning.evaluation import REFERENCE_SOURCE
+from dg_lightning.evaluation import REFERENCE_ARRAYS, REFERENCE_SOURCE
 from dg_lightning.latents import VAE_SOURCE, LatentAutoencoder, round_trip
 from dg_lightning.pipelines import imagenet
 from dg_lightning.pipelines.images import device_of
 from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
 from dg_lightning.pretrain import NoisyClassifierModule
-from dg_lightning.released import require_released
+from dg_lightning.released import DISCRIMINATOR_FILES, require_arrays, require_released
 from dg_lightning.sampling import build_sampler
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.training import build_network, pretrain
@@ -51,7 +51,7 @@ def released_files(cfg: DictConfig):
 
 def check(cfg: DictConfig):
     """ConfigError before any compute for imagenet.check_common's problems, inconsistent latent sizes or CFG channels,
-    a released head without its released classifier, or a missing released file."""
+    a released head without its released classifier, a missing released file, or a reference batch without its arrays."""
     imagenet.check_common(cfg)
     s, d = cfg.sampler, cfg.discriminator
     if cfg.data.image_size != 8 * cfg.score.input_size:
@@ -66,6 +66,7 @@ def check(cfg: DictConfig):
                           "released classifier's features", "give the released 32x32_classifier.pt, or train a new "
                           "head (discriminator.head_path=null)")
     require_released(cfg, released_files(cfg))
+    require_arrays(cfg, "metrics.reference_batch", REFERENCE_ARRAYS, REFERENCE_SOURCE)
 
 
 def dit_sample_fn(cfg: DictConfig, dit, discriminator=None, fake_cfg_scale=None, decoder=None, encoder=None):
@@ -131,15 +132,17 @@ def pretrain_classifier(run):
 
 
 PIPELINE = Pipeline("imagenet", check=check, stages=(
-    Stage("load", load, keys=("score", "data.num_classes")),
-    Stage("encoder", encoder, keys=("data.vae",), when=imagenet.trains),
-    Stage("encode", encode, keys=imagenet.ENCODE_KEYS, inputs=("encoder",), when=imagenet.trains),
+    Stage("load", load, keys=("score", "data.num_classes"), files=("score.checkpoint", "score.vae.path")),
+    Stage("encoder", encoder, keys=("data.vae",), files=("data.vae.path",), when=imagenet.trains),
+    Stage("encode", encode, keys=imagenet.ENCODE_KEYS, files=imagenet.ENCODE_FILES, inputs=("encoder",),
+          when=imagenet.trains),
     Stage("generate", generate_fakes, keys=FAKE_KEYS, inputs=("load", "encoder"), when=imagenet.trains,
           uses=("sampler.cfg_scale", "sampler.cfg_scale_late", "sampler.cfg_switch_step")),
     Stage("pretrain_classifier", pretrain_classifier, keys=CLASSIFIER_KEYS, inputs=("encode",), when=trains_classifier),
-    Stage("train", imagenet.train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH),
+    Stage("train", imagenet.train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), files=DISCRIMINATOR_FILES,
           inputs=("encode", "generate", "pretrain_classifier")),
     Stage("sample_unguided", imagenet.sample_unguided, keys=imagenet.SAMPLE_KEYS, inputs=("load",)),
     Stage("sample", imagenet.sample, keys=(*imagenet.SAMPLE_KEYS, "guidance"), inputs=("load", "train")),
-    Stage("evaluate", imagenet.evaluate_samples, keys=("metrics",), inputs=("sample", "sample_unguided")),
+    Stage("evaluate", imagenet.evaluate_samples, keys=("metrics",), files=imagenet.EVALUATE_FILES,
+          inputs=("sample", "sample_unguided")),
 ))

@@ -2,16 +2,20 @@
 
 A Stage declares its name, the config keys whose values determine its output (`keys`, fingerprinted), the config keys
 it reads without their changing the output (`uses`, e.g. the guidance that only the sampling callback's logged figures
-depend on), the earlier stages whose folders it consumes (`inputs`) and whether it runs for this config (`when`).
+depend on), the config keys that hold the paths of files or folders it reads (`files`, fingerprinted by their content:
+a released checkpoint replaced at the same path makes the stage again), the earlier stages whose folders it consumes
+(`inputs`) and whether it runs for this config (`when`).
 The runner gives every pipeline the same machinery:
 - `stage=<name>` stops after that stage;
 - each stage's cache folder paths.cache_dir/<experiment>/<stage>-<fingerprint>, the fingerprint a hash of the declared
-  keys' resolved values and of the names of its inputs' folders (which hold their own fingerprints), so a stage is
-  reused exactly when everything it depends on is the same; a stage sees the results and folders of its declared
-  inputs only;
+  keys' resolved values, of its files' contents (a file's sha256, computed once per (path, size, mtime_ns) and kept in
+  paths.cache_dir/file_hashes.json; a folder's listing of names, sizes and mtimes) and of the names of its inputs'
+  folders (which hold their own fingerprints), so a stage is reused exactly when everything it depends on is the same;
+  a stage sees the results and folders of its declared inputs only;
 - each stage function sees the config through a view that holds only what the stage declares (and RUNTIME): reading
   any other key raises UndeclaredKeyError, so no stage depends on a key its fingerprint misses;
-- resumption (a stage function finds its finished outputs or checkpoints in its folder), the loggers, and metrics.json.
+- resumption (a stage function finds its finished outputs or checkpoints in its folder), the loggers, metrics.json, and
+  the run folder's status marker run.json (running / failed / done, runstatus.py).
 """
 
 import hashlib
@@ -31,14 +35,16 @@ from omegaconf.errors import InterpolationResolutionError
 
 from dg_lightning.config import ConfigError
 from dg_lightning.distributed import rank_and_world_size
-from dg_lightning.files import atomic_save
+from dg_lightning.files import atomic_save, content_id
 from dg_lightning.loggers import build_loggers, finish_loggers
+from dg_lightning.runstatus import run_status
 
 # Keys that decide how a stage runs, never what it computes: any stage may read them and none is fingerprinted by them.
 RUNTIME = ("experiment_name", "pipeline", "stage", "paths", "logger", "callbacks", "accel", "data.num_workers",
            "data.encode_batch_size", "metrics.batch_size", "metrics.sample_batch_size", "metrics.export")
 TRAINING_LENGTH = ("trainer.max_epochs", "trainer.max_steps")  # the trainer's other keys are runtime too
 STAGE_RECORD = "stage.json"  # written by the runner when a stage finished in its folder
+FILE_HASHES = "file_hashes.json"  # in paths.cache_dir: {path: {size, mtime_ns, sha256}} of the files stages read
 UNDECLARED = "dg_undeclared"
 
 
@@ -63,12 +69,17 @@ class Stage:
     run: Callable[["StageRun"], Any]
     keys: tuple | Callable[[DictConfig], tuple] = ()
     uses: tuple = ()
+    files: tuple | Callable[[DictConfig], tuple] = ()
     inputs: tuple = ()
     when: Callable[[DictConfig], bool] = lambda cfg: True
 
     def declared_keys(self, cfg: DictConfig):
         """The fingerprinted keys of this stage for cfg (keys may depend on the config, e.g. discriminator.select)."""
         return tuple(self.keys(cfg) if callable(self.keys) else self.keys)
+
+    def declared_files(self, cfg: DictConfig):
+        """The config keys of the files and folders this stage reads for cfg (fingerprinted by their content)."""
+        return tuple(self.files(cfg) if callable(self.files) else self.files)
 
 
 @dataclass(frozen=True)
@@ -115,20 +126,30 @@ def _select(cfg: DictConfig, key):
 _ABSENT = object()
 
 
-def fingerprint(cfg: DictConfig, keys, inputs=()):
-    """A short hash of the resolved values at `keys` and of the names of the input folders (each a stage's own
-    fingerprint, so the hash chains through every stage before)."""
+def file_contents(cfg: DictConfig, keys):
+    """{key: content id} of the file or folder at each config key (files.content_id: None for none; a file's hash is
+    cached in paths.cache_dir/file_hashes.json)."""
+    return {key: content_id(OmegaConf.select(cfg, key), Path(cfg.paths.cache_dir) / FILE_HASHES) for key in keys}
+
+
+def fingerprint(cfg: DictConfig, keys, inputs=(), contents=None):
+    """A short hash of the resolved values at `keys`, of the files' `contents` ({key: content id}, file_contents; a key
+    without a file adds nothing) and of the names of the input folders (each a stage's own fingerprint, so the hash
+    chains through every stage before)."""
     picked = {key: _select(cfg, key) for key in keys}
     picked = {key: value for key, value in picked.items() if value is not _ABSENT}
+    present = {key: value for key, value in (contents or {}).items() if value is not None}
+    if present:
+        picked["files"] = present
     if inputs:
         picked["inputs"] = [Path(folder).name for folder in inputs]
     return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def stage_dir(cfg: DictConfig, stage, keys, inputs=()):
-    """The cache folder of a stage for these keys and input folders: paths.cache_dir/<experiment>/<stage>-<fingerprint>
-    (not created here)."""
-    return Path(cfg.paths.cache_dir) / cfg.experiment_name / f"{stage}-{fingerprint(cfg, keys, inputs)}"
+def stage_dir(cfg: DictConfig, stage, keys, inputs=(), contents=None):
+    """The cache folder of a stage for these keys, file contents and input folders:
+    paths.cache_dir/<experiment>/<stage>-<fingerprint> (not created here)."""
+    return Path(cfg.paths.cache_dir) / cfg.experiment_name / f"{stage}-{fingerprint(cfg, keys, inputs, contents)}"
 
 
 def _covered(key, allowed):
@@ -200,6 +221,13 @@ def launch(cfg: DictConfig):
 
 
 def run_pipeline(cfg: DictConfig, pipeline: Pipeline):
+    """run_stages with the run folder's status marker (runstatus.run_status: run.json running, then done or failed).
+    Returns the run's metrics."""
+    with run_status(cfg.paths.output_dir):
+        return run_stages(cfg, pipeline)
+
+
+def run_stages(cfg: DictConfig, pipeline: Pipeline):
     """Run `pipeline`'s stages up to cfg.stage, each in its cache folder and through its config view, after the
     pipeline's own checks; then metrics.json and the loggers' final record. Returns the run's metrics."""
     if cfg.stage != "all" and cfg.stage not in pipeline.stage_names:
@@ -219,16 +247,17 @@ def run_pipeline(cfg: DictConfig, pipeline: Pipeline):
     for number, stage in enumerate(pipeline.stages, 1):
         if stage.when(cfg):
             keys, ran = stage.declared_keys(cfg), [name for name in stage.inputs if name in folders]
-            folder = folders[stage.name] = stage_dir(cfg, stage.name, keys, [folders[name] for name in ran])
+            contents = file_contents(cfg, stage.declared_files(cfg))
+            folder = folders[stage.name] = stage_dir(cfg, stage.name, keys, [folders[name] for name in ran], contents)
             cached = (folder / STAGE_RECORD).is_file()
             announce(f"stage {number}/{len(pipeline.stages)} {stage.name}: "
                      f"{'from the cache' if cached else 'running'}{f' ({folder})' if cached else ''}")
-            view = config_view(cfg, stage.name, (*keys, *stage.uses))
+            view = config_view(cfg, stage.name, (*keys, *stage.uses, *contents))
             results[stage.name] = stage.run(StageRun(view, folder, out_dir, loggers,
                                                      {name: results[name] for name in ran},
                                                      {name: folders[name] for name in ran}, metrics))
             if folder.is_dir() and not cached:
-                record(folder, cfg, keys, [folders[name] for name in ran])
+                record(folder, cfg, keys, [folders[name] for name in ran], contents)
         if stage.name == cfg.stage:
             break
     write_metrics(out_dir, metrics)
@@ -243,11 +272,11 @@ def announce(text):
         print(text, flush=True)
 
 
-def record(folder, cfg: DictConfig, keys, inputs):
-    """Write the finished stage's record into its folder: the values of its declared keys and its input folders (the
-    runner's sign that the folder is complete, and what a person reads to know what made it)."""
+def record(folder, cfg: DictConfig, keys, inputs, contents):
+    """Write the finished stage's record into its folder: the values of its declared keys, its files' content ids and
+    its input folders (the runner's sign that the folder is complete, and what a person reads to know what made it)."""
     values = {key: _select(cfg, key) for key in keys}
-    atomic_save({"keys": {k: v for k, v in values.items() if v is not _ABSENT},
+    atomic_save({"keys": {k: v for k, v in values.items() if v is not _ABSENT}, "files": contents,
                  "inputs": [Path(p).name for p in inputs]}, folder / STAGE_RECORD,
                 save=lambda obj, f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
 
