@@ -141,7 +141,9 @@ def test_an_experiment_on_an_existing_pipeline_is_one_yaml_file(tmp_path):
     by_overrides = run(compose_with(tmp_path / "o", tmp_path / "conf", *TINY_TOY, "experiment_name=tiny_toy",
                                     f"paths.cache_dir={tmp_path}/logs/cache"))
     assert by_overrides == from_file and sorted(p.name for p in cache.iterdir()) == folders
-    assert set(from_file) == {"toy/swd_no_dg", "toy/swd_dg", "toy/swd_dg_optimal", "toy/swd_floor"}
+    assert set(from_file) == {"toy/swd_no_dg", "toy/swd_dg", "toy/swd_dg_optimal", "toy/swd_floor",
+                              "toy/nfe_no_dg", "toy/nfe_dg", "toy/nfe_dg_optimal"}
+    assert from_file["toy/nfe_no_dg"] == from_file["toy/nfe_dg"] == 2 * 4 - 1  # Heun, 4 steps
 
 
 SIGMA = 5.0
@@ -161,7 +163,7 @@ def one_step_denoise(denoiser, latents, class_labels=None, dg=None, dg_weight=0.
 def test_a_sampler_is_one_function_and_one_config_file(tmp_path):
     (tmp_path / "conf" / "sampler").mkdir(parents=True)
     (tmp_path / "conf" / "sampler" / "one_step.yaml").write_text(f"solver: one_step_denoise\nsigma: {SIGMA}\n")
-    tiny = [*(o for o in TINY_TOY if not o.startswith("sampler.")), "guidance.dg.weight_2nd=0"]  # toy2d: w2 = w1
+    tiny = [o for o in TINY_TOY if not o.startswith("sampler.")]
     cfg = compose_with(tmp_path, tmp_path / "conf", "sampler=one_step", "stage=generate", *tiny)
     run(cfg)
     (fakes,) = (tmp_path / "logs" / "cache" / "toy2d").glob("generate-*")
@@ -170,7 +172,7 @@ def test_a_sampler_is_one_function_and_one_config_file(tmp_path):
     expected = MixtureDenoiser(model)(SIGMA * latents, torch.full((256,), SIGMA))
     torch.testing.assert_close(torch.load(fakes / "fakes.pt", weights_only=True), expected, rtol=0, atol=0)
     # A DG setting the sampler cannot apply is refused before any compute, and so is an unknown setting.
-    for overrides, key in ((["guidance.dg.weight_2nd=1.0"], "guidance.dg.weight_2nd"),
+    for overrides, key in ((["guidance.dg.weight_2nd=0.5"], "guidance.dg.weight_2nd"),
                            (["+sampler.num_steps=3"], "sampler.num_steps")):
         with pytest.raises(ConfigError, match=f"config key '{key}'"):
             run(compose_with(tmp_path / "x", tmp_path / "conf", "sampler=one_step", *tiny, *overrides))

@@ -29,7 +29,9 @@ def test_toy2d_default_run_writes_metrics_and_dg_halves_the_error(tmp_path):
     run_py(tmp_path)
     (run_dir,) = (tmp_path / "logs" / "toy2d" / "runs").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics) == {"toy/swd_no_dg", "toy/swd_dg", "toy/swd_dg_optimal", "toy/swd_floor"}
+    assert set(metrics) == {"toy/swd_no_dg", "toy/swd_dg", "toy/swd_dg_optimal", "toy/swd_floor",
+                            "toy/nfe_no_dg", "toy/nfe_dg", "toy/nfe_dg_optimal"}
+    assert metrics["toy/nfe_dg"] == 2 * 18 - 1  # EDM's Heun, 18 steps
     assert metrics["toy/swd_dg"] <= 0.5 * metrics["toy/swd_no_dg"]
     assert metrics["toy/swd_dg_optimal"] <= 0.5 * metrics["toy/swd_no_dg"]
     assert (run_dir / "toy2d.png").stat().st_size > 10000

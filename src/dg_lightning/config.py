@@ -48,6 +48,12 @@ def validate(cfg: DictConfig):
     _require("sigma_min" not in s or 0 < s.sigma_min < s.sigma_max, "sampler.sigma_min",
              f"needs 0 < sigma_min < sigma_max, got {s.get('sigma_min')}, {s.get('sigma_max')}",
              "EDM uses sigma_min=0.002, sigma_max=80")
+    for key in ("rtol", "atol"):
+        _require(key not in s or (_is_number(s[key]) and s[key] > 0), f"sampler.{key}",
+                 f"the ODE solver's tolerance must be a finite number > 0, got {s.get(key)!r}", "score_sde uses 1e-5")
+    _require("eps" not in s or (_is_number(s.eps) and _is_number(s.T) and 0 < s.eps < s.T <= 1), "sampler.eps",
+             f"the PF-ODE runs from VP time T down to eps, needing 0 < eps < T <= 1, got T={s.get('T')}, "
+             f"eps={s.get('eps')}", "score_sde uses T=1, eps=1e-3")
     _require(cfg.data.batch_size >= 2 and cfg.data.batch_size % 2 == 0, "data.batch_size",
              f"must be even and >= 2 (half real, half fake), got {cfg.data.batch_size}", "e.g. data.batch_size=128")
     _require(0.0 < cfg.data.t_min < 1.0, "data.t_min", f"training times live on [t_min, 1], got t_min={cfg.data.t_min}",
@@ -61,6 +67,11 @@ def validate(cfg: DictConfig):
     _validate_counts(cfg)
     _validate_features(cfg.metrics)
     _validate_devices(cfg)
+
+
+def _is_number(value):
+    """True for a finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _validate_seeds(cfg: DictConfig):

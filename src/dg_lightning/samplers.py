@@ -30,6 +30,11 @@ def network_sigmas(denoiser, sigma_min, sigma_max):
     return sigma_min, sigma_max, getattr(denoiser, "round_sigma", lambda sigma: sigma)
 
 
+def edm_slope(denoiser, x, sigma, class_labels=None, dtype=torch.float32):
+    """EDM's PF-ODE slope dx/dsigma = (x - D(x; sigma)) / sigma = -sigma * score, for sigma per sample (B,)."""
+    return (x - denoiser(x, sigma, class_labels).to(dtype)) / sigma.view((-1,) + (1,) * (x.ndim - 1))
+
+
 @solver("heun", score="denoiser", solver="heun")
 @solver("euler", score="denoiser", solver="euler")
 def edm_sampler(
@@ -75,8 +80,8 @@ def edm_sampler(
     log_ratio = torch.full((batch,), float("inf"), device=latents.device)
 
     def score_slope(x, sigma):
-        """The PF-ODE slope of the model: (x - D(x; sigma)) / sigma = -sigma * score."""
-        return (x - denoiser(x, sigma, class_labels).to(dtype)) / sigma.view(bshape)
+        """The PF-ODE slope of the model at sigma per sample (B,)."""
+        return edm_slope(denoiser, x, sigma, class_labels, dtype)
 
     for i in track(range(num_steps), "EDM sampling", enabled=progress):
         x_cur, t_cur, t_next = x_next, sigmas[i], sigmas[i + 1]

@@ -3,7 +3,8 @@ settings and cfg.guidance.dg every DG setting, so every pipeline samples through
 
 The DG settings are passed as dg_<name> for each guidance.dg.<name> that the sampler takes (t_min, t_max and clip
 build the DiscriminatorGuidance term itself); a setting the sampler does not take must stay at its neutral value
-(DG_NEUTRAL), and check_sampler says so before any compute.
+(DG_NEUTRAL, or for weight_2nd the value of weight: one weight on every slope, what a one-weight sampler applies),
+and check_sampler says so before any compute. Every sample_fn counts the score model's evaluations per batch (its NFE).
 """
 
 import inspect
@@ -12,15 +13,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dg_lightning import ddpm, samplers
+from dg_lightning import ddpm, ode, samplers
 from dg_lightning.accel import accelerate, build_accel
 from dg_lightning.config import ConfigError
 from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.solvers import SCORE_KINDS, SOLVERS
 
-SAMPLER_MODULES = (samplers, ddpm)  # the package's samplers: importing them registers their solvers
+SAMPLER_MODULES = (samplers, ddpm, ode)  # the package's samplers: importing them registers their solvers
 DG_TERM = ("t_min", "t_max", "clip")  # guidance.dg settings of the DiscriminatorGuidance term
 DG_NEUTRAL = {"weight_2nd": 0.0, "boosting": False, "switch_step": 0, "boost": 1.0, "norm_ratio": False}
+DG_UNIFORM = {"weight_2nd": "weight"}  # also neutral when equal to that setting: the same weight on every slope
 CONVENTION = ("score_model", "latents", "class_labels", "dg", "randn_like", "progress")
 
 
@@ -46,12 +48,15 @@ def check_sampler(cfg: DictConfig):
         if key != "solver" and key not in accepted:
             raise ConfigError(f"sampler.{key}", f"the {s.solver!r} sampler has no setting {key!r}",
                               "remove it, or pick the sampler config that has it (conf/sampler/)")
-    for key, value in cfg.guidance.dg.items():
+    dg = cfg.guidance.dg
+    for key, value in dg.items():
         if key in DG_TERM or f"dg_{key}" in accepted:
             continue
-        if key not in DG_NEUTRAL or value != DG_NEUTRAL[key]:
+        uniform = key in DG_UNIFORM and f"dg_{DG_UNIFORM[key]}" in accepted and value == dg[DG_UNIFORM[key]]
+        if key not in DG_NEUTRAL or (value != DG_NEUTRAL[key] and not uniform):
+            same = f" or to guidance.dg.{DG_UNIFORM[key]}" if key in DG_UNIFORM else ""
             raise ConfigError(f"guidance.dg.{key}", f"is {value} but the {s.solver!r} sampler cannot apply it",
-                              f"set it to {DG_NEUTRAL.get(key)} (off) or use a sampler that has dg_{key}")
+                              f"set it to {DG_NEUTRAL.get(key)} (off){same} or use a sampler that has dg_{key}")
 
 
 def dg_guidance(cfg: DictConfig, discriminator):
@@ -72,12 +77,29 @@ def build_sampler(cfg: DictConfig, score_model, discriminator=None, progress=Fal
         accepted = _parameters(solver.sample)
         settings["dg"] = dg_guidance(cfg, discriminator)
         settings.update({f"dg_{key}": value for key, value in cfg.guidance.dg.items() if f"dg_{key}" in accepted})
-    model = accelerate(score_model, build_accel(cfg.accel))
+    return SampleFn(solver.sample, accelerate(score_model, build_accel(cfg.accel)), settings, progress)
 
-    def sample_fn(latents, class_labels, noise=None):
+
+class SampleFn:
+    """generate's sample_fn(latents, class_labels, noise) of one sampler; nfe lists the score model's evaluations in
+    each batch it sampled (the sampler's NFE: 2 num_steps - 1 for EDM's Heun, 2 + 6 steps for RK45)."""
+
+    def __init__(self, sample, model, settings, progress=False):
+        self.sample, self.model, self.settings, self.progress, self.nfe = sample, model, settings, progress, []
+
+    def __call__(self, latents, class_labels, noise=None):
         """Samples from latents z ~ N(0, I), later noise from the samples' own streams (seeds.SampleNoise; None:
         torch's global generator)."""
         randn_like = torch.randn_like if noise is None else noise.randn_like
-        return solver.sample(model, latents, class_labels, randn_like=randn_like, progress=progress, **settings)
+        calls = 0
 
-    return sample_fn
+        def counted(*args, **kwargs):
+            """The score model, counting its evaluations."""
+            nonlocal calls
+            calls += 1
+            return self.model(*args, **kwargs)
+
+        samples = self.sample(counted, latents, class_labels, randn_like=randn_like, progress=self.progress,
+                              **self.settings)
+        self.nfe.append(calls)
+        return samples

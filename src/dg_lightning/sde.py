@@ -19,6 +19,10 @@ class LinearVP:
     beta0: float = 0.1
     beta1: float = 20.0
 
+    def beta(self, t):
+        """beta(t) = beta0 + (beta1 - beta0) t."""
+        return self.beta0 + (self.beta1 - self.beta0) * t
+
     def integral_beta(self, t):
         """I(t) = int_0^t beta = beta0 t + (beta1 - beta0) t^2 / 2."""
         return self.beta0 * t + 0.5 * (self.beta1 - self.beta0) * t**2

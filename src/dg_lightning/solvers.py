@@ -14,6 +14,7 @@ from typing import Callable
 SCORE_KINDS = {
     "denoiser": "EDM's denoiser D(x; sigma, y) in EDM coordinates",
     "eps": "DDPM's noise prediction with learned variance, model(x_k, k, y) -> (eps, v), in VP coordinates",
+    "vp_score": "a continuous-time score model on LVP time, model(x_vp, t, y) -> grad log p_t(x_vp) (score_sde's score)",
 }
 
 

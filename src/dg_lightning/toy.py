@@ -85,6 +85,19 @@ class MixtureDenoiser(torch.nn.Module):
         return (x.double() + sigma[:, None] ** 2 * self.mixture.score(x, 1.0, sigma)).to(x.dtype)
 
 
+class MixtureScore(torch.nn.Module):
+    """The exact VP score of a mixture: grad log p_t(x_vp) of the mixture diffused to LVP time t."""
+
+    def __init__(self, mixture: GaussianMixture, vp: LinearVP = LinearVP()):
+        super().__init__()
+        self.mixture, self.vp = mixture, vp
+
+    def forward(self, x_vp, t, class_labels=None):
+        """grad log p_t(x_vp) for VP coordinates x_vp (B, D) and per-sample LVP time t (B,)."""
+        t = t.double().reshape(-1).expand(x_vp.shape[0])
+        return self.mixture.score(x_vp, self.vp.alpha(t), self.vp.sigma(t)).to(x_vp.dtype)
+
+
 class OptimalDiscriminator(torch.nn.Module):
     """The Bayes-optimal discriminator between diffused p (real) and q (fake): logit = log p_tau(x_vp) - log q_tau(x_vp)."""
 

@@ -65,16 +65,18 @@ def train(run):
 
 def sample(run):
     """The same latents sampled with no DG, the trained discriminator and the exact d*; SWD to fresh data samples,
-    the floor (a second data sample), and toy2d.png."""
+    the floor (a second data sample), each sampler's NFE, and toy2d.png."""
     cfg, n = run.cfg, run.cfg.metrics.num_samples
     data, model = instantiate(cfg.data.mixture), instantiate(cfg.score.mixture)
     denoiser, net = MixtureDenoiser(model), run.results["train"]
     latents = torch.randn(n, data.dim, generator=generator(cfg.seed, 2))
     reference, floor = data.sample(n, generator(cfg.seed, 3)), data.sample(n, generator(cfg.seed, 4))
-    samples = {name: build_sampler(cfg, denoiser, discriminator, progress=True)(latents, None, None)
-               for name, discriminator in (("no_dg", None), ("dg", net), ("dg_optimal", OptimalDiscriminator(data, model)))}
+    sample_fns = {name: build_sampler(cfg, denoiser, discriminator, progress=True)
+                  for name, discriminator in (("no_dg", None), ("dg", net), ("dg_optimal", OptimalDiscriminator(data, model)))}
+    samples = {name: sample_fn(latents, None, None) for name, sample_fn in sample_fns.items()}
     swd = lambda x, y: sliced_wasserstein(x, y, cfg.metrics.num_projections, seed=cfg.seed)  # noqa: E731
     run.metrics.update({f"toy/swd_{name}": swd(x, reference) for name, x in samples.items()})
+    run.metrics.update({f"toy/nfe_{name}": sample_fn.nfe[0] for name, sample_fn in sample_fns.items()})
     run.metrics["toy/swd_floor"] = swd(floor, reference)
     taus = torch.linspace(cfg.guidance.dg.t_min, cfg.guidance.dg.t_max, 40).tolist()
     sets = {"real": reference, "fake": samples["no_dg"], "guided (DG)": samples["dg"]}
