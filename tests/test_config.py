@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (["metrics.num_samples=0"], "metrics.num_samples", "integer >= 1, got 0"),
     (["discriminator.lr=-1e-3"], "discriminator.lr", "finite number > 0, got -0.001"),
     (["trainer.max_steps=-3"], "trainer.max_steps", "-1 .no limit. or >= 1, got -3"),
+    (["checkpoints.keep=-2"], "checkpoints.keep", "integer >= -1 .-1 keeps every epoch checkpoint., got -2"),
     (["sampler.solver=rk45"], "sampler.solver", "heun"),
     (["data.batch_size=7"], "data.batch_size", "even"),
     (["+data.real_path=/nonexistent/true_data.npz"], "data.real_path", "does not exist"),

@@ -35,8 +35,8 @@ from dg_lightning.files import atomic_save
 from dg_lightning.loggers import build_loggers, finish_loggers
 
 # Keys that decide how a stage runs, never what it computes: any stage may read them and none is fingerprinted by them.
-RUNTIME = ("experiment_name", "pipeline", "stage", "paths", "logger", "callbacks", "accel", "data.num_workers",
-           "data.encode_batch_size", "metrics.batch_size", "metrics.sample_batch_size", "metrics.export")
+RUNTIME = ("experiment_name", "pipeline", "stage", "paths", "logger", "callbacks", "checkpoints", "accel",
+           "data.num_workers", "data.encode_batch_size", "metrics.batch_size", "metrics.sample_batch_size", "metrics.export")
 TRAINING_LENGTH = ("trainer.max_epochs", "trainer.max_steps")  # the trainer's other keys are runtime too
 STAGE_RECORD = "stage.json"  # written by the runner when a stage finished in its folder
 UNDECLARED = "dg_undeclared"
