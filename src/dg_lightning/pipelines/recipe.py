@@ -212,8 +212,8 @@ def run_pipeline(cfg: DictConfig, pipeline: Pipeline):
     launch(cfg)  # trainer.strategy=ddp: every rank runs the pipeline from here
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if rank_and_world_size()[0] == 0:
-        (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_save(OmegaConf.to_yaml(cfg, resolve=True), out_dir / "resolved_config.yaml",
+                save=lambda text, f: f.write(text.encode()))
     L.seed_everything(cfg.seed, verbose=False)
     loggers, results, folders, metrics = build_loggers(cfg), {}, {}, {}
     for number, stage in enumerate(pipeline.stages, 1):
