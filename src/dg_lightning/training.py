@@ -36,9 +36,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda f: torch.save(checkpoint, f))
 
-    def load_checkpoint(self, path, map_location=None, weights_only=None):
-        """The checkpoint at path, loaded with weights_only=True whatever Lightning asks."""
-        return torch.load(path, map_location=map_location, weights_only=True)
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
+        """The checkpoint at path (on the CPU, as Lightning's default), loaded with weights_only=True whatever
+        Lightning asks."""
+        return super().load_checkpoint(path, map_location, weights_only=True)
 
 
 def damage(path: Path):
