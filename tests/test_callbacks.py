@@ -18,6 +18,7 @@ from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.metrics import GenerativeMetrics
 from dg_lightning.module import DiscriminatorModule
 from dg_lightning.samplers import edm_sampler
+from dg_lightning.training import epoch_checkpoints
 
 SHAPE = (1, 4, 4)
 
@@ -148,6 +149,26 @@ def test_best_epoch_follows_the_monitored_metric_and_saves_its_weights(tmp_path,
     assert saved.keys() == weights[best].keys()
     assert all(torch.equal(saved[k], weights[best][k]) for k in saved)
     assert not torch.equal(weights[0]["head.weight"], weights[2]["head.weight"])  # the weights did change
+
+
+@pytest.mark.parametrize("keep, kept", [(1, [1]), (2, [0, 1]), (0, []), (-1, [0, 1, 2])])
+def test_the_discriminator_keeps_last_and_the_best_epochs_by_the_callbacks_fid(tmp_path, keep, kept):
+    """FID is lowest at epoch 1, then epoch 0 (shifts 0.4, 0.0, 0.8): epoch 1's checkpoint holds best_discriminator.pt."""
+    shifts = [0.4, 0.0, 0.8]
+
+    def sample_fn(discriminator, latents, class_labels, noise):
+        return (0.3 * latents + shifts[len(callback.history)]).clip(-1, 1)
+
+    callback = make_callback(tmp_path, sample_fn)
+    fit(tmp_path, [callback, *epoch_checkpoints(tmp_path / "checkpoints", keep, [callback])])
+    assert callback.best_epoch == 1
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert files == [f"epoch{e:03d}.ckpt" for e in kept] + ["last.ckpt"]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
+    if 1 in kept:
+        best = torch.load(tmp_path / "checkpoints" / "epoch001.ckpt", weights_only=True)["state_dict"]
+        saved = torch.load(tmp_path / "sampling" / "best_discriminator.pt", weights_only=True)
+        assert all(torch.equal(best[f"discriminator.{k}"], saved[k]) for k in saved if f"discriminator.{k}" in best)
 
 
 def test_state_dict_round_trip_and_resume_from_checkpoint(tmp_path):

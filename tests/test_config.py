@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (["sampler=rk45", "sampler.atol=-1e-5"], "sampler.atol", "finite number > 0"),
     (["sampler=rk45", "sampler.eps=1.5"], "sampler.eps", "0 < eps < T <= 1, got T=1.0, eps=1.5"),
     (["sampler=rk45", "sampler.T=0"], "sampler.eps", "0 < eps < T <= 1"),
+    (["checkpoints.keep=-2"], "checkpoints.keep", "integer >= -1 .-1 keeps every epoch checkpoint., got -2"),
     (["data.batch_size=7"], "data.batch_size", "even"),
     (["+data.real_path=/nonexistent/true_data.npz"], "data.real_path", "does not exist"),
     (["stage=evaluate"], "stage", "generate"),

@@ -53,10 +53,12 @@ def test_reduced_digits_run_goes_through_every_stage_and_reuses_them(tmp_path):
     stages = sorted(p.name.split("-")[0] for p in cache.iterdir())
     assert stages == ["feature_net", "generate", "pretrain_classifier", "pretrain_score", "sample_unguided", "train"]
     (train_dir,) = cache.glob("train-*")
-    assert sorted(p.name for p in (train_dir / "checkpoints").iterdir()) == ["epoch000.ckpt", "epoch001.ckpt", "last.ckpt"]
     assert sorted(p.name for p in (train_dir / "sampling").glob("samples_epoch*.png")) == ["samples_epoch0.png", "samples_epoch1.png"]
     (run_dir,) = (tmp_path / "logs" / "digits_edm_g++" / "runs").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    # checkpoints.keep=1: last.ckpt and the checkpoint of the epoch the sampling callback found best.
+    assert sorted(p.name for p in (train_dir / "checkpoints").iterdir()) == [
+        f"epoch{int(metrics['sampling/best_epoch']):03d}.ckpt", "last.ckpt"]
     for prefix in ("eval", "eval_unguided"):
         for name in ("fid", "precision", "recall", "kid", "is"):
             assert math.isfinite(metrics[f"{prefix}/{name}"])

@@ -1,6 +1,9 @@
 """Resumption: a killed discriminator training or pretraining (digits score model, noise-aware classifier) resumes
-from last.ckpt to the weights of an uninterrupted run."""
+from last.ckpt to the weights of an uninterrupted run; a damaged last.ckpt falls back to an intact checkpoint or a fresh
+start, and a full disk leaves the previous checkpoint whole."""
 
+import errno
+import logging
 import shutil
 from types import SimpleNamespace
 
@@ -61,17 +64,83 @@ def test_killed_training_resumes_from_last_checkpoint_to_the_uninterrupted_weigh
     with pytest.raises(Killed):
         train(cfg, [KillAtEpoch(KILL_AT)])
     checkpoints = stage_dir(cfg, "train", ["seed", "trainer"]) / "checkpoints"
-    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["epoch000.ckpt", "epoch001.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch001.ckpt", "last.ckpt"]  # checkpoints.keep=1
     assert not (checkpoints.parent / "discriminator.pt").exists()
     killed = torch.load(checkpoints / "last.ckpt", weights_only=True)
     assert killed["epoch"] == KILL_AT - 1
 
     resumed = train(cfg).state_dict()
-    assert sorted(p.name for p in checkpoints.glob("epoch*.ckpt")) == [f"epoch{e:03d}.ckpt" for e in range(EPOCHS)]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"epoch{EPOCHS - 1:03d}.ckpt", "last.ckpt"]
     for name, value in uninterrupted.items():
         assert torch.equal(resumed[name], value), name
     # The resumed run trained on: its weights moved away from the ones it was killed with.
     assert any(not torch.equal(value, killed["state_dict"][f"discriminator.{name}"]) for name, value in resumed.items())
+
+
+def killed(compose_cfg, tmp_path, name, *overrides):
+    """(config, checkpoints folder) of a training killed at the start of epoch KILL_AT in cache `name`."""
+    cfg = compose_cfg(*TRAIN, f"paths.cache_dir={tmp_path / name}", *overrides)
+    with pytest.raises(Killed):
+        train(cfg, [KillAtEpoch(KILL_AT)])
+    return cfg, stage_dir(cfg, "train", ["seed", "trainer"]) / "checkpoints"
+
+
+def cut_in_half(path):
+    """Truncate the file at path to half its length, as a full disk left it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_truncated_last_checkpoint_falls_back_to_the_previous_intact_one_with_a_warning(compose_cfg, tmp_path, caplog):
+    uninterrupted = train(compose_cfg(*TRAIN, f"paths.cache_dir={tmp_path}/a")).state_dict()
+    cfg, checkpoints = killed(compose_cfg, tmp_path, "b", "checkpoints.keep=-1")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch000.ckpt", "epoch001.ckpt", "last.ckpt"]
+    for name in ("last.ckpt", "epoch001.ckpt"):
+        cut_in_half(checkpoints / name)
+
+    with caplog.at_level(logging.WARNING, logger="dg_lightning.training"):
+        assert training.resume_checkpoint(checkpoints) == checkpoints / "epoch000.ckpt"
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "dg_lightning.training"]
+    assert f"{checkpoints / 'last.ckpt'} (BadZipFile" in warning and f"{checkpoints / 'epoch001.ckpt'} (BadZipFile" in warning
+    assert warning.endswith(f"resuming from {checkpoints / 'epoch000.ckpt'}")
+
+    # Epoch 1 is trained again from epoch 0's checkpoint: the weights of the uninterrupted run.
+    resumed = train(cfg).state_dict()
+    assert all(torch.equal(resumed[name], value) for name, value in uninterrupted.items())
+    assert training.damage(checkpoints / "last.ckpt") is None
+
+
+def test_with_every_checkpoint_damaged_the_stage_starts_afresh_with_a_warning(compose_cfg, tmp_path, caplog):
+    uninterrupted = train(compose_cfg(*TRAIN, f"paths.cache_dir={tmp_path}/a")).state_dict()
+    cfg, checkpoints = killed(compose_cfg, tmp_path, "b")
+    for path in checkpoints.iterdir():
+        cut_in_half(path)
+    with caplog.at_level(logging.WARNING, logger="dg_lightning.training"):
+        resumed = train(cfg).state_dict()
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "dg_lightning.training"]
+    assert str(checkpoints / "last.ckpt") in warning and str(checkpoints / "epoch001.ckpt") in warning
+    assert warning.endswith("no intact checkpoint is left, so the stage starts afresh "
+                            "(delete the damaged files to silence this)")
+    assert all(torch.equal(resumed[name], value) for name, value in uninterrupted.items())
+
+
+def test_a_full_disk_while_saving_leaves_the_previous_last_checkpoint_whole_and_names_the_file(compose_cfg, tmp_path,
+                                                                                             monkeypatch):
+    cfg, checkpoints = killed(compose_cfg, tmp_path, "b", "checkpoints.keep=0")  # last.ckpt alone
+    before = (checkpoints / "last.ckpt").read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b"PK\x03\x04 the first bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(training.torch, "save", disk_full)
+    with pytest.raises(OSError, match="no space left on the device writing .* free space") as error:
+        train(cfg)
+    assert error.value.errno == errno.ENOSPC and f"writing {checkpoints / 'last.ckpt'} " in str(error.value)
+    monkeypatch.undo()
+    assert (checkpoints / "last.ckpt").read_bytes() == before  # whole, and still epoch KILL_AT - 1's
+    assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]  # no temp file left
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == KILL_AT - 1
 
 
 # --- pretraining (training.pretrain) ---

@@ -259,7 +259,8 @@ class GuidedSamplingCallback(L.Callback):
     def _save_grid(self, trainer, grid, epoch):
         """Write the sample grid PNG and log it to every W&B logger."""
         path = self.out_dir / f"samples_epoch{epoch}.png"
-        save_image(grid.float() / 255, path, nrow=math.ceil(math.sqrt(len(grid))))
+        nrow = math.ceil(math.sqrt(len(grid)))
+        write_atomic(path, lambda f: save_image(grid.float() / 255, f, format="png", nrow=nrow))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(f"{self.prefix}/samples", [str(path)], step=trainer.global_step, caption=[f"epoch {epoch}"])

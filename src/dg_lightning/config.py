@@ -90,8 +90,8 @@ RATES = ("discriminator.lr", "score.lr", "discriminator.classifier.lr")
 
 
 def _validate_counts(cfg: DictConfig):
-    """Sample counts are integers >= 1 (or null), learning rates finite numbers > 0, trainer.max_steps -1 (no limit)
-    or >= 1: each checked only where the config has it."""
+    """Sample counts are integers >= 1 (or null), learning rates finite numbers > 0, checkpoints.keep >= -1,
+    trainer.max_steps -1 (no limit) or >= 1: each checked only where the config has it."""
     for key in COUNTS:
         value = OmegaConf.select(cfg, key, default=None)
         _require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1), key,
@@ -101,6 +101,9 @@ def _validate_counts(cfg: DictConfig):
         _require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
                                    and math.isfinite(value) and value > 0), key,
                  f"must be a finite number > 0, got {value!r}", f"e.g. {key}=3e-4")
+    keep = OmegaConf.select(cfg, "checkpoints.keep", default=-1)
+    _require(isinstance(keep, int) and not isinstance(keep, bool) and keep >= -1, "checkpoints.keep",
+             f"must be an integer >= -1 (-1 keeps every epoch checkpoint), got {keep!r}", "e.g. checkpoints.keep=1")
     steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)
     _require(isinstance(steps, int) and (steps == -1 or steps >= 1), "trainer.max_steps",
              f"must be -1 (no limit) or >= 1, got {steps!r}", "use trainer.max_epochs to bound training by epochs")

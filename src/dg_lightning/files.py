@@ -1,6 +1,7 @@
 """Atomic files (a reader never sees a partial file, and a killed or failed write leaves the old one) and the content
 ids of the files a stage reads (what its fingerprint holds of them)."""
 
+import errno
 import hashlib
 import json
 import os
@@ -15,8 +16,9 @@ from dg_lightning.distributed import barrier, rank_and_world_size
 def write_atomic(path, write):
     """Write the file at `path` with write(binary file object) through a temp file in the same folder, fsync and rename.
 
-    No reader ever sees a partial file, and a failed write leaves neither a temp file nor a changed `path`.
-    The temp file is `.{stem}.{pid}.{random}.tmp`; the file gets the permissions of any new file (0o666 & ~umask).
+    No reader ever sees a partial file, and a failed write leaves neither a temp file nor a changed `path`; a full disk
+    (ENOSPC) is an OSError naming the file and saying to free space. The temp file is `.{stem}.{pid}.{random}.tmp`;
+    the file gets the permissions of any new file (0o666 & ~umask).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -27,8 +29,12 @@ def write_atomic(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on the device writing {path} (the file there, if any, is "
+                          "unchanged): free space on that disk, e.g. python -m dg_lightning.cache prune --older-than 7d, "
+                          "and run again") from e
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

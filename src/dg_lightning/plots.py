@@ -7,6 +7,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dg_lightning.files import write_atomic  # noqa: E402
+
+
+def save(fig, path):
+    """Lay out fig, write it as a PNG to path atomically (files.write_atomic) and close it."""
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
 
 def toy2d_figure(reference, samples, taus, curves, metrics, path):
     """Data, samples without DG, with DG and with the optimal d*, and the mean log ratio over VP time."""
@@ -26,9 +35,7 @@ def toy2d_figure(reference, samples, taus, curves, metrics, path):
     axes[-1].set_xlabel("VP time t")
     axes[-1].set_ylabel("mean log d/(1-d)")
     axes[-1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def sweep_figure(cells, metric, x_key, line_name, path):
@@ -43,9 +50,7 @@ def sweep_figure(cells, metric, x_key, line_name, path):
     ax.set_xlabel(x_key)
     ax.set_ylabel(metric)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def image_grid(samples, path, count=64):
@@ -58,6 +63,4 @@ def image_grid(samples, path, count=64):
         ax.imshow(tiles.squeeze(-1) if c == 1 else tiles, cmap="gray" if c == 1 else None, vmin=0, vmax=255)
         ax.set_title(name)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)

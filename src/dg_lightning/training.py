@@ -1,23 +1,75 @@
 """Training stages' building blocks: seeded networks, the Lightning fit, resumable pretraining and the discriminator's
-training on real vs fake, each resuming from its stage folder's last.ckpt to the weights of an uninterrupted run."""
+training on real vs fake, each resuming from its stage folder's last.ckpt to the weights of an uninterrupted run.
 
+Every checkpoint is written atomically (AtomicCheckpointIO) and checked before it is resumed from (resume_checkpoint):
+a damaged last.ckpt falls back to the newest intact epoch checkpoint, or the stage starts afresh, with a warning."""
+
+import logging
+import zipfile
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loops.fit_loop import _FitLoop
 from lightning.pytorch.loops.loop import _Loop
 from omegaconf import DictConfig
 
 from dg_lightning.accel import build_accel
-from dg_lightning.callbacks import EpochSeed, RNGStates
+from dg_lightning.callbacks import EpochSeed, GuidedSamplingCallback, RNGStates
 from dg_lightning.data import ArraySource, RealFakeDataModule
-from dg_lightning.files import atomic_save
+from dg_lightning.files import atomic_save, write_atomic
 from dg_lightning.loggers import ResumableCSVLogger
 from dg_lightning.module import DiscriminatorModule
 from dg_lightning.pretrain import clean_loader
+
+log = logging.getLogger(__name__)
+LAST = "last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, with each checkpoint written by files.write_atomic (a killed run or a full disk leaves
+    the previous file whole, and ENOSPC names the file) and read with weights_only=True."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        """torch.save the checkpoint to path through a temp file in its folder, fsync and rename."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
+        """The checkpoint at path (on the CPU, as Lightning's default), loaded with weights_only=True whatever
+        Lightning asks."""
+        return super().load_checkpoint(path, map_location, weights_only=True)
+
+
+def damage(path: Path):
+    """Why the checkpoint at path cannot be read (not a whole zip archive, or a member failing its CRC), None when it
+    is intact; nothing is unpickled."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None if member is None else f"its member {member} fails the CRC check"
+
+
+def resume_checkpoint(folder: Path):
+    """The checkpoint in folder that a fit resumes from: last.ckpt when intact, else the newest intact other
+    checkpoint, else None (the stage starts afresh); a warning names each damaged one and what was chosen."""
+    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: (p.name == LAST, p.stat().st_mtime_ns), reverse=True)
+    damaged, chosen = [], None
+    for path in candidates:
+        problem = damage(path)
+        if problem is None:
+            chosen = path
+            break
+        damaged.append(f"{path} ({problem})")
+    if damaged:
+        log.warning("damaged checkpoint %s: %s", "; ".join(damaged), f"resuming from {chosen}" if chosen else
+                    "no intact checkpoint is left, so the stage starts afresh (delete the damaged files to silence this)")
+    return chosen
 
 
 def build_network(cfg: DictConfig, node, seed=None):
@@ -45,7 +97,8 @@ class EpochEndResumeFitLoop(_FitLoop):
 
 def fit(cfg: DictConfig, module, data, folder, loggers=(), callbacks=(), ckpt_path=None, seed=None, **trainer_overrides):
     """Fit a LightningModule with cfg.trainer (plus the configured callbacks) in folder, from the checkpoint at
-    ckpt_path when given, through EpochEndResumeFitLoop; returns the trainer.
+    ckpt_path when given, through EpochEndResumeFitLoop, writing checkpoints with AtomicCheckpointIO; returns the
+    trainer.
 
     The global RNG is re-seeded with `seed` (default cfg.seed) first, so a stage gives the same result whether or
     not the stages before it were loaded from the cache.
@@ -53,7 +106,7 @@ def fit(cfg: DictConfig, module, data, folder, loggers=(), callbacks=(), ckpt_pa
     L.seed_everything(cfg.seed if seed is None else seed, verbose=False)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(callbacks)
     trainer = instantiate(cfg.trainer, default_root_dir=str(folder), logger=list(loggers) or False, callbacks=callbacks,
-                          **trainer_overrides)
+                          plugins=[AtomicCheckpointIO()], **trainer_overrides)
     loop = EpochEndResumeFitLoop(trainer, min_epochs=trainer.fit_loop.min_epochs, max_epochs=trainer.fit_loop.max_epochs)
     loop.epoch_loop, trainer.fit_loop = trainer.fit_loop.epoch_loop, loop
     trainer.fit(module, data, ckpt_path=ckpt_path)
@@ -79,17 +132,16 @@ def pretrain(cfg: DictConfig, module, source: ArraySource, batch_size, max_steps
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", save_top_k=0, save_last=True, enable_version_counter=False,
                                  every_n_train_steps=per_epoch * max(1, round(PRETRAIN_CHECKPOINT_STEPS / per_epoch)))
-    last = folder / "checkpoints" / "last.ckpt"
     fit(cfg, module, loader, folder, [ResumableCSVLogger(folder, name="", version="")], [checkpoint, RNGStates(cfg.seed)],
-        ckpt_path=last if last.exists() else None, max_steps=max_steps, max_epochs=-1)
+        ckpt_path=resume_checkpoint(folder / "checkpoints"), max_steps=max_steps, max_epochs=-1)
     atomic_save(network.state_dict(), weights)
 
 
 def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, net, loggers, folder, callbacks=()):
     """Train (or load from its stage folder) the discriminator net on real vs fake; returns the trained net.
 
-    Every epoch ends with a checkpoint (checkpoints/epochNNN.ckpt and last.ckpt); a killed training resumes from
-    last.ckpt. EpochSeed re-seeds the global RNGs (batch order, diffusion times and noise) at each epoch from
+    Every epoch ends with checkpoints/last.ckpt, and checkpoints.keep epoch checkpoints are kept (epoch_checkpoints);
+    a killed training resumes from last.ckpt (resume_checkpoint). EpochSeed re-seeds the global RNGs (batch order, diffusion times and noise) at each epoch from
     (discriminator.seed, epoch, rank), so the resumed run ends with the same weights as an uninterrupted one.
     """
     weights = Path(folder) / "discriminator.pt"
@@ -101,11 +153,26 @@ def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, n
                                     num_workers=d.num_workers, seed=seed, conditional=cfg.discriminator.get("conditional", False))
     module = DiscriminatorModule(net, cfg.discriminator.objective, cfg.discriminator.lr, cfg.discriminator.weight_decay,
                                  accel=build_accel(cfg.accel))
-    every_epoch = ModelCheckpoint(dirpath=folder / "checkpoints", filename="epoch{epoch:03d}", auto_insert_metric_name=False,
-                                  every_n_epochs=1, save_top_k=-1, save_last=True)
-    last = folder / "checkpoints" / "last.ckpt"
-    fit(cfg, module, datamodule, folder, loggers, [every_epoch, EpochSeed(seed), *callbacks],
-        ckpt_path=last if last.exists() else None, seed=seed)
+    checkpoints = epoch_checkpoints(folder / "checkpoints", cfg.checkpoints.keep, callbacks)
+    fit(cfg, module, datamodule, folder, loggers, [*checkpoints, EpochSeed(seed), *callbacks],
+        ckpt_path=resume_checkpoint(folder / "checkpoints"), seed=seed)
     atomic_save(net.state_dict(), weights)
     return net
 
+
+
+def epoch_checkpoints(dirpath: Path, keep, callbacks=()):
+    """The discriminator's ModelCheckpoints: last.ckpt every epoch, and epochNNN.ckpt for the `keep` best epochs by the
+    guided-sampling callback's score when callbacks hold one (saved on the epochs it evaluates, so select=best's pick
+    is among them), else for the `keep` newest epochs; keep=-1 keeps every one, 0 none but last.ckpt."""
+    sampling = next((c for c in callbacks if isinstance(c, GuidedSamplingCallback)), None)
+    monitor, mode, every = (("epoch", "max", 1) if sampling is None else
+                            (f"{sampling.prefix}/{sampling.monitor}", sampling.mode, sampling.every_n_epochs))
+    kept = ModelCheckpoint(dirpath=dirpath, filename="epoch{epoch:03d}", auto_insert_metric_name=False, monitor=monitor,
+                           mode=mode, every_n_epochs=every, save_top_k=keep, enable_version_counter=False)
+    # Lightning writes save_last's file at an epoch's end only when a top-k file was written then: last.ckpt is a
+    # checkpoint of its own, the one file of an unmonitored top 1, written after the kept one (so it holds the list of
+    # kept files that a resumed run goes on pruning).
+    last = ModelCheckpoint(dirpath=dirpath, filename=LAST.removesuffix(".ckpt"), every_n_epochs=1, save_top_k=1,
+                           enable_version_counter=False)
+    return ([kept] if keep else []) + [last]

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from dg_lightning.callbacks import BEST_DISCRIMINATOR, GuidedSamplingCallback
 from dg_lightning.data import ArraySource, load_digits_split
 from dg_lightning.distributed import rank_and_world_size
-from dg_lightning.files import atomic_save
+from dg_lightning.files import atomic_save, write_atomic
 from dg_lightning.metrics import ClassifierFeatures, GenerativeMetrics, GreyAsRGB, inception_features
 from dg_lightning.nets.adm import Discriminator
 from dg_lightning.nets.edm import IndexLabels
@@ -128,7 +128,7 @@ def best_epoch_record(callback, folder):
         return json.loads(record.read_text()) if record.exists() else {}
     found = {"sampling/best_epoch": callback.best_epoch, "sampling/best_fid": callback.best_score}
     if rank_and_world_size()[0] == 0:  # one writer under DDP (every rank's callback holds the same record)
-        record.write_text(json.dumps(found))
+        write_atomic(record, lambda f: f.write(json.dumps(found).encode()))
     return found
 
 

@@ -15,12 +15,16 @@ The runner gives every pipeline the same machinery:
 - each stage function sees the config through a view that holds only what the stage declares (and RUNTIME): reading
   any other key raises UndeclaredKeyError, so no stage depends on a key its fingerprint misses;
 - resumption (a stage function finds its finished outputs or checkpoints in its folder), the loggers, metrics.json, and
-  the run folder's status marker run.json (running / failed / done, runstatus.py).
+  the run folder's status marker run.json (running / failed / done, runstatus.py);
+- a record of each run that uses a stage folder, in the folder's runs/ (what `python -m dg_lightning.cache` lists and
+  how it tells a folder in use).
 """
 
 import hashlib
 import json
 import os
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -35,16 +39,17 @@ from omegaconf.errors import InterpolationResolutionError
 
 from dg_lightning.config import ConfigError
 from dg_lightning.distributed import rank_and_world_size
-from dg_lightning.files import atomic_save, content_id
+from dg_lightning.files import atomic_save, content_id, write_atomic
 from dg_lightning.loggers import build_loggers, finish_loggers
 from dg_lightning.runstatus import run_status
 
 # Keys that decide how a stage runs, never what it computes: any stage may read them and none is fingerprinted by them.
-RUNTIME = ("experiment_name", "pipeline", "stage", "paths", "logger", "callbacks", "accel", "data.num_workers",
-           "data.encode_batch_size", "metrics.batch_size", "metrics.sample_batch_size", "metrics.export")
+RUNTIME = ("experiment_name", "pipeline", "stage", "paths", "logger", "callbacks", "checkpoints", "accel",
+           "data.num_workers", "data.encode_batch_size", "metrics.batch_size", "metrics.sample_batch_size", "metrics.export")
 TRAINING_LENGTH = ("trainer.max_epochs", "trainer.max_steps")  # the trainer's other keys are runtime too
 STAGE_RECORD = "stage.json"  # written by the runner when a stage finished in its folder
 FILE_HASHES = "file_hashes.json"  # in paths.cache_dir: {path: {size, mtime_ns, sha256}} of the files stages read
+RUN_RECORDS = "runs"  # <stage folder>/runs/<run key>.json: a run that used the folder (its folder, host, process, time)
 UNDECLARED = "dg_undeclared"
 
 
@@ -110,10 +115,16 @@ class StageRun:
     folders: dict
     metrics: dict = field(default_factory=dict)
 
+    recorded: bool = False  # whether this run's use of the folder is recorded in it
+
     @property
     def folder(self):
-        """The stage's cache folder, created when the stage first uses it."""
-        self.cache_folder.mkdir(parents=True, exist_ok=True)
+        """The stage's cache folder, created and this run's use recorded in it (record_use) when the stage first
+        uses it."""
+        if not self.recorded:
+            self.cache_folder.mkdir(parents=True, exist_ok=True)
+            record_use(self.cache_folder, self.out_dir)
+            self.recorded = True
         return self.cache_folder
 
 
@@ -240,8 +251,8 @@ def run_stages(cfg: DictConfig, pipeline: Pipeline):
     launch(cfg)  # trainer.strategy=ddp: every rank runs the pipeline from here
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if rank_and_world_size()[0] == 0:
-        (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_save(OmegaConf.to_yaml(cfg, resolve=True), out_dir / "resolved_config.yaml",
+                save=lambda text, f: f.write(text.encode()))
     L.seed_everything(cfg.seed, verbose=False)
     loggers, results, folders, metrics = build_loggers(cfg), {}, {}, {}
     for number, stage in enumerate(pipeline.stages, 1):
@@ -279,6 +290,18 @@ def record(folder, cfg: DictConfig, keys, inputs, contents):
     atomic_save({"keys": {k: v for k, v in values.items() if v is not _ABSENT}, "files": contents,
                  "inputs": [Path(p).name for p in inputs]}, folder / STAGE_RECORD,
                 save=lambda obj, f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
+
+
+def record_use(folder, out_dir):
+    """Record in folder/runs/ (rank 0) that the run with folder out_dir, in this process on this host, uses the stage
+    folder now: one file per run folder, rewritten when that run is started again."""
+    if rank_and_world_size()[0] != 0:
+        return
+    out_dir = str(Path(out_dir).resolve())
+    use = {"out_dir": out_dir, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+    (folder / RUN_RECORDS).mkdir(exist_ok=True)
+    write_atomic(folder / RUN_RECORDS / f"{hashlib.sha256(out_dir.encode()).hexdigest()[:16]}.json",
+                 lambda f: f.write((json.dumps(use, indent=2) + "\n").encode()))
 
 
 def summary(cfg: DictConfig, out_dir: Path, metrics):
