@@ -81,7 +81,7 @@ class StepProgressBar(RichProgressBar):
         self.refresh()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        """Step-based: the bar stands at global_step (optimiser steps, as max_steps counts them); otherwise Lightning's."""
+        """Step-based: the bar stands at global_step (optimiser steps, as max_steps counts); otherwise Lightning's."""
         if not self.step_based(trainer):
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if not self.is_disabled and self.train_progress_bar_id is None:
