@@ -1,8 +1,8 @@
 """Progress bars with a total and an ETA for the long loops: Rich bars for loops (track, bar) and, for the Trainer,
 Lightning's Rich progress bar counting optimiser steps of max_steps when training is step-based (StepProgressBar).
 
-The bars are drawn on an interactive terminal only: in a log file or a pipe Rich cannot redraw them, and a finished
-transient bar would leave only a blank line.
+The bars are drawn on an interactive terminal (or in a notebook) only: in a log file or a pipe Rich cannot redraw
+them, and a finished transient bar would leave only a blank line.
 """
 
 from lightning.pytorch.callbacks import RichProgressBar
@@ -14,8 +14,9 @@ COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), 
 
 
 def interactive():
-    """Whether the console is a terminal Rich can redraw a bar in."""
-    return Console().is_interactive
+    """Whether the console is a terminal or a notebook that Rich can redraw a bar in."""
+    console = Console()
+    return console.is_interactive or console.is_jupyter
 
 
 def bar(enabled=True):
