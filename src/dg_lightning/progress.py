@@ -9,10 +9,6 @@ from lightning.pytorch.callbacks import RichProgressBar
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-           TimeRemainingColumn())  # done/total, elapsed and the ETA
-
-
 def interactive():
     """Whether the console is a terminal or a notebook that Rich can redraw a bar in."""
     console = Console()
@@ -20,9 +16,11 @@ def interactive():
 
 
 def bar(enabled=True):
-    """A transient Rich Progress with COLUMNS (add_task(description, total=...) then advance), drawn only when enabled
-    on an interactive terminal."""
-    return Progress(*COLUMNS, transient=True, disable=not (enabled and interactive()))
+    """A transient Rich Progress of description, bar, done/total, elapsed time and ETA (add_task(description,
+    total=...) then advance), drawn only when enabled on an interactive terminal."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())  # new columns per bar: a column caches its renders by task id
+    return Progress(*columns, transient=True, disable=not (enabled and interactive()))
 
 
 def track(iterable, description, enabled=True, total=None):
