@@ -10,8 +10,10 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from dg_lightning.console import quiet_console
     from dg_lightning.pipelines import run
 
+    quiet_console()  # after Hydra configured logging and lightning was imported
     try:
         run(cfg)
     except Exception:

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from dg_lightning.files import write_atomic
 from dg_lightning.metrics import ExtractedFeatures, GenerativeMetrics, InceptionScore, inception_features
+from dg_lightning.progress import track
 
 REFERENCE_SOURCE = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
                     "VIRTUAL_imagenet256_labeled.npz")
@@ -117,7 +118,7 @@ def evaluate(features, samples, reference: ReferenceBatch, batch_size=250, devic
                                 precision_recall=False).to(device)
     logits = []
     for is_real, images in ((True, reference.images), (False, samples)):
-        for start in range(0, len(images), batch_size):
+        for start in track(range(0, len(images), batch_size), f"{'reference' if is_real else 'sample'} features"):
             batch = torch.from_numpy(images[start:start + batch_size]).to(device).permute(0, 3, 1, 2)
             pool_features, spatial_features, class_logits = features(batch)
             pool.update(pool_features, real=is_real)

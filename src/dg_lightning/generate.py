@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dg_lightning.distributed import barrier, rank_and_world_size
 from dg_lightning.files import write_atomic
+from dg_lightning.progress import bar
 from dg_lightning.seeds import SampleNoise, sample_seed
 from dg_lightning.shards import (DTYPES, FORMAT, claim, is_finished, num_shards, remove_stale_temps, shard_indices,
                                  shard_name, to_uint8)
@@ -130,13 +130,13 @@ def generate(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     mine, todo = claim_shards(out_dir, manifest, rank, world_size)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress) as bar:
+    with bar(progress) as progress_bar:
         total = sum(len(shard_indices(manifest, k)) for k in mine)
         done = total - sum(len(shard_indices(manifest, k)) for k in todo)
-        task = bar.add_task(f"generate {out_dir.name} [rank {rank}/{world_size}]", total=total, completed=done)
+        task = progress_bar.add_task(f"generate {out_dir.name} [rank {rank}/{world_size}]", total=total, completed=done)
         for k in todo:
-            arrays = _make_shard(sample_fn, manifest, out_shape, k, batch_size, device, lambda n: bar.advance(task, n))
+            arrays = _make_shard(sample_fn, manifest, out_shape, k, batch_size, device,
+                                 lambda n: progress_bar.advance(task, n))
             write_atomic(out_dir / shard_name(k), lambda f: np.savez(f, **arrays))
     barrier()
 

@@ -84,3 +84,12 @@ def finish_loggers(loggers, metrics):
         if isinstance(logger, WandbLogger):
             logger.experiment.summary.update(metrics)
             wandb.finish()
+
+
+class QuietWandbLogger(WandbLogger):
+    """Lightning's WandbLogger (same arguments) without the `anonymous=None` it always hands to wandb.init, which
+    wandb (>= 0.19) answers on every run with "The anonymous setting has no effect" (wandb's anonymous mode is gone)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._wandb_init.pop("anonymous")

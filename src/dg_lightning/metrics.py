@@ -14,6 +14,7 @@ from torchmetrics.image.kid import poly_mmd
 from torchmetrics.utilities import dim_zero_cat
 
 from dg_lightning.distributed import rank_and_world_size
+from dg_lightning.progress import track
 
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_NAME}"
@@ -330,7 +331,8 @@ class GenerativeMetrics(nn.Module):
         on the metrics' device; compute() then reduces over the ranks."""
         rank, world_size = rank_and_world_size()
         device = self.fid.real_features_sum.device
-        for batch in torch.from_numpy(images[rank::world_size]).split(batch_size):
+        batches = torch.from_numpy(images[rank::world_size]).split(batch_size)
+        for batch in track(batches, f"{'real' if real else 'sample'} features", enabled=rank == 0):
             self.update(batch.to(device).permute(0, 3, 1, 2), real)
 
     def compute(self):

@@ -38,6 +38,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from dg_lightning.config import ConfigError
+from dg_lightning.console import summary, wandb_lines
 from dg_lightning.distributed import rank_and_world_size
 from dg_lightning.files import atomic_save, content_id, write_atomic
 from dg_lightning.loggers import build_loggers, finish_loggers
@@ -247,6 +248,7 @@ def run_stages(cfg: DictConfig, pipeline: Pipeline):
     pipeline.check(cfg)
     finished = finished_metrics(cfg)  # a re-launched sweep skips its finished points
     if finished is not None:
+        announce(summary(cfg, Path(cfg.paths.output_dir), finished, "had finished"))
         return finished
     launch(cfg)  # trainer.strategy=ddp: every rank runs the pipeline from here
     out_dir = Path(cfg.paths.output_dir)
@@ -256,13 +258,15 @@ def run_stages(cfg: DictConfig, pipeline: Pipeline):
     L.seed_everything(cfg.seed, verbose=False)
     loggers, results, folders, metrics = build_loggers(cfg), {}, {}, {}
     for number, stage in enumerate(pipeline.stages, 1):
-        if stage.when(cfg):
+        banner = f"stage {number}/{len(pipeline.stages)} {stage.name}:"
+        if not stage.when(cfg):
+            announce(f"{banner} not needed for this config")
+        else:
             keys, ran = stage.declared_keys(cfg), [name for name in stage.inputs if name in folders]
             contents = file_contents(cfg, stage.declared_files(cfg))
             folder = folders[stage.name] = stage_dir(cfg, stage.name, keys, [folders[name] for name in ran], contents)
             cached = (folder / STAGE_RECORD).is_file()
-            announce(f"stage {number}/{len(pipeline.stages)} {stage.name}: "
-                     f"{'from the cache' if cached else 'running'}{f' ({folder})' if cached else ''}")
+            announce(f"{banner} {'from the cache' if cached else 'running'} ({folder})")
             view = config_view(cfg, stage.name, (*keys, *stage.uses, *contents))
             results[stage.name] = stage.run(StageRun(view, folder, out_dir, loggers,
                                                      {name: results[name] for name in ran},
@@ -272,8 +276,9 @@ def run_stages(cfg: DictConfig, pipeline: Pipeline):
         if stage.name == cfg.stage:
             break
     write_metrics(out_dir, metrics)
+    runs = wandb_lines(loggers)
     finish_loggers(loggers, metrics)
-    announce(summary(cfg, out_dir, metrics))
+    announce(summary(cfg, out_dir, metrics, "finished", runs))
     return metrics
 
 
@@ -303,13 +308,3 @@ def record_use(folder, out_dir):
     write_atomic(folder / RUN_RECORDS / f"{hashlib.sha256(out_dir.encode()).hexdigest()[:16]}.json",
                  lambda f: f.write((json.dumps(use, indent=2) + "\n").encode()))
 
-
-def summary(cfg: DictConfig, out_dir: Path, metrics):
-    """The run's closing lines: the experiment, its folder, every metric and the figures written there."""
-    width = max((len(name) for name in metrics), default=0)
-    lines = [f"{cfg.experiment_name} finished: {out_dir}"]
-    lines += [f"  {name:<{width}}  {value:.4f}" for name, value in sorted(metrics.items())]
-    figures = sorted(p.name for p in out_dir.glob("*.png"))
-    if figures:
-        lines.append(f"  figures: {', '.join(figures)}")
-    return "\n".join(lines)
