@@ -9,7 +9,8 @@ SETS = {  # sample sets by their internal names (pipeline keys, metric prefixes)
     "data": "real data", "floor": "2nd real-data sample", "no_dg": "no DG", "dg": "DG (trained)", "dg_optimal": "DG with d*",
     "eval": "DG (trained)", "eval_unguided": "no DG", "eval_floor": "real digits",
 }
-QUANTITIES = {"swd": "SWD", "fid": "FID", "sfid": "sFID", "kid": "KID", "is": "Inception score", "precision": "Precision", "recall": "Recall"}
+QUANTITIES = {"swd": "SWD", "fid": "FID", "sfid": "sFID", "kid": "KID", "is": "Inception score", "precision": "Precision",
+              "recall": "Recall"}
 KEYS = {"guidance.dg.weight": "DG weight", "guidance.dg.t_min": "DG window start", "guidance.dg.t_max": "DG window end"}
 
 
@@ -59,7 +60,8 @@ def toy2d_figure(reference, samples, taus, curves, swd, path):
     ax.axhline(0.0, color="grey", lw=0.8, ls="--", label="0: d = 1/2 (real and fake alike)")
     ax.set(xscale="log", xlabel="VP diffusion time t (log scale)", ylabel="mean log d / (1 - d)")
     ax.set_title("trained discriminator's mean log ratio\non each set diffused to time t", fontsize=10)
-    ax.legend(title="discriminator on", fontsize=8, title_fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside: the curves fill the axes
+    ax.legend(title="discriminator on", fontsize=8, title_fontsize=8,  # outside the axes: the curves fill them
+              loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle("Toy 2-D mixture: samples from a wrong score model, without and with DG\n"
                  "SWD: sliced Wasserstein distance to real data, lower is better; d*: the exact optimal discriminator")
     fig.savefig(path, dpi=100)
@@ -94,7 +96,7 @@ def image_grid(samples, fid, path, title, count=64):
 def sweep_figure(cells, baselines, label, x_key, col_key, path):
     """`label` against the x_key values, one line per col_key value, from report.pooled's {(x, column): values}: each
     point the mean of its values, with the sample std as an error bar where there are several; each of `baselines`
-    ({legend text: value}) a dashed horizontal line."""
+    ({legend text: value}) a dashed, then dotted, horizontal line."""
     fig = Figure(figsize=(6.4, 4.8), layout="constrained")
     ax = fig.subplots()
     for col in dict.fromkeys(col for _, col in cells):
