@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from dg_lightning.report import bootstrap_interval, main as report_main
+from dg_lightning.report import baselines, bootstrap_interval, collect, load_jobs, main as report_main, pooled
+from dg_lightning.plots import sweep_figure
 
 # (head seed, sampling seed, t_max) -> (eval/fid, eval_unguided/fid): the unguided FID depends on the sampling seed only.
 UNGUIDED = {0: 9.0, 1: 8.0}
@@ -96,6 +97,45 @@ def test_job_folders_without_metrics_are_listed_as_failed_or_running_with_why(tm
     ]
     assert (tmp_path / "report.md").read_text().splitlines()[-4:] == expected
     assert "\n".join(expected) in capsys.readouterr().out
+
+
+def add_floor(folder):
+    """eval_floor/fid = 1 + sampling seed / 2 in every job of write_sweep."""
+    for job in sorted(folder.glob("*/metrics.json")):
+        sampling = OmegaConf.load(job.parent / "resolved_config.yaml").metrics.sampling_seed
+        job.write_text(json.dumps({**json.loads(job.read_text()), "eval_floor/fid": 1.0 + sampling / 2}))
+
+
+def test_the_baselines_are_the_no_dg_and_floor_metrics_every_job_records(tmp_path):
+    """No DG: the mean of UNGUIDED over the jobs (half at each sampling seed), 0 as its own paired difference; the floor
+    only once every job has it: mean 1.25, paired -7.25 = mean of 1 - 9 and 1.5 - 8."""
+    write_sweep(tmp_path)
+    jobs = load_jobs(tmp_path)
+    assert baselines(jobs, "eval/fid") == {"no DG (baseline): 8.5": 8.5}
+    assert baselines(jobs, "eval/fid", "eval_unguided/fid") == {"no DG (baseline): 0": 0.0}
+    assert baselines(jobs, "eval_unguided/fid") == {} and baselines(jobs, "eval/kid") == {}
+    add_floor(tmp_path)
+    jobs = load_jobs(tmp_path)
+    assert baselines(jobs, "eval/fid") == {"no DG (baseline): 8.5": 8.5, "real digits (floor): 1.25": 1.25}
+    assert baselines(jobs, "eval/fid", "eval_unguided/fid") == {"no DG (baseline): 0": 0.0,
+                                                                 "real digits (floor): -7.25": -7.25}
+
+
+def test_the_sweep_figure_draws_the_baselines_as_horizontal_lines_and_names_the_axes_in_words(tmp_path):
+    write_sweep(tmp_path)
+    add_floor(tmp_path)
+    jobs = load_jobs(tmp_path)
+    rows = collect(jobs, "eval/fid", "discriminator.seed", "guidance.dg.t_max")
+    fig = sweep_figure(pooled(rows), baselines(jobs, "eval/fid"), "FID of DG (trained)", "discriminator.seed",
+                       "guidance.dg.t_max", tmp_path / "report.png")
+    ax = fig.axes[0]
+    flat = {line.get_label(): set(line.get_ydata()) for line in ax.get_lines() if len(set(line.get_ydata())) == 1}
+    assert flat == {"no DG (baseline): 8.5": {8.5}, "real digits (floor): 1.25": {1.25}}
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == [
+        "no DG (baseline): 8.5", "real digits (floor): 1.25", "t_max = 0.2", "t_max = 1.0"]
+    assert ax.get_title().startswith("FID of DG (trained)\none line per DG window end (guidance.dg.t_max)\n")
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("discriminator.seed", "FID of DG (trained)")
+    assert (tmp_path / "report.png").stat().st_size > 5000
 
 
 def test_the_bootstrap_interval_has_the_normal_limit_and_its_degenerate_cases():

@@ -6,7 +6,8 @@
 Reads every job folder's resolved_config.yaml and metrics.json under <sweep_dir>; writes <sweep_dir>/report.md (a
 Markdown table: one row per value of --rows, one column per value of --cols, then the job folders without metrics.json,
 each as failed or running with its error from run.json) and <sweep_dir>/report.png (the metric against --rows, one line
-per --cols value). Jobs that share both values (they differ in other swept keys, e.g. seeds)
+per --cols value, with the no-DG baseline and the floor, where the jobs record them, as horizontal lines). Jobs that
+share both values (they differ in other swept keys, e.g. seeds)
 are pooled: a cell gives their mean ± sample std and their number n; with --all a last row pools each column (for
 rows that are seeds, e.g. --rows discriminator.seed). With --minus, each job contributes its paired difference
 metric - minus (e.g. eval/fid - eval_unguided/fid, DG against no DG from the same seeds), and a cell also counts the
@@ -24,31 +25,36 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from dg_lightning.config import ABSENT
-from dg_lightning.plots import sweep_figure
+from dg_lightning.plots import SETS, metric_words, short_key, split_metric, sweep_figure
 from dg_lightning.runstatus import RUN_STATUS, read_status
 
 ROWS, COLS = "guidance.dg.weight", "guidance.dg.t_min"  # the default swept keys: DG weight by window start
 JOB_FILES = (".hydra", "resolved_config.yaml", RUN_STATUS)  # what makes a folder of the sweep a job's folder
 
 
-def collect(sweep_dir, metric, rows_key=ROWS, cols_key=COLS, minus=None):
-    """(row value, column value, value) for every finished job of a sweep folder, sorted; value is the job's metric,
-    or its metric minus its `minus` metric."""
+def load_jobs(sweep_dir):
+    """(job folder, resolved config, metrics) of every finished job of a sweep folder, in folder order."""
+    jobs = [(f.parent, OmegaConf.load(f.parent / "resolved_config.yaml"), json.loads(f.read_text()))
+            for f in sorted(Path(sweep_dir).glob("*/metrics.json"))]
+    if not jobs:
+        raise FileNotFoundError(f"no */metrics.json under {sweep_dir}: is it a finished Hydra multirun folder?")
+    return jobs
+
+
+def collect(jobs, metric, rows_key=ROWS, cols_key=COLS, minus=None):
+    """(row value, column value, value) for every job of load_jobs, sorted; value is the job's metric, or its metric
+    minus its `minus` metric."""
     rows = []
-    for metrics_file in sorted(Path(sweep_dir).glob("*/metrics.json")):
-        cfg = OmegaConf.load(metrics_file.parent / "resolved_config.yaml")
-        metrics = json.loads(metrics_file.read_text())
+    for folder, cfg, metrics in jobs:
         for name in (metric, minus or metric):
             if name not in metrics:
-                raise KeyError(f"{metrics_file} has no metric {name!r}; it has {sorted(metrics)}")
+                raise KeyError(f"{folder / 'metrics.json'} has no metric {name!r}; it has {sorted(metrics)}")
         keys = {key: OmegaConf.select(cfg, key, default=ABSENT) for key in (rows_key, cols_key)}
         missing = [key for key, value in keys.items() if value is ABSENT]
         if missing:
-            raise KeyError(f"{metrics_file.parent / 'resolved_config.yaml'} has no config key {missing[0]!r}; "
+            raise KeyError(f"{folder / 'resolved_config.yaml'} has no config key {missing[0]!r}; "
                            "give --rows / --cols keys of the swept config, e.g. guidance.dg.weight")
         rows.append((keys[rows_key], keys[cols_key], metrics[metric] - (metrics[minus] if minus else 0.0)))
-    if not rows:
-        raise FileNotFoundError(f"no */metrics.json under {sweep_dir}: is it a finished Hydra multirun folder?")
     return sorted(rows, key=lambda r: (order(r[0]), order(r[1]), r[2]))
 
 
@@ -71,6 +77,25 @@ def unfinished_text(jobs):
         return ""
     return f"\nNot in the table ({len(jobs)} job folders without metrics.json):\n" + \
         "".join(f"- {folder}: {why}\n" for folder, why in jobs)
+
+
+BASELINES = {  # a DG set -> its baseline (no DG) and floor sets, as plots.SETS names them
+    "eval": (("eval_unguided", "baseline"), ("eval_floor", "floor")),
+    "dg": (("no_dg", "baseline"), ("floor", "floor")), "dg_optimal": (("no_dg", "baseline"), ("floor", "floor")),
+}
+
+
+def baselines(jobs, metric, minus=None):
+    """{legend text: value} of a DG metric's no-DG and floor counterparts that every job records: their mean over the
+    jobs, each job's minus its `minus` metric (so the no-DG line is at 0 for --minus its no-DG metric)."""
+    sample_set, _, pattern = split_metric(metric)
+    lines = {}
+    for other, role in BASELINES.get(sample_set, ()):
+        name = pattern.format(other)
+        if all(name in metrics for _, _, metrics in jobs):
+            value = statistics.mean(m[name] - (m[minus] if minus else 0.0) for _, _, m in jobs)
+            lines[f"{SETS[other]} ({role}): {value:.4g}"] = value
+    return lines
 
 
 def order(value):
@@ -115,14 +140,9 @@ def cell_text(values, paired):
         (", includes 0)" if lo <= 0 <= hi else ")")
 
 
-def metric_label(metric, minus=None):
-    """The reported quantity's name: the metric, or the paired difference "metric - minus"."""
-    return f"{metric} - {minus}" if minus else metric
-
-
-def short_key(key):
-    """The last part of a dotted config key (guidance.dg.t_min -> t_min), for column and line labels."""
-    return key.rsplit(".", 1)[-1]
+def metric_label(metric, minus=None, name=str):
+    """The reported quantity's name: name(metric), or the paired difference "name(metric) - name(minus)"."""
+    return f"{name(metric)} - {name(minus)}" if minus else name(metric)
 
 
 def markdown_table(rows, metric, rows_key=ROWS, cols_key=COLS, minus=None, pool_rows=False):
@@ -150,13 +170,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     left_out = unfinished_text(unfinished(args.sweep_dir))
     try:
-        rows = collect(args.sweep_dir, args.metric, args.rows, args.cols, args.minus)
+        jobs = load_jobs(args.sweep_dir)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{exc}{left_out}") from exc
+    rows = collect(jobs, args.metric, args.rows, args.cols, args.minus)
     table = markdown_table(rows, args.metric, args.rows, args.cols, args.minus, args.all) + left_out
     markdown, figure = Path(args.sweep_dir) / "report.md", Path(args.sweep_dir) / "report.png"
     markdown.write_text(table)
-    sweep_figure(pooled(rows), metric_label(args.metric, args.minus), args.rows, short_key(args.cols), figure)
+    sweep_figure(pooled(rows), baselines(jobs, args.metric, args.minus), metric_label(args.metric, args.minus, metric_words),
+                 args.rows, args.cols, figure)
     print(table)
     print(f"wrote {markdown} and {figure}")
 

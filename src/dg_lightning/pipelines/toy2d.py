@@ -74,14 +74,14 @@ def sample(run):
     sample_fns = {name: build_sampler(cfg, denoiser, discriminator, progress=True)
                   for name, discriminator in (("no_dg", None), ("dg", net), ("dg_optimal", OptimalDiscriminator(data, model)))}
     samples = {name: sample_fn(latents, None, None) for name, sample_fn in sample_fns.items()}
-    swd = lambda x, y: sliced_wasserstein(x, y, cfg.metrics.num_projections, seed=cfg.seed)  # noqa: E731
-    run.metrics.update({f"toy/swd_{name}": swd(x, reference) for name, x in samples.items()})
+    scores = {name: sliced_wasserstein(x, reference, cfg.metrics.num_projections, seed=cfg.seed)
+              for name, x in {**samples, "floor": floor}.items()}
+    run.metrics.update({f"toy/swd_{name}": value for name, value in scores.items()})
     run.metrics.update({f"toy/nfe_{name}": sample_fn.nfe[0] for name, sample_fn in sample_fns.items()})
-    run.metrics["toy/swd_floor"] = swd(floor, reference)
     taus = torch.linspace(cfg.guidance.dg.t_min, cfg.guidance.dg.t_max, 40).tolist()
-    sets = {"real": reference, "fake": samples["no_dg"], "guided (DG)": samples["dg"]}
+    sets = {"data": reference, "no_dg": samples["no_dg"], "dg": samples["dg"]}
     curves = mean_log_ratio_curves(net, sets, taus, seed=cfg.seed)
-    toy2d_figure(reference, samples, taus, curves, run.metrics, run.out_dir / "toy2d.png")
+    toy2d_figure(reference, samples, taus, curves, scores, run.out_dir / "toy2d.png")
 
 
 PIPELINE = Pipeline("toy2d", check=check, stages=(
