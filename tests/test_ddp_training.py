@@ -60,7 +60,7 @@ callback = GuidedSamplingCallback(sample_fn, GenerativeMetrics(Flat(), reset_rea
 net = train_discriminator(cfg, real, fake, build_network(cfg, cfg.discriminator.net), [],
                           stage_dir(cfg, "train", ["seed", "trainer", "data"]), callbacks=[callback])
 torch.save(net.state_dict(), f"{out}/rank{rank}.pt")
-json.dump({"world_size": world_size, "history": callback.history}, open(f"{out}/rank{rank}.json", "w"))
+json.dump({"world_size": world_size, "history": callback.history, "best_epoch": callback.best_epoch}, open(f"{out}/rank{rank}.json", "w"))
 '''
 
 
@@ -81,9 +81,11 @@ def test_ddp_discriminator_training_keeps_ranks_in_sync_and_learns(tmp_path):
     (train_dir,) = (tmp_path / "cache" / "toy2d").glob("train-*")
     saved = torch.load(train_dir / "discriminator.pt", weights_only=True)  # written once, by rank 0
     assert all(torch.equal(saved[name], value) for name, value in weights[0].items())
-    assert sorted(p.name for p in (train_dir / "checkpoints").glob("epoch*.ckpt")) == [f"epoch00{e}.ckpt" for e in range(3)]
     # The sampling callback's metrics are reduced over both ranks' samples: the same history on each rank.
     assert ranks[0]["history"] == ranks[1]["history"] and [h["epoch"] for h in ranks[0]["history"]] == [0, 1, 2]
+    # checkpoints.keep=1: the epoch checkpoint kept is the callback's best epoch, as both ranks agree.
+    assert ranks[0]["best_epoch"] == ranks[1]["best_epoch"]
+    assert [p.name for p in (train_dir / "checkpoints").glob("epoch*.ckpt")] == [f"epoch{ranks[0]['best_epoch']:03d}.ckpt"]
     assert (tmp_path / "sampling" / "samples_epoch2.png").is_file()
 
     # It learned: the trained discriminator's BCE on fresh diffused real/fake points is below the untrained one's.
