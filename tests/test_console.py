@@ -79,19 +79,20 @@ def test_summary_tables_dg_against_no_dg_and_the_floor(tmp_path):
     toy = {"toy/swd_no_dg": 0.8, "toy/swd_dg": 0.5, "toy/swd_dg_optimal": 0.25, "toy/swd_floor": 0.125}
     assert summary(cfg, tmp_path, toy, runs=["W&B offline run"]).splitlines() == [
         f"toy2d finished: {tmp_path}",
-        "        no DG      DG  DG (exact d*)   floor",
-        "  swd  0.8000  0.5000         0.2500  0.1250",
+        "       no DG  DG (trained)  DG with d*  floor",
+        "  swd    0.8           0.5        0.25  0.125",
         "  figures: toy2d.png",
         "  W&B offline run",
     ]
     images = {"eval/fid": 12.5, "eval_unguided/fid": 14.0, "eval_floor/fid": 1.5, "eval/recall": 0.5,
-              "eval_unguided/recall": 0.25, "sampling/best_epoch": 3}
+              "eval_unguided/recall": 0.25, "sampling/best_epoch": 3, "toy/nfe_dg": 35}
     assert summary(cfg, tmp_path / "none", images, "had finished").splitlines() == [
         f"toy2d had finished: {tmp_path / 'none'}",
-        "            no DG       DG   floor",
-        "  fid     14.0000  12.5000  1.5000",
-        "  recall   0.2500   0.5000       -",
-        "  sampling/best_epoch  3.0000",
+        "          no DG  DG (trained)  floor",
+        "  fid        14          12.5    1.5",
+        "  recall   0.25           0.5      -",
+        "  nfe         -            35      -",
+        "  sampling/best_epoch  3",
     ]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import WandbLogger
 
 from dg_lightning.distributed import rank_and_world_size
+from dg_lightning.plots import SETS, split_metric
 
 RANK_ZERO = "lightning.pytorch.utilities.rank_zero"  # the logger of Lightning's rank_zero_info
 
@@ -102,24 +103,19 @@ def wandb_lines(loggers):
     return lines
 
 
-# The summary table's columns, each with the regex of the metrics.json names that hold its figures (the metric's name
-# in the group): the samples without DG, with DG, with DG by the exact d* (toy 2-D), and the floor (data against data).
-HEADLINE = (
-    ("no DG", r"eval_unguided/(\w+)|toy/([a-z]+)_no_dg"),
-    ("DG", r"eval/(\w+)|toy/([a-z]+)_dg"),
-    ("DG (exact d*)", r"toy/([a-z]+)_dg_optimal"),
-    ("floor", r"eval_floor/(\w+)|toy/([a-z]+)_floor"),
-)
+HEADLINE = ("no DG", "DG (trained)", "DG with d*", "floor")  # the summary table's columns, in plots.SETS' words
+FLOORS = ("floor", "eval_floor")  # the sets of real data scored against real data
 
 
 def headline(metrics):
-    """({metric: {column: value}} of the metrics that HEADLINE names, {name: value} of the others)."""
+    """({quantity: {column: value}} of the metrics of the HEADLINE sets (plots.split_metric's set of a metric name),
+    {name: value} of the others)."""
     table, others = {}, {}
     for name, value in sorted(metrics.items()):
-        found = [(column, match) for column, pattern in HEADLINE if (match := re.fullmatch(pattern, name))]
-        if found:
-            (column, match), = found
-            table.setdefault(next(group for group in match.groups() if group), {})[column] = value
+        sample_set, quantity, _ = split_metric(name)
+        column = "floor" if sample_set in FLOORS else SETS.get(sample_set)
+        if column in HEADLINE:
+            table.setdefault(quantity, {})[column] = value
         else:
             others[name] = value
     return table, others
@@ -128,8 +124,8 @@ def headline(metrics):
 def table_lines(table):
     """The headline table as aligned lines: a header of the columns present, then one row per metric ("-" where a
     column has no figure for it)."""
-    columns = [column for column, _ in HEADLINE if any(column in row for row in table.values())]
-    rows = [["", *columns]] + [[metric, *(f"{row[c]:.4f}" if c in row else "-" for c in columns)]
+    columns = [column for column in HEADLINE if any(column in row for row in table.values())]
+    rows = [["", *columns]] + [[metric, *(f"{row[c]:.4g}" if c in row else "-" for c in columns)]
                                for metric, row in table.items()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns) + 1)]
     return ["  " + "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
@@ -142,7 +138,7 @@ def summary(cfg, out_dir, metrics, state="finished", runs=()):
     table, others = headline(metrics)
     width = max(map(len, others), default=0)
     lines = [f"{cfg.experiment_name} {state}: {out_dir}", *(table_lines(table) if table else [])]
-    lines += [f"  {name:<{width}}  {value:.4f}" for name, value in others.items()]
+    lines += [f"  {name:<{width}}  {value:.4g}" for name, value in others.items()]
     figures = sorted(p.name for p in Path(out_dir).glob("*.png"))
     if figures:
         lines.append(f"  figures: {', '.join(figures)}")
