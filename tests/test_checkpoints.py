@@ -1,9 +1,7 @@
 """Checkpoint loaders: EDM network pickles read without running code
 from the file; ADM classifiers and DG heads as strict state dicts. Every file is written here, in tmp_path."""
 
-import builtins
 import dataclasses
-import os
 import pickle
 import re
 import sys
@@ -25,6 +23,7 @@ from dg_lightning.nets import adm, edm
 from dg_lightning.score_loss import EDMLoss
 from dg_lightning.sde import cosine_time_from_tau
 from netutils import randomized, randomized_zeros
+from payloads import EXPLOITS, Exploit
 
 # --- writing EDM-format pickles ---
 
@@ -104,17 +103,6 @@ def tiny_edm(case="vp-ddpm++-cond"):
     return randomized(cls(**kwargs)), kwargs
 
 
-class Exploit:
-    """Unpickles as func(arg): what a malicious pickle does."""
-
-    def __init__(self, func, arg):
-        self.func, self.arg = func, arg
-
-    def __reduce__(self):
-        return self.func, (self.arg,)
-
-
-EXPLOITS = [(os.system, "touch {marker}"), (builtins.exec, "open({marker!r}, 'w').close()")]
 
 
 # --- EDM network pickles ---
@@ -334,7 +322,8 @@ def test_adm_loader_refuses_pickled_code_without_running_it(tmp_path, func, code
     path = tmp_path / "32x32_classifier.pt"
     torch.save(Exploit(func, code.format(marker=str(marker))), path)
 
-    with pytest.raises(CheckpointError, match=f"cannot read {re.escape(str(path))} as a torch state dict"):
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: refused unread, its pickle would call "
+                                              f"(posix.system|exec)"):
         load_adm_classifier(path, "cifar10")
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the payload is live: an unrestricted load runs it

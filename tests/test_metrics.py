@@ -3,7 +3,6 @@ KID against a direct numpy computation, IS in its closed-form limits, reference 
 error messages. CPU only, no network."""
 
 import itertools
-import os
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from dg_lightning.metrics import (
     PrecisionRecall,
     inception_features,
 )
+from payloads import leaves_a_marker
 
 
 def brute_force_precision_recall(real, fake, k):
@@ -436,23 +436,13 @@ def test_grey_digits_reach_inception_as_three_equal_channels(tmp_path, monkeypat
         grey(digits.repeat(1, 3, 1, 1))
 
 
-class LeavesAMarker:
-    """Unpickling it runs `touch <marker>`: a weights file that executes code."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 @pytest.mark.parametrize("load", ["inception_features", "ADMInception"])
 def test_an_inception_file_whose_pickle_runs_code_is_refused_unrun(tmp_path, load):
     from dg_lightning import evaluation, metrics
 
     marker, weights = tmp_path / "executed", tmp_path / "weights-inception-2015-12-05-6726825d.pth"
-    torch.save({"fc.weight": LeavesAMarker(marker)}, weights)
+    torch.save({"fc.weight": leaves_a_marker(marker)}, weights)
     reader = metrics.inception_features if load == "inception_features" else evaluation.ADMInception
-    with pytest.raises(ValueError, match=r"weights-inception-2015-12-05-6726825d.pth: not a plain file of tensors"):
+    with pytest.raises(ValueError, match=r"weights-inception-2015-12-05-6726825d.pth: refused unread, its pickle would call posix.system"):
         reader(weights)
     assert not marker.exists()

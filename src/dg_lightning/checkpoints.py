@@ -5,7 +5,7 @@
   constructor arguments it recorded build our own `dg_lightning.nets.edm` module, and the weights load
   into it with strict=True. The Python source embedded in the pickle is ignored.
 - ADM classifiers and DG's discriminator heads are plain state dicts, read with
-  `torch.load(weights_only=True)` and loaded strictly into `dg_lightning.nets.adm` modules.
+  `files.load_weights` (weights_only=True) and loaded strictly into `dg_lightning.nets.adm` modules.
 
 Every loader returns its network on the CPU, in eval mode, with requires_grad False. A state dict that
 does not fit the expected network raises a CheckpointError naming the file and the first differing keys.
@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from dg_lightning.files import UnsafeWeightsError, load_weights
 from dg_lightning.nets import adm, dit, edm, unet
 from dg_lightning.sde import cosine_time_from_tau
 
@@ -72,7 +73,7 @@ def _persistent_object(meta):
 
 def _load_storage(data):
     """torch.storage._load_from_bytes through torch's own weights-only loader (the nested legacy torch.save blob)."""
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return load_weights(io.BytesIO(data))
 
 
 _NUMPY_SCALAR = np.float64(0).__reduce__()[0]  # numpy's multiarray.scalar, whatever this numpy calls its module
@@ -237,7 +238,9 @@ def _read_state_dict(path, source):
     """The tensors of a torch.save'd state dict, read with weights_only=True onto the CPU."""
     path = _existing(path, source)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights(path)
+    except UnsafeWeightsError as exc:
+        raise CheckpointError(f"{exc} (the released file: {source})") from exc
     except Exception as exc:
         raise CheckpointError(
             f"cannot read {path} as a torch state dict ({type(exc).__name__}: {exc}); the file may be truncated, "

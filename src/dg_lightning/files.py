@@ -1,10 +1,13 @@
-"""Atomic files (a reader never sees a partial file, and a killed or failed write leaves the old one) and the content
-ids of the files a stage reads (what its fingerprint holds of them)."""
+"""Atomic files (a reader never sees a partial file, and a killed or failed write leaves the old one), the one way a
+weights file is read (load_weights: never code from a pickle) and the content ids of the files a stage reads (what its
+fingerprint holds of them)."""
 
 import errno
 import hashlib
 import json
 import os
+import pickle
+import re
 import secrets
 from pathlib import Path
 
@@ -41,6 +44,24 @@ def write_atomic(path, write):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class UnsafeWeightsError(pickle.UnpicklingError):
+    """A weights file whose pickle would call code (a global outside torch's weights-only set): refused, unrun."""
+
+
+def load_weights(file):
+    """The tensors (in plain containers) that torch.save wrote to `file` (a path or a binary file object), onto the CPU
+    with weights_only=True; a pickle that would call code raises UnsafeWeightsError naming the file, its payload unrun.
+    Every weights file the project reads comes through here."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"(?i)unsupported (?:global:? )?GLOBAL ([\w.]+)", str(exc))
+        raise UnsafeWeightsError(
+            f"{file}: refused unread, its pickle would call {found.group(1) if found else 'code'}; weights files are "
+            "read as plain tensors only. Use a file of tensors (torch.save of a state dict) from a source you trust"
+        ) from exc
 
 
 def atomic_save(obj, path: Path, save=torch.save):

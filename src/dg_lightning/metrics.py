@@ -1,7 +1,6 @@
 """Distribution metrics: sliced Wasserstein distance, improved precision/recall, FID, KID, IS, and the feature extractors they use."""
 
 import copy
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from torchmetrics.image.kid import poly_mmd
 from torchmetrics.utilities import dim_zero_cat
 
 from dg_lightning.distributed import rank_and_world_size
+from dg_lightning.files import UnsafeWeightsError, load_weights
 from dg_lightning.progress import track
 
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -235,10 +235,9 @@ def inception_features(weights_path):
             f"from {INCEPTION_WEIGHTS_URL} and pass its path (nothing is downloaded at run time)."
         )
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"{path}: not a plain file of tensors (its pickle would run code, refused unread: {exc}). "
-                         f"Use torch-fidelity's {INCEPTION_WEIGHTS_NAME} from {INCEPTION_WEIGHTS_URL}") from exc
+        load_weights(path)
+    except UnsafeWeightsError as exc:
+        raise ValueError(f"{exc}: torch-fidelity's {INCEPTION_WEIGHTS_NAME} from {INCEPTION_WEIGHTS_URL}") from exc
     net = NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path), antialias=False)
     net.num_features = 2048
     return net

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from dg_lightning.accel import build_accel
 from dg_lightning.callbacks import EpochSeed, GuidedSamplingCallback, RNGStates
 from dg_lightning.data import ArraySource, RealFakeDataModule
-from dg_lightning.files import atomic_save, write_atomic
+from dg_lightning.files import atomic_save, load_weights, write_atomic
 from dg_lightning.loggers import ResumableCSVLogger
 from dg_lightning.module import DiscriminatorModule
 from dg_lightning.pretrain import clean_loader
@@ -38,10 +38,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda f: torch.save(checkpoint, f))
 
-    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
-        """The checkpoint at path (on the CPU, as Lightning's default), loaded with weights_only=True whatever
-        Lightning asks."""
-        return super().load_checkpoint(path, map_location, weights_only=True)
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        """The checkpoint at path, on the CPU (Lightning's default), through files.load_weights whatever Lightning
+        asks."""
+        return load_weights(path)
 
 
 def damage(path: Path):
@@ -146,7 +146,7 @@ def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, n
     """
     weights = Path(folder) / "discriminator.pt"
     if weights.exists():
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        net.load_state_dict(load_weights(weights))
         return net
     d, seed = cfg.data, cfg.discriminator.seed
     datamodule = RealFakeDataModule(real, fake, batch_size=d.batch_size, t_min=d.t_min, importance=d.importance_sampling,

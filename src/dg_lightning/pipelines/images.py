@@ -4,6 +4,7 @@ frozen weights from a stage file, and the device a run's networks use."""
 import torch
 from omegaconf import DictConfig
 
+from dg_lightning.files import load_weights
 from dg_lightning.generate import generate
 from dg_lightning.pipelines.recipe import fingerprint
 from dg_lightning.sampling import build_sampler
@@ -17,7 +18,7 @@ def device_of(cfg: DictConfig):
 
 def frozen(net, weights):
     """net with the state dict in `weights` (weights_only), in eval mode, without parameter gradients."""
-    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    net.load_state_dict(load_weights(weights))
     return net.eval().requires_grad_(False)
 
 

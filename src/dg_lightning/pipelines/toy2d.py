@@ -6,7 +6,7 @@ from hydra.utils import instantiate
 
 from dg_lightning.config import ConfigError
 from dg_lightning.data import ArraySource
-from dg_lightning.files import atomic_save
+from dg_lightning.files import atomic_save, load_weights
 from dg_lightning.metrics import sliced_wasserstein
 from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
 from dg_lightning.plots import toy2d_figure
@@ -51,7 +51,7 @@ def generate(run):
         model = instantiate(cfg.score.mixture)
         latents = torch.randn(cfg.data.num_fake, model.dim, generator=generator(cfg.seed, 1))
         atomic_save(build_sampler(cfg, MixtureDenoiser(model), progress=True)(latents, None, None), fakes_file)
-    return torch.load(fakes_file, weights_only=True)
+    return load_weights(fakes_file)
 
 
 def train(run):
