@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from dg_lightning import console, progress
 from dg_lightning.console import NOISE, RANK_ZERO, quiet_console, summary
-from dg_lightning.progress import StepProgressBar, track
+from dg_lightning.callbacks import StepProgressBar
+from dg_lightning.progress import track
 from test_run import run_py
 
 

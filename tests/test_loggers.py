@@ -7,9 +7,9 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger
 
-from dg_lightning.loggers import ResumableCSVLogger, build_loggers
+from dg_lightning.loggers import QuietWandbLogger, ResumableCSVLogger, build_loggers
 
 
 class TinyRegression(L.LightningModule):
@@ -121,7 +121,7 @@ def test_trainer_resumed_from_a_mid_run_checkpoint_logs_the_uninterrupted_rows(t
     assert [float(r["loss"]) for r in resumed] == [float(r["loss"]) for r in whole]
 
 
-@pytest.mark.parametrize("mode, kinds", [("disabled", [ResumableCSVLogger]), ("offline", [ResumableCSVLogger, WandbLogger])])
+@pytest.mark.parametrize("mode, kinds", [("disabled", [ResumableCSVLogger]), ("offline", [ResumableCSVLogger, QuietWandbLogger])])
 def test_wandb_mode_disabled_wins_over_the_logger_configs_offline_flag(compose_cfg, monkeypatch, mode, kinds):
     monkeypatch.setenv("WANDB_MODE", mode)
     cfg = compose_cfg("logger=default")

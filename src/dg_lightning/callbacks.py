@@ -1,4 +1,5 @@
-"""Periodic guided sampling while the discriminator trains: metrics per epoch, image grids, best-epoch selection.
+"""The Trainer's callbacks: periodic guided sampling while the discriminator trains (metrics per epoch, image grids,
+best-epoch selection), the per-epoch RNG seeding that makes resumption exact, and the step-based progress bar.
 
 Longer discriminator training can hurt (the paper: FID 1.66 after 10 epochs, 1.735 after 50), so
 GuidedSamplingCallback samples with Discriminator Guidance every few epochs, measures the samples and
@@ -14,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from torchmetrics.utilities.distributed import gather_all_tensors
 from torchvision.utils import save_image
@@ -23,7 +25,7 @@ from dg_lightning.files import write_atomic
 from dg_lightning.generate import sample_batches
 from dg_lightning.shards import to_uint8
 from dg_lightning.metrics import GenerativeMetrics
-from dg_lightning.progress import track
+from dg_lightning import progress
 
 MODES = ("min", "max")
 BEST_DISCRIMINATOR = "best_discriminator.pt"
@@ -235,7 +237,7 @@ class GuidedSamplingCallback(L.Callback):
         show = trainer.is_global_zero
         self.metrics.to(device)
         if self.real_images is not None:
-            for images in track(self.real_images[rank::world_size].split(self.batch_size), f"{self.prefix}: real features", show):
+            for images in progress.track(self.real_images[rank::world_size].split(self.batch_size), f"{self.prefix}: real features", show):
                 self.metrics.update(images.to(device), real=True)
             self.real_images = None
         indices = range(rank, self.num_samples, world_size)
@@ -244,7 +246,7 @@ class GuidedSamplingCallback(L.Callback):
                                  out_shape=(None, None, None))  # any (B, C, H, W) images
         grid = []
         with frozen(pl_module.discriminator), torch.no_grad():
-            for batch, images, _ in track(batches, f"{self.prefix}: sampling", show, total=math.ceil(len(indices) / self.batch_size)):
+            for batch, images, _ in progress.track(batches, f"{self.prefix}: sampling", show, total=math.ceil(len(indices) / self.batch_size)):
                 images = to_uint8(images)
                 self.metrics.update(images, real=False)
                 grid.append(images[: sum(i < self.grid_size for i in batch)])
@@ -273,3 +275,52 @@ class GuidedSamplingCallback(L.Callback):
         """Restore best_epoch, best_score and history (a resumed run keeps them)."""
         self.best_epoch, self.best_score = state_dict["best_epoch"], state_dict["best_score"]
         self.history = [dict(h) for h in state_dict["history"]]
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's Rich progress bar (same arguments); when training is step-based (trainer.max_steps > 0) one bar
+    over the whole fit, "train steps (epoch e)" with optimiser steps done / max_steps and the ETA, where Lightning's
+    restarts every epoch under "Epoch e/-2" (max_epochs -1 has no last epoch). Drawn on an interactive terminal only."""
+
+    def setup(self, trainer, pl_module, stage):
+        """Lightning's setup (rank 0 only draws); no bar off an interactive terminal."""
+        super().setup(trainer, pl_module, stage)
+        if not progress.interactive():
+            self.disable()
+
+    @staticmethod
+    def step_based(trainer):
+        """Whether the fit ends at trainer.max_steps optimiser steps."""
+        return trainer.max_steps is not None and trainer.max_steps > 0
+
+    @property
+    def total_train_batches(self):
+        """max_steps for step-based training (the bar's total), else Lightning's batches per epoch."""
+        return self.trainer.max_steps if self.step_based(self.trainer) else super().total_train_batches
+
+    def _get_train_description(self, current_epoch):
+        """"train steps (epoch e)" for step-based training, else Lightning's "Epoch e/last"."""
+        if self.step_based(self.trainer):
+            return f"train steps (epoch {current_epoch})"
+        return super()._get_train_description(current_epoch)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        """Step-based: the one bar is made on the first epoch (at global_step, for a resumed fit) and renamed on the
+        others; otherwise Lightning's bar per epoch."""
+        if not self.step_based(trainer) or self.is_disabled or self.progress is None:
+            return super().on_train_epoch_start(trainer, pl_module)
+        if self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self.progress.update(self.train_progress_bar_id, completed=trainer.global_step,
+                             description=self._get_train_description(trainer.current_epoch))
+        self.refresh()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        """Step-based: the bar stands at global_step (optimiser steps, as max_steps counts); otherwise Lightning's."""
+        if not self.step_based(trainer):
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
