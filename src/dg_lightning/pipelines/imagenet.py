@@ -16,6 +16,7 @@ from dg_lightning.released import check_discriminator_config, dg_discriminator
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.shards import load_shards
 from dg_lightning.sources import image_folder, shard_source
+from dg_lightning.held_out import resolve_t_max
 from dg_lightning.training import train_discriminator
 
 ENCODE_KEYS = ("seed", "data.image_dir", "data.image_size", "data.flip", "data.num_real")
@@ -70,7 +71,7 @@ def sample_to(cfg: DictConfig, sample_fn, folder, num_samples, base_seed, keys, 
 
 def train(run):
     """DG's conditional head on the frozen ADM classifier (the one trained by pretrain_classifier, when it ran):
-    trained on the encoded real data against the fakes, or the released head as it is (trainer.max_epochs=0);
+    trained on the encoded real data against the fakes (the last data.num_held_out of each held out), or the released head as it is (trainer.max_epochs=0);
     frozen, on the run's device."""
     cfg = run.cfg
     discriminator = dg_discriminator(cfg, run.results.get("pretrain_classifier"))
@@ -81,22 +82,24 @@ def train(run):
     return discriminator.to(device_of(cfg)).eval().requires_grad_(False)
 
 
-def _sample(run, discriminator, keys):
+def _sample(run, cfg, discriminator, keys):
     """metrics.num_samples uint8 images at the evaluation's seeds from the load stage's sample_fn(cfg, discriminator=)
-    (built with this stage's config view), in the stage's folder."""
-    cfg, m, loaded = run.cfg, run.cfg.metrics, run.results["load"]
+    (cfg: this stage's config view, its DG window resolved), in the stage's folder."""
+    m, loaded = cfg.metrics, run.results["load"]
     return sample_to(cfg, loaded.sample_fn(cfg, discriminator=discriminator), run.folder, m.num_samples, m.sampling_seed, keys,
                      loaded.shape, True)
 
 
 def sample(run):
-    """The G++ samples: DG with the trained (or released) head."""
-    return _sample(run, run.results["train"], (*SAMPLE_KEYS, "guidance"))
+    """The G++ samples: DG with the trained (or released) head, over the window guidance.dg (t_max=auto: the trained
+    head's, resolve_t_max)."""
+    cfg = resolve_t_max(run.cfg, run.folders["train"], run.metrics)
+    return _sample(run, cfg, run.results["train"], (*SAMPLE_KEYS, "guidance"))
 
 
 def sample_unguided(run):
     """The baseline: the same seeds and labels without DG (shared by every DG setting)."""
-    return _sample(run, None, SAMPLE_KEYS)
+    return _sample(run, run.cfg, None, SAMPLE_KEYS)
 
 
 def evaluate_samples(run):
