@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (["guidance.dg.t_min=0.5", "guidance.dg.t_max=0.1"], "guidance.dg.t_max", r"auto or a number in \(t_min, 1\]"),
     (["guidance.dg.t_max=1.5"], "guidance.dg.t_max", r"\(0.01, 1\] in VP time, got 1.5. Fix: set guidance.dg.t_max=auto"),
     (["guidance.dg.t_max=high"], "guidance.dg.t_max", "got 'high'"),
-    (["guidance.dg.t_max=auto", "callbacks={}"], "guidance.dg.t_max", "add callbacks.held_out"),
+    (["guidance.dg.t_max=auto", "~callbacks.held_out"], "guidance.dg.t_max", "add callbacks.held_out"),
     (["experiment=digits_edm_g++", "guidance.dg.t_max=auto", "discriminator.select=best"], "guidance.dg.t_max",
      "use discriminator.select=last with auto"),
     (["data.num_held_out=0"], "data.num_held_out", "integer >= 1, got 0"),

@@ -153,6 +153,7 @@ class HeldOutDiagnostics(L.Callback):
 def write_figures(history, folder: Path):
     """held_out.json ({"auto_margin", "epochs": history}) and held_out.png (figure) in folder."""
     record = {"auto_margin": AUTO_MARGIN, "epochs": history}
+    folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / FIGURES, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
     save(held_out_figure(history), folder / FIGURE)
 
@@ -171,10 +172,10 @@ def held_out_figure(history):
         axes[1].plot(centres, figure["bce"], color=colour, label=label, marker=".")
     axes[0].axhline(0.5, color="grey", linestyle="--", label="chance (0.5)")
     axes[1].axhline(LN2, color="grey", linestyle="--", label="chance (ln 2)")
-    for ax, what in zip(axes, ("Accuracy", "BCE (lower is better)")):
+    for ax, what, better in zip(axes, ("accuracy", "BCE"), ("higher", "lower")):
         ax.set_xlabel("VP time t (noise level; 0 is clean data)")
-        ax.set_ylabel(f"Held-out {what.split(' ')[0].lower()}")
-        ax.set_title(f"{what} of the discriminator on held-out real and fake samples")
+        ax.set_ylabel(f"held-out {what} ({better} is better)")
+        ax.set_title(f"Discriminator {what} on held-out real and fake\nsamples, per noise-level bin")
         ax.legend(fontsize="small")
     return fig
 
