@@ -87,11 +87,13 @@ def test_smoke_runs_every_stage_and_caches_them(tmp_path, write_edm_pickle, expe
     # feature extractor, the unguided evaluation samples.
     (fakes,) = cache(tmp_path, experiment, "generate")
     shard = np.load(fakes / "shard-000000.npz")
-    assert shard["samples"].shape == (SMOKE.data.num_fake, resolution, resolution, 3)
+    assert shard["samples"].shape == (SMOKE.data.num_fake + SMOKE.data.num_held_out, resolution, resolution, 3)
     assert ("labels" in shard) == bool(label_dim)
     if label_dim:
         assert 0 <= shard["labels"].min() and shard["labels"].max() < label_dim and len(set(shard["labels"])) > 1
     (train,) = cache(tmp_path, experiment, "train")
+    held_out = json.loads((train / "held_out.json").read_text())["epochs"]  # the held-out diagnostics' figures
+    assert [e["epoch"] for e in held_out] == [0] and sum(held_out[0]["count"]) == 2 * SMOKE.data.num_held_out
     weights = torch.load(train / "discriminator.pt", weights_only=True)
     checkpoint = torch.load(train / "checkpoints" / "epoch000.ckpt", weights_only=False)
     head_keys = {f"discriminator.{k}" for k in weights if k.startswith("head.")}

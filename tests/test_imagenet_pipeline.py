@@ -58,7 +58,7 @@ def test_smoke_runs_every_stage_exports_and_dg_weight_zero_is_unguided(tmp_path,
     assert np.array_equal(shard["labels"], np.repeat(np.arange(len(CLASSES)), 4))
     (fakes,) = PIPELINE.cache(tmp_path, "generate")
     shard = np.load(fakes / "shard-000000.npz")
-    assert shard["samples"].shape == (SMOKE.data.num_fake, 4, 32, 32) and len(set(shard["labels"])) > 1
+    assert shard["samples"].shape == (SMOKE.data.num_fake + SMOKE.data.num_held_out, 4, 32, 32) and len(set(shard["labels"])) > 1
     # Fakes and the encoding draw above every configured seed (the evaluation samples draw at sampling_seed 0).
     manifests = [json.loads((folder / "manifest.json").read_text()) for folder in (fakes, real)]
     assert [m["base_seed"] for m in manifests] == [2**32, 2 * 2**32]  # seed 0
