@@ -96,21 +96,17 @@ class HeldOutDiagnostics(L.Callback):
         if not isinstance(num_bins, int) or num_bins < 1:
             raise ValueError(f"HeldOutDiagnostics num_bins must be an integer >= 1, got {num_bins!r}")
         self.num_bins, self.seed, self.batch_size = num_bins, seed, batch_size
-        self.splits, self.history = None, []
+        self.data, self.splits, self.history = None, None, []
 
     def setup(self, trainer, pl_module, stage):
-        """This rank's share of the held-out split, with its bins, times and noise (None without a split)."""
+        """This rank's share of the held-out split: (source, indices, is_real) of each of its halves (None without
+        a split)."""
         held_out = getattr(trainer.datamodule, "held_out", None)
         if held_out is None:
             return
-        rank, world_size = trainer.global_rank, trainer.world_size
-        t_min, self.splits = trainer.datamodule.t_min, []
-        for source, is_real in zip(held_out, (True, False)):
-            indices = list(range(rank, len(source), world_size))
-            x0, labels = source.fetch(indices)
-            bins, t, z = times_and_noise(indices, is_real, x0.shape[1:], self.num_bins, self.seed, t_min)
-            labels = labels if trainer.datamodule.conditional else None
-            self.splits.append((trainer.datamodule.vp.diffuse(x0, t, z), t, bins, labels, is_real))
+        self.data, rank, world_size = trainer.datamodule, trainer.global_rank, trainer.world_size
+        self.splits = [(source, list(range(rank, len(source), world_size)), is_real)
+                       for source, is_real in zip(held_out, (True, False))]
 
     def on_train_epoch_end(self, trainer, pl_module):
         """Measure, log, and write the figures of this and every earlier epoch."""
@@ -129,16 +125,20 @@ class HeldOutDiagnostics(L.Callback):
             write_figures(self.history, Path(trainer.default_root_dir))
 
     def measure(self, pl_module):
-        """(4, K) bin_sums of this rank's held-out samples under the module's current discriminator."""
+        """(4, K) bin_sums of this rank's held-out samples, diffused batch by batch at their own times and noise
+        (times_and_noise), under the module's current discriminator."""
         sums = torch.zeros(4, self.num_bins, dtype=torch.float64, device=pl_module.device)
+        device = pl_module.device
         with frozen(pl_module.discriminator), torch.no_grad():
-            for x_t, t, bins, labels, is_real in self.splits:
-                for start in range(0, len(t), self.batch_size):
-                    part = slice(start, start + self.batch_size)
-                    logit = pl_module(x_t[part].to(pl_module.device), t[part].to(pl_module.device),
-                                      None if labels is None else labels[part].to(pl_module.device))
-                    sums += bin_sums(logit.float(), torch.full_like(logit, is_real, dtype=torch.bool), bins[part],
-                                     self.num_bins)
+            for source, indices, is_real in self.splits:
+                for start in range(0, len(indices), self.batch_size):
+                    batch = indices[start:start + self.batch_size]
+                    x0, labels = source.fetch(batch)
+                    bins, t, z = times_and_noise(batch, is_real, x0.shape[1:], self.num_bins, self.seed, self.data.t_min)
+                    x_t = self.data.vp.diffuse(x0, t, z).to(device)
+                    labels = labels.to(device) if labels is not None and self.data.conditional else None
+                    logit = pl_module(x_t, t.to(device), labels).float()
+                    sums += bin_sums(logit, torch.full_like(logit, is_real, dtype=torch.bool), bins, self.num_bins)
         return sums
 
     def state_dict(self):
