@@ -184,3 +184,17 @@ def test_inconsistent_settings_are_refused_before_sampling(tmp_path, compose_cfg
         run(compose_cfg("experiment=cifar10_edm_g++", "+smoke=edm", f"paths.released_dir={released}", "logger=csv",
                         *overrides))
     assert not cache(tmp_path, "cifar10_edm_g++", "generate")
+
+
+@pytest.mark.parametrize("num_real", [16, "null"])
+def test_holding_out_every_real_image_is_refused_naming_data_num_held_out(tmp_path, compose_cfg,  # noqa: F811
+                                                                          write_edm_pickle, num_real):
+    """From the config alone (data.num_real given) or from the data (null: all it holds), before any fake is made."""
+    released = write_released_files(tmp_path / "released", "cifar10_edm_g++", write_edm_pickle)
+    with np.load(released / "true_data.npz") as npz:
+        held = 16 if num_real == 16 else len(npz["arr_0"])
+    with pytest.raises(ConfigError, match=rf"config key 'data.num_held_out': holds out {held} of the {held} real "
+                                          rf"samples of .*true_data.npz .*Fix: set data.num_held_out below {held}"):
+        run(compose_cfg("experiment=cifar10_edm_g++", "+smoke=edm", f"paths.released_dir={released}", "logger=csv",
+                        f"data.num_real={num_real}", f"data.num_held_out={held}"))
+    assert not cache(tmp_path, "cifar10_edm_g++", "generate")

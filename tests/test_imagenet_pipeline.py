@@ -131,6 +131,15 @@ def test_more_real_images_than_the_image_folder_holds_stops_the_run_before_any_c
                                             "data.num_real=1000000")
 
 
+def test_holding_out_every_real_image_stops_the_run_before_any_compute(tmp_path, compose_cfg):
+    released = write_released_files(tmp_path / "released")
+    held = len(list((released / "imagenet" / "train").rglob("*.JPEG")))
+    PIPELINE.check_stops_before_any_compute(tmp_path, compose_cfg, released,
+                                            rf"config key 'data.num_held_out': holds out {held} of the {held} real "
+                                            rf"samples of .*imagenet/train .*Fix: set data.num_held_out below {held}",
+                                            f"data.num_held_out={held}")
+
+
 def test_an_empty_image_folder_stops_the_run_before_any_compute(tmp_path, compose_cfg):
     released = write_released_files(tmp_path / "released")
     for image in (released / "imagenet" / "train").rglob("*.JPEG"):

@@ -157,6 +157,14 @@ def require_count(key, wanted, found, where):
              f"set {key}={found} or fewer, or {key}=null to use all {found}")
 
 
+def require_held_out(num_held_out, num_real, where):
+    """ConfigError when the data.num_held_out reals held out of training leave none of the num_real reals of `where`
+    to train on."""
+    _require(num_held_out < num_real, "data.num_held_out", f"holds out {num_held_out} of the {num_real} real samples "
+             f"of {where} (the last ones), leaving none to train the discriminator on",
+             f"set data.num_held_out below {num_real} (e.g. {max(1, num_real // 10)})")
+
+
 def _validate_features(metrics):
     """metrics.features names a known feature network; Inception needs its weights file on disk (nothing is downloaded)."""
     features = metrics.get("features")

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dg_lightning.checkpoints import ADM_CLASSIFIERS, EDM_SOURCE, load_edm
-from dg_lightning.config import ConfigError, require_count
+from dg_lightning.config import ConfigError, require_count, require_held_out
 from dg_lightning.held_out import resolve_t_max
 from dg_lightning.metrics import FID_REFERENCE_ARRAYS, GenerativeMetrics, inception_features
 from dg_lightning.nets.edm import IndexLabels
@@ -40,14 +40,16 @@ def released_files(cfg: DictConfig):
 
 
 def check(cfg: DictConfig):
-    """ConfigError before any compute for check_discriminator_config's problems, no real data to train on, a
-    missing released file (naming the key, the file and where to get it), or FID reference statistics without their
+    """ConfigError before any compute for check_discriminator_config's problems, no real data to train on (none left
+    after data.num_held_out), a missing released file (naming the key, the file and where to get it), or FID reference statistics without their
     arrays."""
     check_discriminator_config(cfg, "discriminator_60.pt")
     if trains(cfg) and cfg.data.path is None:
         raise ConfigError("data.path", "is null but training the discriminator needs real images",
                           "set data.path to true_data.npz, EDM's dataset zip or an image folder, or guide with a released "
                           "head as it is (discriminator.head_path=... trainer.max_epochs=0)")
+    if trains(cfg) and cfg.data.num_real is not None:
+        require_held_out(cfg.data.num_held_out, cfg.data.num_real, cfg.data.path)
     require_released(cfg, released_files(cfg))
     require_arrays(cfg, "metrics.fid_reference", FID_REFERENCE_ARRAYS, FID_REFS_SOURCE)
 
@@ -77,6 +79,7 @@ def load(run):
         cfg.data.path, "data.path", denoiser.img_resolution, denoiser.img_channels, d.conditional, cfg.data.num_real)
     if real is not None:  # load_source keeps at most data.num_real: fewer means the data holds fewer
         require_count("data.num_real", cfg.data.num_real, len(real), cfg.data.path)
+        require_held_out(cfg.data.num_held_out, len(real), cfg.data.path)
     if real is not None and num_classes and real.labels.max() >= num_classes:
         raise ConfigError("data.path", f"{cfg.data.path} has labels up to {real.labels.max().item()} but the score "
                           f"network has {num_classes} classes", "use the real data of the score network's data set")
@@ -136,7 +139,7 @@ def sample(run):
 
 PIPELINE = Pipeline("edm", check=check, stages=(
     Stage("load", load, keys=("score", "data.path", "data.num_real", "discriminator.conditional"),
-          uses=("discriminator.classifier.config", "discriminator.classifier.overrides"),
+          uses=("discriminator.classifier.config", "discriminator.classifier.overrides", "data.num_held_out"),
           files=("score.checkpoint", "data.path")),
     Stage("generate", generate_fakes, keys=("seed", "sampler", "data.num_fake", "data.num_held_out"), inputs=("load",),
           when=trains),

@@ -6,7 +6,7 @@ reference batch, and the evaluator's npz exports)."""
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from dg_lightning.config import ConfigError, require_count
+from dg_lightning.config import ConfigError, require_count, require_held_out
 from dg_lightning.evaluation import ADMInception, evaluate, export_samples, load_reference_batch
 from dg_lightning.generate import generate
 from dg_lightning.latents import shard_image_folder
@@ -33,7 +33,7 @@ def trains(cfg: DictConfig):
 
 def check_common(cfg: DictConfig):
     """ConfigError before any compute for check_discriminator_config's problems, a bad DDPM schedule, no (or an
-    empty) image folder to train on, or data.num_real above its number of images."""
+    empty) image folder to train on, data.num_real above its number of images, or data.num_held_out not below it."""
     check_discriminator_config(cfg, "discriminator_7.pt")
     try:
         instantiate(cfg.sampler.schedule)
@@ -47,6 +47,7 @@ def check_common(cfg: DictConfig):
                               "point it at ImageNet's train folder (<wnid>/<image>.JPEG), or guide with a released head "
                               "as it is (trainer.max_epochs=0)") from exc
         require_count("data.num_real", cfg.data.num_real, len(files), cfg.data.image_dir)
+        require_held_out(cfg.data.num_held_out, cfg.data.num_real or len(files), cfg.data.image_dir)
 
 
 def encode_real(cfg: DictConfig, encoder, folder):
