@@ -60,7 +60,7 @@ def test_smoke_runs_every_stage_in_pixel_space_and_dg_weight_zero_is_adm_g(tmp_p
     assert np.array_equal(source.labels.numpy(), np.repeat(np.arange(len(CLASSES)), 4))
     (fakes,) = PIPELINE.cache(tmp_path, "generate")
     shard = np.load(fakes / "shard-000000.npz")
-    assert shard["samples"].dtype == np.uint8 and shard["samples"].shape == (SMOKE.data.num_fake, SIZE, SIZE, 3)
+    assert shard["samples"].dtype == np.uint8 and shard["samples"].shape == (SMOKE.data.num_fake + SMOKE.data.num_held_out, SIZE, SIZE, 3)
     assert np.array_equal(shard_source(fakes).samples[:], shard["samples"])
     assert not any((folder / "samples.npy").exists() for folder in (real, fakes))
 

@@ -15,7 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("overrides, key, fix", [
-    (["guidance.dg.t_min=0.5", "guidance.dg.t_max=0.1"], "guidance.dg.t_min", "below guidance.dg.t_max"),
+    (["guidance.dg.t_min=0.5", "guidance.dg.t_max=0.1"], "guidance.dg.t_max", r"auto or a number in \(t_min, 1\]"),
+    (["guidance.dg.t_max=1.5"], "guidance.dg.t_max", r"\(0.01, 1\] in VP time, got 1.5. Fix: set guidance.dg.t_max=auto"),
+    (["guidance.dg.t_max=high"], "guidance.dg.t_max", "got 'high'"),
+    (["guidance.dg.t_max=auto", "~callbacks.held_out"], "guidance.dg.t_max", "add callbacks.held_out"),
+    (["experiment=digits_edm_g++", "guidance.dg.t_max=auto", "discriminator.select=best"], "guidance.dg.t_max",
+     "use discriminator.select=last with auto"),
+    (["data.num_held_out=0"], "data.num_held_out", "integer >= 1, got 0"),
     (["guidance.dg.weight=-1"], "guidance.dg.weight", ">= 0"),
     (["guidance.dg.weight_2nd=-0.5"], "guidance.dg.weight_2nd", ">= 0"),
     (["guidance.dg.weight=inf"], "guidance.dg.weight", "finite number >= 0, got inf"),

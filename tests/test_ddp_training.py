@@ -31,6 +31,7 @@ torch.set_num_threads(1)
 out = sys.argv[1]
 with initialize_config_dir(config_dir=sys.argv[2], version_base="1.3"):
     cfg = compose("config", overrides=["trainer=ddp_cpu", "trainer.max_epochs=3", "trainer.max_steps=-1", "callbacks={}",
+                                       "data.num_held_out=8",
                                        "data.batch_size=32", "discriminator.net.width=32", "discriminator.net.depth=2",
                                        "discriminator.net.time_dim=16", "discriminator.lr=3e-3",
                                        f"paths.cache_dir={out}/cache", f"paths.output_dir={out}/out"])

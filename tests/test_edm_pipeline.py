@@ -87,11 +87,13 @@ def test_smoke_runs_every_stage_and_caches_them(tmp_path, write_edm_pickle, expe
     # feature extractor, the unguided evaluation samples.
     (fakes,) = cache(tmp_path, experiment, "generate")
     shard = np.load(fakes / "shard-000000.npz")
-    assert shard["samples"].shape == (SMOKE.data.num_fake, resolution, resolution, 3)
+    assert shard["samples"].shape == (SMOKE.data.num_fake + SMOKE.data.num_held_out, resolution, resolution, 3)
     assert ("labels" in shard) == bool(label_dim)
     if label_dim:
         assert 0 <= shard["labels"].min() and shard["labels"].max() < label_dim and len(set(shard["labels"])) > 1
     (train,) = cache(tmp_path, experiment, "train")
+    held_out = json.loads((train / "held_out.json").read_text())["epochs"]  # the held-out diagnostics' figures
+    assert [e["epoch"] for e in held_out] == [0] and sum(held_out[0]["count"]) == 2 * SMOKE.data.num_held_out
     weights = torch.load(train / "discriminator.pt", weights_only=True)
     checkpoint = torch.load(train / "checkpoints" / "epoch000.ckpt", weights_only=False)
     head_keys = {f"discriminator.{k}" for k in weights if k.startswith("head.")}
@@ -181,4 +183,18 @@ def test_inconsistent_settings_are_refused_before_sampling(tmp_path, compose_cfg
     with pytest.raises(ConfigError, match=rf"config key '{key}'"):
         run(compose_cfg("experiment=cifar10_edm_g++", "+smoke=edm", f"paths.released_dir={released}", "logger=csv",
                         *overrides))
+    assert not cache(tmp_path, "cifar10_edm_g++", "generate")
+
+
+@pytest.mark.parametrize("num_real", [16, "null"])
+def test_holding_out_every_real_image_is_refused_naming_data_num_held_out(tmp_path, compose_cfg,  # noqa: F811
+                                                                          write_edm_pickle, num_real):
+    """From the config alone (data.num_real given) or from the data (null: all it holds), before any fake is made."""
+    released = write_released_files(tmp_path / "released", "cifar10_edm_g++", write_edm_pickle)
+    with np.load(released / "true_data.npz") as npz:
+        held = 16 if num_real == 16 else len(npz["arr_0"])
+    with pytest.raises(ConfigError, match=rf"config key 'data.num_held_out': holds out {held} of the {held} real "
+                                          rf"samples of .*true_data.npz .*Fix: set data.num_held_out below {held}"):
+        run(compose_cfg("experiment=cifar10_edm_g++", "+smoke=edm", f"paths.released_dir={released}", "logger=csv",
+                        f"data.num_real={num_real}", f"data.num_held_out={held}"))
     assert not cache(tmp_path, "cifar10_edm_g++", "generate")

@@ -58,7 +58,7 @@ def test_smoke_runs_every_stage_exports_and_dg_weight_zero_is_unguided(tmp_path,
     assert np.array_equal(shard["labels"], np.repeat(np.arange(len(CLASSES)), 4))
     (fakes,) = PIPELINE.cache(tmp_path, "generate")
     shard = np.load(fakes / "shard-000000.npz")
-    assert shard["samples"].shape == (SMOKE.data.num_fake, 4, 32, 32) and len(set(shard["labels"])) > 1
+    assert shard["samples"].shape == (SMOKE.data.num_fake + SMOKE.data.num_held_out, 4, 32, 32) and len(set(shard["labels"])) > 1
     # Fakes and the encoding draw above every configured seed (the evaluation samples draw at sampling_seed 0).
     manifests = [json.loads((folder / "manifest.json").read_text()) for folder in (fakes, real)]
     assert [m["base_seed"] for m in manifests] == [2**32, 2 * 2**32]  # seed 0
@@ -129,6 +129,15 @@ def test_more_real_images_than_the_image_folder_holds_stops_the_run_before_any_c
                                             rf"config key 'data.num_real': asks for 1000000 samples but .*imagenet/train "
                                             rf"holds only {held}. Fix: set data.num_real={held} or fewer",
                                             "data.num_real=1000000")
+
+
+def test_holding_out_every_real_image_stops_the_run_before_any_compute(tmp_path, compose_cfg):
+    released = write_released_files(tmp_path / "released")
+    held = len(list((released / "imagenet" / "train").rglob("*.JPEG")))
+    PIPELINE.check_stops_before_any_compute(tmp_path, compose_cfg, released,
+                                            rf"config key 'data.num_held_out': holds out {held} of the {held} real "
+                                            rf"samples of .*imagenet/train .*Fix: set data.num_held_out below {held}",
+                                            f"data.num_held_out={held}")
 
 
 def test_an_empty_image_folder_stops_the_run_before_any_compute(tmp_path, compose_cfg):

@@ -21,8 +21,8 @@ from dg_lightning.training import build_network, train_discriminator
 
 EPOCHS, KILL_AT = 4, 2
 TRAIN = ["logger=csv", "data.batch_size=32", "discriminator.net.width=32", "discriminator.net.depth=2",
-         "discriminator.net.time_dim=16", "callbacks={}"]
-PER_EPOCH = 96 // 16  # 96 pairs, 16 pairs a batch of 32
+         "discriminator.net.time_dim=16", "callbacks={}", "data.num_held_out=8"]
+PER_EPOCH = 96 // 16  # 96 pairs (and 8 held-out rows of each source), 16 pairs a batch of 32
 # step-bounded training (the toy's setting) that ends one step before the end of the last epoch
 LENGTHS = {"epochs": [f"trainer.max_epochs={EPOCHS}", "trainer.max_steps=-1"],
            "steps": ["trainer.max_epochs=-1", f"trainer.max_steps={PER_EPOCH * EPOCHS - 1}"]}
@@ -45,8 +45,8 @@ class KillAtEpoch(L.Callback):
 
 def sources():
     rng = np.random.default_rng(0)
-    real = rng.normal(size=(96, 2)).astype(np.float32)
-    fake = (rng.normal(size=(96, 2)) * 1.5 + 0.5).astype(np.float32)
+    real = rng.normal(size=(104, 2)).astype(np.float32)
+    fake = (rng.normal(size=(104, 2)) * 1.5 + 0.5).astype(np.float32)
     return ArraySource(real, name="real"), ArraySource(fake, name="fake")
 
 

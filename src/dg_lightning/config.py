@@ -33,9 +33,7 @@ def validate(cfg: DictConfig):
     _require(not missing, missing[0] if missing else "", "is not set", "choose an experiment, e.g. experiment=toy2d")
     _validate_seeds(cfg)
     dg = cfg.guidance.dg
-    _require(0.0 <= dg.t_min < dg.t_max <= 1.0, "guidance.dg.t_min",
-             f"the DG window needs 0 <= t_min < t_max <= 1 in VP time, got t_min={dg.t_min}, t_max={dg.t_max}",
-             "set guidance.dg.t_min below guidance.dg.t_max (defaults 0.01 and 1.0)")
+    _validate_window(cfg)
     for key in ("weight", "weight_2nd"):
         value = dg[key]
         _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0,
@@ -69,6 +67,32 @@ def validate(cfg: DictConfig):
     _validate_devices(cfg)
 
 
+HELD_OUT_CALLBACK = "dg_lightning.held_out.HeldOutDiagnostics"
+
+
+def _validate_window(cfg: DictConfig):
+    """The DG window: 0 <= t_min < 1, and t_max a number in (t_min, 1] or auto; auto (read from the trained head's
+    held-out figures) needs a head trained here with the held-out diagnostics and discriminator.select=last."""
+    dg = cfg.guidance.dg
+    _require(_is_number(dg.t_min) and 0.0 <= dg.t_min < 1.0, "guidance.dg.t_min",
+             f"the DG window starts at a VP time in [0, 1), got t_min={dg.t_min!r}", "the paper uses 0.01")
+    if dg.t_max != "auto":
+        _require(_is_number(dg.t_max) and dg.t_min < dg.t_max <= 1.0, "guidance.dg.t_max",
+                 f"must be auto or a number in (t_min, 1] = ({dg.t_min}, 1] in VP time, got {dg.t_max!r}",
+                 "set guidance.dg.t_max=auto (from the head's held-out figures) or e.g. 1.0, above guidance.dg.t_min")
+        return
+    callbacks = [c.get("_target_") for c in (cfg.get("callbacks") or {}).values() if isinstance(c, DictConfig)]
+    _require(HELD_OUT_CALLBACK in callbacks, "guidance.dg.t_max",
+             "is auto, which reads the trained head's held-out figures, but no callback makes them",
+             f"add callbacks.held_out (_target_: {HELD_OUT_CALLBACK}, conf/callbacks/default.yaml) or set a number")
+    _require(OmegaConf.select(cfg, "trainer.max_epochs", default=1) != 0, "guidance.dg.t_max",
+             "is auto, which reads the held-out figures of a head trained here, but trainer.max_epochs=0 trains none",
+             "train the head (trainer.max_epochs >= 1) or set a number")
+    _require(OmegaConf.select(cfg, "discriminator.select", default="last") == "last", "guidance.dg.t_max",
+             "is auto, read from the trained head, but discriminator.select=best picks the head by guided samples "
+             "that need the window first", "use discriminator.select=last with auto, or set a number")
+
+
 def _is_number(value):
     """True for a finite int or float (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -85,7 +109,7 @@ def _validate_seeds(cfg: DictConfig):
                  f"must be an integer in [0, 2**32 - 1], got {value!r}", f"use e.g. {key}=0")
 
 
-COUNTS = ("data.num_real", "data.num_fake", "metrics.num_samples")  # sample counts (null: all, where allowed)
+COUNTS = ("data.num_real", "data.num_fake", "data.num_held_out", "metrics.num_samples")  # sample counts (null: all, where allowed)
 RATES = ("discriminator.lr", "score.lr", "discriminator.classifier.lr")
 
 
@@ -131,6 +155,14 @@ def require_count(key, wanted, found, where):
     `where` holds (a larger count would silently use what there is)."""
     _require(wanted is None or wanted <= found, key, f"asks for {wanted} samples but {where} holds only {found}",
              f"set {key}={found} or fewer, or {key}=null to use all {found}")
+
+
+def require_held_out(num_held_out, num_real, where):
+    """ConfigError when the data.num_held_out reals held out of training leave none of the num_real reals of `where`
+    to train on."""
+    _require(num_held_out < num_real, "data.num_held_out", f"holds out {num_held_out} of the {num_real} real samples "
+             f"of {where} (the last ones), leaving none to train the discriminator on",
+             f"set data.num_held_out below {num_real} (e.g. {max(1, num_real // 10)})")
 
 
 def _validate_features(metrics):

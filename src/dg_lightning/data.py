@@ -145,6 +145,31 @@ class ArraySource(Dataset):
         return x0[0], (labels[0] if labels is not None else None)
 
 
+class SourceRows(Dataset):
+    """Rows [start, stop) of a source, fetched from it as they are needed (no copy)."""
+
+    def __init__(self, source, start, stop):
+        self.source, self.start, self.stop = source, start, stop
+        self.labels = None if source.labels is None else source.labels[start:stop]
+        self.name = f"{source.name} rows {start}-{stop - 1}"
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def fetch(self, indices):
+        """(x0, labels or None) of the rows `indices` counted from start."""
+        return self.source.fetch(self.start + np.asarray(indices))
+
+
+def split_held_out(source, num_held_out):
+    """(training rows, held-out rows) of source: its last num_held_out rows are held out of training."""
+    if not 0 < num_held_out < len(source):
+        raise ValueError(f"data.num_held_out={num_held_out} must be below the {len(source)} samples of {source.name}, "
+                         "whose last data.num_held_out are held out of discriminator training: lower data.num_held_out")
+    cut = len(source) - num_held_out
+    return SourceRows(source, 0, cut), SourceRows(source, cut, len(source))
+
+
 class RealFakePairs(Dataset):
     """Item i pairs real[i mod n_real] with fake[perm(i) mod n_fake]; length max(n_real, n_fake).
 
@@ -178,10 +203,11 @@ def keep_batch(batch):
 
 
 class RealFakeDataModule(L.LightningDataModule):
-    """Balanced real/fake batches (batch_size/2 each), diffused on the fly with importance-sampled (or uniform) t."""
+    """Balanced real/fake batches (batch_size/2 each), diffused on the fly with importance-sampled (or uniform) t; it
+    also holds the held-out split (real, fake) that the diagnostics measure, when given."""
 
     def __init__(self, real: ArraySource, fake: ArraySource, batch_size=128, t_min=1e-5, importance=True,
-                 vp: LinearVP = LinearVP(), num_workers=0, seed=0, conditional=False):
+                 vp: LinearVP = LinearVP(), num_workers=0, seed=0, conditional=False, held_out=None):
         super().__init__()
         if batch_size < 2 or batch_size % 2:
             raise ValueError(f"data.batch_size must be an even number >= 2 (half real, half fake), got {batch_size}")
@@ -191,6 +217,7 @@ class RealFakeDataModule(L.LightningDataModule):
         self.real, self.fake = real, fake
         self.batch_size, self.t_min, self.importance, self.vp = batch_size, t_min, importance, vp
         self.num_workers, self.seed, self.conditional = num_workers, seed, conditional
+        self.held_out = held_out  # (real, fake) sources never trained on, for HeldOutDiagnostics (or None)
 
     def train_dataloader(self):
         """Batches in an order that is a function of (seed, epoch) only (a DistributedSampler, over the trainer's ranks,

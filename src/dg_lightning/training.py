@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from dg_lightning.accel import build_accel
 from dg_lightning.callbacks import EpochSeed, GuidedSamplingCallback, RNGStates
-from dg_lightning.data import ArraySource, RealFakeDataModule
+from dg_lightning.data import ArraySource, RealFakeDataModule, split_held_out
 from dg_lightning.files import atomic_save, load_weights, write_atomic
 from dg_lightning.loggers import ResumableCSVLogger
 from dg_lightning.module import DiscriminatorModule
@@ -138,7 +138,8 @@ def pretrain(cfg: DictConfig, module, source: ArraySource, batch_size, max_steps
 
 
 def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, net, loggers, folder, callbacks=()):
-    """Train (or load from its stage folder) the discriminator net on real vs fake; returns the trained net.
+    """Train (or load from its stage folder) the discriminator net on real vs fake, but for the last data.num_held_out
+    samples of each: the held-out split of the data module (HeldOutDiagnostics); returns the trained net.
 
     Every epoch ends with checkpoints/last.ckpt, and checkpoints.keep epoch checkpoints are kept (epoch_checkpoints);
     a killed training resumes from last.ckpt (resume_checkpoint). EpochSeed re-seeds the global RNGs (batch order, diffusion times and noise) at each epoch from
@@ -149,8 +150,10 @@ def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, n
         net.load_state_dict(load_weights(weights))
         return net
     d, seed = cfg.data, cfg.discriminator.seed
+    (real, held_real), (fake, held_fake) = split_held_out(real, d.num_held_out), split_held_out(fake, d.num_held_out)
     datamodule = RealFakeDataModule(real, fake, batch_size=d.batch_size, t_min=d.t_min, importance=d.importance_sampling,
-                                    num_workers=d.num_workers, seed=seed, conditional=cfg.discriminator.get("conditional", False))
+                                    num_workers=d.num_workers, seed=seed, conditional=cfg.discriminator.get("conditional", False),
+                                    held_out=(held_real, held_fake))
     module = DiscriminatorModule(net, cfg.discriminator.objective, cfg.discriminator.lr, cfg.discriminator.weight_decay,
                                  accel=build_accel(cfg.accel))
     checkpoints = epoch_checkpoints(folder / "checkpoints", cfg.checkpoints.keep, callbacks)

@@ -14,6 +14,7 @@ from dg_lightning.callbacks import BEST_DISCRIMINATOR, GuidedSamplingCallback
 from dg_lightning.data import ArraySource, load_digits_split
 from dg_lightning.distributed import rank_and_world_size
 from dg_lightning.files import atomic_save, write_atomic
+from dg_lightning.held_out import resolve_t_max, with_t_max
 from dg_lightning.metrics import ClassifierFeatures, GenerativeMetrics, GreyAsRGB, inception_features
 from dg_lightning.nets.adm import Discriminator
 from dg_lightning.nets.edm import IndexLabels
@@ -77,10 +78,11 @@ def pretrain_classifier(run):
 
 
 def generate_fakes(run):
-    """data.num_fake fakes of the score model (no DG), drawn at the fakes' seed stream, as a source for training."""
+    """data.num_fake + data.num_held_out fakes of the score model (no DG), drawn at the fakes' seed stream: the first
+    data.num_fake for training, the rest held out of it."""
     cfg = run.cfg
-    sample_images(cfg, run.results["pretrain_score"], run.folder, cfg.data.num_fake, stream_base_seed(cfg.seed, "fakes"),
-                  num_classes=conditional_classes(cfg))
+    sample_images(cfg, run.results["pretrain_score"], run.folder, cfg.data.num_fake + cfg.data.num_held_out,
+                  stream_base_seed(cfg.seed, "fakes"), num_classes=conditional_classes(cfg))
     return ArraySource(*load_shards(run.folder), name=f"fakes in {run.folder}")
 
 
@@ -110,8 +112,9 @@ def generative_metrics(cfg: DictConfig, features):
 
 def sampling_callback(cfg: DictConfig, denoiser, features, folder):
     """GuidedSamplingCallback: every few epochs, DG samples from the current discriminator, scored against the
-    held-out digits."""
+    held-out digits (with guidance.dg.t_max=auto, which the trained head decides, over t_max = 1)."""
     c = cfg.metrics.sampling_callback
+    cfg = with_t_max(cfg, 1.0) if cfg.guidance.dg.t_max == "auto" else cfg
     shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
     real_images = torch.from_numpy(digits(cfg, "held_out")[0]).permute(0, 3, 1, 2)
     return GuidedSamplingCallback(
@@ -134,13 +137,15 @@ def best_epoch_record(callback, folder):
 
 def train(run):
     """The DG head on the frozen noise-aware classifier, trained on the training digits against the fakes, with the
-    guided-sampling callback; returns the last epoch's discriminator or (discriminator.select=best) the callback's pick."""
+    held-out digits and fakes as its held-out split and the guided-sampling callback; returns the last epoch's discriminator or (discriminator.select=best) the callback's pick."""
     cfg, folder = run.cfg, run.folder
     head = build_network(cfg, _with(cfg.discriminator.head, num_classes=conditional_classes(cfg)), cfg.discriminator.seed)
     discriminator = Discriminator(run.results["pretrain_classifier"], head)
     callback = sampling_callback(cfg, run.results["pretrain_score"], run.results["feature_net"], folder)
-    discriminator = train_discriminator(cfg, ArraySource(*digits(cfg, "train"), name="digits train split"),
-                                        run.results["generate"], discriminator, run.loggers, folder, callbacks=[callback])
+    real = ArraySource(*map(np.concatenate, zip(digits(cfg, "train"), digits(cfg, "held_out"))),
+                       name="digits train and held-out splits")
+    discriminator = train_discriminator(cfg, real, run.results["generate"], discriminator, run.loggers, folder,
+                                        callbacks=[callback])
     run.metrics.update(best_epoch_record(callback, folder))
     if cfg.discriminator.select == "best":
         discriminator = frozen(discriminator, callback.out_dir / BEST_DISCRIMINATOR)
@@ -165,7 +170,7 @@ def sample_unguided(run):
 def sample(run):
     """DG samples from the same seeds as the baseline; FID / precision / recall / KID / IS of DG, no DG and the floor
     (training digits) against the held-out digits, and digits_samples.png."""
-    cfg, m = run.cfg, run.cfg.metrics
+    cfg, m = resolve_t_max(run.cfg, run.folders["train"], run.metrics), run.cfg.metrics
     train_images = digits(cfg, "train")[0]
     samples = {
         "eval": sample_images(cfg, run.results["pretrain_score"], run.out_dir / "samples_dg", m.num_samples,
@@ -190,7 +195,8 @@ PIPELINE = Pipeline("digits", check=check, stages=(
     Stage("pretrain_score", pretrain_score, keys=SCORE, files=SOURCE),
     Stage("pretrain_classifier", pretrain_classifier, keys=("seed", "discriminator.classifier", "data.t_min", *DIGITS),
           files=SOURCE),
-    Stage("generate", generate_fakes, keys=("seed", "sampler", "data.num_fake", *LABELS), inputs=("pretrain_score",)),
+    Stage("generate", generate_fakes, keys=("seed", "sampler", "data.num_fake", "data.num_held_out", *LABELS),
+          inputs=("pretrain_score",)),
     Stage("feature_net", feature_net, keys=("seed", "metrics.features", "metrics.inception_path", "metrics.feature_net",
                                             "metrics.feature_steps", "score.net.img_channels", *DIGITS),
           files=(*SOURCE, "metrics.inception_path")),

@@ -10,7 +10,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dg_lightning.checkpoints import ADM_CLASSIFIERS, EDM_SOURCE, load_edm
-from dg_lightning.config import ConfigError, require_count
+from dg_lightning.config import ConfigError, require_count, require_held_out
+from dg_lightning.held_out import resolve_t_max
 from dg_lightning.metrics import FID_REFERENCE_ARRAYS, GenerativeMetrics, inception_features
 from dg_lightning.nets.edm import IndexLabels
 from dg_lightning.pipelines.images import device_of, sample_images
@@ -39,14 +40,16 @@ def released_files(cfg: DictConfig):
 
 
 def check(cfg: DictConfig):
-    """ConfigError before any compute for check_discriminator_config's problems, no real data to train on, a
-    missing released file (naming the key, the file and where to get it), or FID reference statistics without their
+    """ConfigError before any compute for check_discriminator_config's problems, no real data to train on (none left
+    after data.num_held_out), a missing released file (naming the key, the file and where to get it), or FID reference statistics without their
     arrays."""
     check_discriminator_config(cfg, "discriminator_60.pt")
     if trains(cfg) and cfg.data.path is None:
         raise ConfigError("data.path", "is null but training the discriminator needs real images",
                           "set data.path to true_data.npz, EDM's dataset zip or an image folder, or guide with a released "
                           "head as it is (discriminator.head_path=... trainer.max_epochs=0)")
+    if trains(cfg) and cfg.data.num_real is not None:
+        require_held_out(cfg.data.num_held_out, cfg.data.num_real, cfg.data.path)
     require_released(cfg, released_files(cfg))
     require_arrays(cfg, "metrics.fid_reference", FID_REFERENCE_ARRAYS, FID_REFS_SOURCE)
 
@@ -76,6 +79,7 @@ def load(run):
         cfg.data.path, "data.path", denoiser.img_resolution, denoiser.img_channels, d.conditional, cfg.data.num_real)
     if real is not None:  # load_source keeps at most data.num_real: fewer means the data holds fewer
         require_count("data.num_real", cfg.data.num_real, len(real), cfg.data.path)
+        require_held_out(cfg.data.num_held_out, len(real), cfg.data.path)
     if real is not None and num_classes and real.labels.max() >= num_classes:
         raise ConfigError("data.path", f"{cfg.data.path} has labels up to {real.labels.max().item()} but the score "
                           f"network has {num_classes} classes", "use the real data of the score network's data set")
@@ -83,15 +87,18 @@ def load(run):
 
 
 def generate_fakes(run):
-    """data.num_fake fakes of the EDM network (no DG), at the fakes' seed stream."""
+    """data.num_fake + data.num_held_out fakes of the EDM network (no DG), at the fakes' seed stream: the first
+    data.num_fake for training, the rest held out of it."""
     cfg, loaded = run.cfg, run.results["load"]
-    sample_images(cfg, loaded.denoiser, run.folder, cfg.data.num_fake, stream_base_seed(cfg.seed, "fakes"),
+    sample_images(cfg, loaded.denoiser, run.folder, cfg.data.num_fake + cfg.data.num_held_out,
+                  stream_base_seed(cfg.seed, "fakes"),
                   num_classes=loaded.num_classes)
 
 
 def train(run):
     """DG's discriminator on the released classifier: the released head as it is (trainer.max_epochs=0), or a head
-    trained on the real images against the fakes; frozen, on the run's device."""
+    trained on the real images against the fakes (the last data.num_held_out of each held out); frozen, on the run's
+    device."""
     cfg, loaded = run.cfg, run.results["load"]
     discriminator = dg_discriminator(cfg)
     if trains(cfg):
@@ -110,7 +117,7 @@ def sample_unguided(run):
 def sample(run):
     """DG samples from the same seeds as the baseline; {fid} of both against metrics.fid_reference, plus {precision,
     recall} against as many real images when data.path is given."""
-    cfg, loaded, m = run.cfg, run.results["load"], run.cfg.metrics
+    cfg, loaded, m = resolve_t_max(run.cfg, run.folders["train"], run.metrics), run.results["load"], run.cfg.metrics
     device = device_of(cfg)
     samples = {
         "eval": sample_images(cfg, loaded.denoiser, run.out_dir / "samples_dg", m.num_samples, m.sampling_seed,
@@ -132,9 +139,10 @@ def sample(run):
 
 PIPELINE = Pipeline("edm", check=check, stages=(
     Stage("load", load, keys=("score", "data.path", "data.num_real", "discriminator.conditional"),
-          uses=("discriminator.classifier.config", "discriminator.classifier.overrides"),
+          uses=("discriminator.classifier.config", "discriminator.classifier.overrides", "data.num_held_out"),
           files=("score.checkpoint", "data.path")),
-    Stage("generate", generate_fakes, keys=("seed", "sampler", "data.num_fake"), inputs=("load",), when=trains),
+    Stage("generate", generate_fakes, keys=("seed", "sampler", "data.num_fake", "data.num_held_out"), inputs=("load",),
+          when=trains),
     Stage("train", train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), files=DISCRIMINATOR_FILES,
           inputs=("load", "generate")),
     Stage("sample_unguided", sample_unguided, keys=("sampler", "metrics.num_samples", "metrics.sampling_seed"),

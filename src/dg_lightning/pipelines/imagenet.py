@@ -6,7 +6,7 @@ reference batch, and the evaluator's npz exports)."""
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from dg_lightning.config import ConfigError, require_count
+from dg_lightning.config import ConfigError, require_count, require_held_out
 from dg_lightning.evaluation import ADMInception, evaluate, export_samples, load_reference_batch
 from dg_lightning.generate import generate
 from dg_lightning.latents import shard_image_folder
@@ -16,6 +16,7 @@ from dg_lightning.released import check_discriminator_config, dg_discriminator
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.shards import load_shards
 from dg_lightning.sources import image_folder, shard_source
+from dg_lightning.held_out import resolve_t_max
 from dg_lightning.training import train_discriminator
 
 ENCODE_KEYS = ("seed", "data.image_dir", "data.image_size", "data.flip", "data.num_real")
@@ -32,7 +33,7 @@ def trains(cfg: DictConfig):
 
 def check_common(cfg: DictConfig):
     """ConfigError before any compute for check_discriminator_config's problems, a bad DDPM schedule, no (or an
-    empty) image folder to train on, or data.num_real above its number of images."""
+    empty) image folder to train on, data.num_real above its number of images, or data.num_held_out not below it."""
     check_discriminator_config(cfg, "discriminator_7.pt")
     try:
         instantiate(cfg.sampler.schedule)
@@ -46,6 +47,7 @@ def check_common(cfg: DictConfig):
                               "point it at ImageNet's train folder (<wnid>/<image>.JPEG), or guide with a released head "
                               "as it is (trainer.max_epochs=0)") from exc
         require_count("data.num_real", cfg.data.num_real, len(files), cfg.data.image_dir)
+        require_held_out(cfg.data.num_held_out, cfg.data.num_real or len(files), cfg.data.image_dir)
 
 
 def encode_real(cfg: DictConfig, encoder, folder):
@@ -70,7 +72,7 @@ def sample_to(cfg: DictConfig, sample_fn, folder, num_samples, base_seed, keys, 
 
 def train(run):
     """DG's conditional head on the frozen ADM classifier (the one trained by pretrain_classifier, when it ran):
-    trained on the encoded real data against the fakes, or the released head as it is (trainer.max_epochs=0);
+    trained on the encoded real data against the fakes (the last data.num_held_out of each held out), or the released head as it is (trainer.max_epochs=0);
     frozen, on the run's device."""
     cfg = run.cfg
     discriminator = dg_discriminator(cfg, run.results.get("pretrain_classifier"))
@@ -81,22 +83,24 @@ def train(run):
     return discriminator.to(device_of(cfg)).eval().requires_grad_(False)
 
 
-def _sample(run, discriminator, keys):
+def _sample(run, cfg, discriminator, keys):
     """metrics.num_samples uint8 images at the evaluation's seeds from the load stage's sample_fn(cfg, discriminator=)
-    (built with this stage's config view), in the stage's folder."""
-    cfg, m, loaded = run.cfg, run.cfg.metrics, run.results["load"]
+    (cfg: this stage's config view, its DG window resolved), in the stage's folder."""
+    m, loaded = cfg.metrics, run.results["load"]
     return sample_to(cfg, loaded.sample_fn(cfg, discriminator=discriminator), run.folder, m.num_samples, m.sampling_seed, keys,
                      loaded.shape, True)
 
 
 def sample(run):
-    """The G++ samples: DG with the trained (or released) head."""
-    return _sample(run, run.results["train"], (*SAMPLE_KEYS, "guidance"))
+    """The G++ samples: DG with the trained (or released) head, over the window guidance.dg (t_max=auto: the trained
+    head's, resolve_t_max)."""
+    cfg = resolve_t_max(run.cfg, run.folders["train"], run.metrics)
+    return _sample(run, cfg, run.results["train"], (*SAMPLE_KEYS, "guidance"))
 
 
 def sample_unguided(run):
     """The baseline: the same seeds and labels without DG (shared by every DG setting)."""
-    return _sample(run, None, SAMPLE_KEYS)
+    return _sample(run, run.cfg, None, SAMPLE_KEYS)
 
 
 def evaluate_samples(run):

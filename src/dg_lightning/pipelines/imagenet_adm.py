@@ -23,7 +23,7 @@ from dg_lightning.sampling import build_sampler
 from dg_lightning.seeds import stream_base_seed
 
 FAKE_KEYS = ("seed", "sampler.solver", "sampler.schedule", "sampler.clip_denoised", "data.num_classes",
-             "data.image_size", "data.fake_cg_scale", "data.num_fake")
+             "data.image_size", "data.fake_cg_scale", "data.num_fake", "data.num_held_out")
 CG_SCHEDULES = ("sampler.cg_scale", "sampler.cg_scale_late", "sampler.cg_switch_step", "sampler.eds")
 
 
@@ -104,11 +104,12 @@ def encode(run):
 
 
 def generate_fakes(run):
-    """data.num_fake ADM-G fakes (constant CG scale data.fake_cg_scale) as uint8 images, at the fakes' seed stream."""
+    """data.num_fake + data.num_held_out ADM-G fakes (constant CG scale data.fake_cg_scale) as uint8 images, at the
+    fakes' seed stream: the last data.num_held_out held out of training."""
     cfg, loaded, d = run.cfg, run.results["load"], run.cfg.data
     sample_fn = adm_sample_fn(cfg, loaded.model, loaded.classifier, fake_cg_scale=d.fake_cg_scale)
-    imagenet.sample_to(cfg, sample_fn, run.folder, d.num_fake, stream_base_seed(cfg.seed, "fakes"), FAKE_KEYS,
-                       loaded.shape, True)
+    imagenet.sample_to(cfg, sample_fn, run.folder, d.num_fake + d.num_held_out, stream_base_seed(cfg.seed, "fakes"),
+                       FAKE_KEYS, loaded.shape, True)
 
 
 PIPELINE = Pipeline("imagenet_adm", check=check, stages=(

@@ -24,8 +24,8 @@ from dg_lightning.seeds import stream_base_seed
 from dg_lightning.training import build_network, pretrain
 
 FAKE_KEYS = ("seed", "sampler.solver", "sampler.schedule", "sampler.guided_channels", "sampler.clip_denoised",
-             "data.num_classes", "data.image_size", "data.fake_cfg_scale", "data.num_fake", "data.fake_round_trip",
-             "data.fake_jpeg_quality")
+             "data.num_classes", "data.image_size", "data.fake_cfg_scale", "data.num_fake", "data.num_held_out",
+             "data.fake_round_trip", "data.fake_jpeg_quality")
 CLASSIFIER_KEYS = ("seed", "data.t_min", *(f"discriminator.classifier.{k}" for k in
                                            ("config", "overrides", "batch_size", "max_steps", "lr", "weight_decay")))
 
@@ -108,12 +108,13 @@ def encode(run):
 
 
 def generate_fakes(run):
-    """data.num_fake DiT fakes as latents, with the constant CFG scale data.fake_cfg_scale, at the fakes' seed stream."""
+    """data.num_fake + data.num_held_out DiT fakes as latents, with the constant CFG scale data.fake_cfg_scale, at the
+    fakes' seed stream: the last data.num_held_out held out of training."""
     cfg, loaded, d = run.cfg, run.results["load"], run.cfg.data
     round_trip_with = {"decoder": loaded.decoder, "encoder": run.results["encoder"]} if d.fake_round_trip else {}
     sample_fn = dit_sample_fn(cfg, loaded.dit, fake_cfg_scale=d.fake_cfg_scale, **round_trip_with)
-    imagenet.sample_to(cfg, sample_fn, run.folder, d.num_fake, stream_base_seed(cfg.seed, "fakes"), FAKE_KEYS,
-                       loaded.shape, False)
+    imagenet.sample_to(cfg, sample_fn, run.folder, d.num_fake + d.num_held_out, stream_base_seed(cfg.seed, "fakes"),
+                       FAKE_KEYS, loaded.shape, False)
 
 
 def pretrain_classifier(run):

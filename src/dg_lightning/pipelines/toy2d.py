@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 from dg_lightning.config import ConfigError
 from dg_lightning.data import ArraySource
 from dg_lightning.files import atomic_save, load_weights
+from dg_lightning.held_out import resolve_t_max
 from dg_lightning.metrics import sliced_wasserstein
 from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
 from dg_lightning.plots import toy2d_figure
@@ -45,19 +46,25 @@ def check(cfg):
 
 
 def generate(run):
-    """Fakes x0 ~ q through the model's PF-ODE (no guidance): fakes.pt."""
+    """Fakes x0 ~ q through the model's PF-ODE (no guidance): data.num_fake for training, then data.num_held_out held
+    out of it from their own latents stream, in fakes.pt."""
     cfg, fakes_file = run.cfg, run.folder / "fakes.pt"
     if not fakes_file.exists():
         model = instantiate(cfg.score.mixture)
-        latents = torch.randn(cfg.data.num_fake, model.dim, generator=generator(cfg.seed, 1))
-        atomic_save(build_sampler(cfg, MixtureDenoiser(model), progress=True)(latents, None, None), fakes_file)
+        sample_fn = build_sampler(cfg, MixtureDenoiser(model), progress=True)
+        latents = [torch.randn(n, model.dim, generator=generator(cfg.seed, stream))
+                   for n, stream in ((cfg.data.num_fake, 1), (cfg.data.num_held_out, 6))]
+        atomic_save(torch.cat([sample_fn(z, None, None) for z in latents]), fakes_file)
     return load_weights(fakes_file)
 
 
 def train(run):
-    """The MLP discriminator on real vs fake, diffused on the fly."""
+    """The MLP discriminator on real vs fake, diffused on the fly; data.num_held_out reals of their own stream and the
+    held-out fakes are its held-out split."""
     cfg = run.cfg
-    real = instantiate(cfg.data.mixture).sample(cfg.data.num_real, generator=generator(cfg.seed, 0))
+    mixture = instantiate(cfg.data.mixture)
+    real = torch.cat([mixture.sample(n, generator=generator(cfg.seed, stream))
+                      for n, stream in ((cfg.data.num_real, 0), (cfg.data.num_held_out, 5))])
     net = build_network(cfg, cfg.discriminator.net, cfg.discriminator.seed)
     return train_discriminator(cfg, ArraySource(real.numpy(), name="data.mixture samples"),
                                ArraySource(run.results["generate"].numpy(), name="fakes"), net, run.loggers, run.folder)
@@ -66,7 +73,7 @@ def train(run):
 def sample(run):
     """The same latents sampled with no DG, the trained discriminator and the exact d*; SWD to fresh data samples,
     the floor (a second data sample), each sampler's NFE, and toy2d.png."""
-    cfg, n = run.cfg, run.cfg.metrics.num_samples
+    cfg, n = resolve_t_max(run.cfg, run.folders["train"], run.metrics), run.cfg.metrics.num_samples
     data, model = instantiate(cfg.data.mixture), instantiate(cfg.score.mixture)
     denoiser, net = MixtureDenoiser(model), run.results["train"]
     latents = torch.randn(n, data.dim, generator=generator(cfg.seed, 2))
@@ -85,7 +92,7 @@ def sample(run):
 
 
 PIPELINE = Pipeline("toy2d", check=check, stages=(
-    Stage("generate", generate, keys=("seed", "score", "sampler", "data.num_fake")),
+    Stage("generate", generate, keys=("seed", "score", "sampler", "data.num_fake", "data.num_held_out")),
     Stage("train", train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), inputs=("generate",)),
     Stage("sample", sample, keys=("seed", "data.mixture", "score", "sampler", "guidance", "metrics"), inputs=("train",)),
 ))
