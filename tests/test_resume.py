@@ -26,6 +26,10 @@ PER_EPOCH = 96 // 16  # 96 pairs (and 8 held-out rows of each source), 16 pairs 
 # step-bounded training (the toy's setting) that ends one step before the end of the last epoch
 LENGTHS = {"epochs": [f"trainer.max_epochs={EPOCHS}", "trainer.max_steps=-1"],
            "steps": ["trainer.max_epochs=-1", f"trainer.max_steps={PER_EPOCH * EPOCHS - 1}"]}
+# the head guiding as the final Adam iterate at a constant learning rate, or as an EMA with a cosine-decayed rate
+# (the EMA and the scheduler's step live in the checkpoint)
+AVERAGING = {"final": ["discriminator.ema_decay=null", "discriminator.lr_schedule=constant"],
+             "ema_cosine": ["discriminator.ema_decay=0.9", "discriminator.lr_schedule=cosine"]}
 
 
 class Killed(Exception):
@@ -55,12 +59,15 @@ def train(cfg, callbacks=()):
                                stage_dir(cfg, "train", ["seed", "trainer"]), callbacks=callbacks)
 
 
+@pytest.mark.parametrize("averaging", AVERAGING)
 @pytest.mark.parametrize("length", LENGTHS)
-def test_killed_training_resumes_from_last_checkpoint_to_the_uninterrupted_weights(compose_cfg, tmp_path, length):
+def test_killed_training_resumes_from_last_checkpoint_to_the_uninterrupted_weights(compose_cfg, tmp_path, length,
+                                                                                 averaging):
     """Bounded by epochs or by steps (where Lightning's own fit loop would replay a batch of the finished epoch)."""
-    uninterrupted = train(compose_cfg(*TRAIN, *LENGTHS[length], f"paths.cache_dir={tmp_path}/a")).state_dict()
+    settings = [*TRAIN, *LENGTHS[length], *AVERAGING[averaging]]
+    uninterrupted = train(compose_cfg(*settings, f"paths.cache_dir={tmp_path}/a")).state_dict()
 
-    cfg = compose_cfg(*TRAIN, *LENGTHS[length], f"paths.cache_dir={tmp_path}/b")
+    cfg = compose_cfg(*settings, f"paths.cache_dir={tmp_path}/b")
     with pytest.raises(Killed):
         train(cfg, [KillAtEpoch(KILL_AT)])
     checkpoints = stage_dir(cfg, "train", ["seed", "trainer"]) / "checkpoints"

@@ -7,6 +7,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dg_lightning.metrics import INCEPTION_WEIGHTS_URL
+from dg_lightning.module import LR_SCHEDULES
 
 FEATURES = ("digits_classifier", "inception")
 ABSENT = object()
@@ -63,6 +64,7 @@ def validate(cfg: DictConfig):
     _require(source is None or Path(source).is_file(), "data.source", f"the data source {source} does not exist",
              "give an .npz with 'images' uint8 (N, 8, 8, 1) (NHWC) and integer 'labels' (N,), or null for sklearn's digits")
     _validate_counts(cfg)
+    _validate_training(cfg.discriminator)
     _validate_features(cfg.metrics)
     _validate_devices(cfg)
 
@@ -131,6 +133,16 @@ def _validate_counts(cfg: DictConfig):
     steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)
     _require(isinstance(steps, int) and (steps == -1 or steps >= 1), "trainer.max_steps",
              f"must be -1 (no limit) or >= 1, got {steps!r}", "use trainer.max_epochs to bound training by epochs")
+
+
+def _validate_training(discriminator):
+    """discriminator.lr_schedule names a schedule of module.LR_SCHEDULES; discriminator.ema_decay is null or in (0, 1)."""
+    schedule = discriminator.lr_schedule
+    _require(schedule in LR_SCHEDULES, "discriminator.lr_schedule", f"unknown schedule {schedule!r}",
+             f"use one of {', '.join(LR_SCHEDULES)}")
+    decay = discriminator.ema_decay
+    _require(decay is None or (_is_number(decay) and 0.0 < decay < 1.0), "discriminator.ema_decay",
+             f"must be null (no EMA) or a number in (0, 1), got {decay!r}", "e.g. discriminator.ema_decay=0.999, or null")
 
 
 GPU_ACCELERATORS = ("gpu", "cuda")  # trainer.accelerator values that put the networks on a CUDA device

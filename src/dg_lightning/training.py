@@ -139,7 +139,8 @@ def pretrain(cfg: DictConfig, module, source: ArraySource, batch_size, max_steps
 
 def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, net, loggers, folder, callbacks=()):
     """Train (or load from its stage folder) the discriminator net on real vs fake, but for the last data.num_held_out
-    samples of each: the held-out split of the data module (HeldOutDiagnostics); returns the trained net.
+    samples of each: the held-out split of the data module (HeldOutDiagnostics); returns the trained net (with its EMA
+    weights when discriminator.ema_decay is set: those are saved to discriminator.pt and guide).
 
     Every epoch ends with checkpoints/last.ckpt, and checkpoints.keep epoch checkpoints are kept (epoch_checkpoints);
     a killed training resumes from last.ckpt (resume_checkpoint). EpochSeed re-seeds the global RNGs (batch order, diffusion times and noise) at each epoch from
@@ -154,11 +155,13 @@ def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, n
     datamodule = RealFakeDataModule(real, fake, batch_size=d.batch_size, t_min=d.t_min, importance=d.importance_sampling,
                                     num_workers=d.num_workers, seed=seed, conditional=cfg.discriminator.get("conditional", False),
                                     held_out=(held_real, held_fake))
-    module = DiscriminatorModule(net, cfg.discriminator.objective, cfg.discriminator.lr, cfg.discriminator.weight_decay,
-                                 accel=build_accel(cfg.accel))
+    c = cfg.discriminator
+    module = DiscriminatorModule(net, c.objective, c.lr, c.weight_decay, accel=build_accel(cfg.accel),
+                                 lr_schedule=c.lr_schedule, ema_decay=c.ema_decay)
     checkpoints = epoch_checkpoints(folder / "checkpoints", cfg.checkpoints.keep, callbacks)
     fit(cfg, module, datamodule, folder, loggers, [*checkpoints, EpochSeed(seed), *callbacks],
         ckpt_path=resume_checkpoint(folder / "checkpoints"), seed=seed)
+    module.average_weights()
     atomic_save(net.state_dict(), weights)
     return net
 

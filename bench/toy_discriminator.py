@@ -1,0 +1,149 @@
+"""How robust the toy's trained discriminator is: SWD of DG with the trained MLP against d*, per mixture, seed and
+training variant (issue 19, item 4).
+
+For each mixture and seed the toy pipeline's own steps run (pipelines/toy2d: fakes from the model's PF-ODE, real data,
+the seeded MLP, training.fit with EpochSeed, the Heun sampler, SWD to fresh data); one training per learning-rate
+schedule, and the final iterate and each EMA decay are read off that same trajectory (an EMA does not change the
+iterates), so variants share their training.
+Run: python bench/toy_discriminator.py --out /tmp/toy_robust.json   (--seeds=0,1 --mixtures=default --steps=200
+--schedules=constant: quick; --threads=1 by default)
+"""
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src")]
+
+from dg_lightning.callbacks import EpochSeed  # noqa: E402
+from dg_lightning.data import ArraySource, RealFakeDataModule  # noqa: E402
+from dg_lightning.metrics import sliced_wasserstein  # noqa: E402
+from dg_lightning.module import EMA, DiscriminatorModule  # noqa: E402
+from dg_lightning.pipelines.toy2d import generate, generator  # noqa: E402
+from dg_lightning.sampling import build_sampler  # noqa: E402
+from dg_lightning.toy import MixtureDenoiser, OptimalDiscriminator  # noqa: E402
+from dg_lightning.training import build_network, fit  # noqa: E402
+
+
+def ring(n, radius, data_cov, model_cov, shift):
+    """(data, model) mixture configs: n modes on a circle; the data's covariances cycle through data_cov rotated to
+    each mode's angle and its weights rise with the index, the model has model_cov, means pushed out by `shift` and
+    reversed weights."""
+    angles = torch.arange(n) * 2 * torch.pi / n
+    directions = torch.stack([angles.cos(), angles.sin()], 1)
+    rotations = torch.stack([torch.stack([angles.cos(), -angles.sin()], 1), torch.stack([angles.sin(), angles.cos()], 1)], 2)
+    covs = [rotations[i] @ torch.tensor(data_cov[i % len(data_cov)]) @ rotations[i].T for i in range(n)]
+    weights = torch.arange(1, n + 1, dtype=torch.float64)
+    weights = (weights / weights.sum()).tolist()
+    data = dict(means=(radius * directions).tolist(), covariances=[c.tolist() for c in covs], weights=weights)
+    model = dict(means=((radius + shift) * directions).tolist(), covariances=[model_cov] * n, weights=weights[::-1])
+    return data, model
+
+
+MIXTURES = {  # name: (data, model) mixture configs; None: the config's default pair
+    "default": None,
+    "six_mixed": ring(6, 2.5, [[[0.30, 0.0], [0.0, 0.03]], [[0.05, 0.0], [0.0, 0.05]], [[0.03, 0.0], [0.0, 0.20]]],
+                      [[0.25, 0.0], [0.0, 0.25]], 0.3),
+    "eight_thin": ring(8, 3.0, [[[0.02, 0.0], [0.0, 0.40]]], [[0.3, 0.0], [0.0, 0.3]], -0.3),
+}
+SCHEDULES = ("constant", "cosine")
+EMA_DECAYS = (0.99, 0.999)
+
+
+class EMAs(L.Callback):
+    """EMAs of the module's trainable weights for several decays, updated after every optimiser step."""
+
+    def __init__(self, module, decays):
+        self.emas = {decay: EMA(module.trainable(), decay) for decay in decays}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        for ema in self.emas.values():
+            ema.update(module.trainable())
+
+
+def config(mixture, seed, steps):
+    """experiment=toy2d with this seed, step count and mixture pair."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=toy2d", f"seed={seed}", f"trainer.max_steps={steps}",
+                                           "+trainer.enable_checkpointing=false"])
+    if MIXTURES[mixture] is not None:
+        data, model = MIXTURES[mixture]
+        cfg.data.mixture.update(data)
+        cfg.score.mixture.update(model)
+    return cfg
+
+
+def train(cfg, fakes, schedule, folder):
+    """The toy pipeline's training (toy2d.train, training.train_discriminator) with lr_schedule `schedule`; returns
+    {variant name: network} for the final iterate and each EMA decay, and the last logged training loss."""
+    real = instantiate(cfg.data.mixture).sample(cfg.data.num_real, generator=generator(cfg.seed, 0))
+    net, d, seed = build_network(cfg, cfg.discriminator.net, cfg.discriminator.seed), cfg.data, cfg.discriminator.seed
+    data = RealFakeDataModule(ArraySource(real.numpy(), name="real"), ArraySource(fakes.numpy(), name="fakes"),
+                              batch_size=d.batch_size, t_min=d.t_min, importance=d.importance_sampling, seed=seed)
+    module = DiscriminatorModule(net, cfg.discriminator.objective, cfg.discriminator.lr, cfg.discriminator.weight_decay,
+                                 lr_schedule=schedule)
+    emas = EMAs(module, EMA_DECAYS)
+    trainer = fit(cfg, module, data, folder, (), [EpochSeed(seed), emas], seed=seed)
+    nets = {f"{schedule}/final": net}
+    for decay, ema in emas.emas.items():
+        averaged = build_network(cfg, cfg.discriminator.net, seed)
+        averaged.load_state_dict(net.state_dict())
+        ema.copy_to([p for p in averaged.parameters() if p.requires_grad])
+        nets[f"{schedule}/ema{decay}"] = averaged
+    return {name: n.eval().requires_grad_(False) for name, n in nets.items()}, float(trainer.callback_metrics["train/loss"])
+
+
+def swd_table(cfg, discriminators):
+    """toy2d.sample's figures: SWD of each sampler (None: no DG) to fresh data, and the floor."""
+    n = cfg.metrics.num_samples
+    data, model = instantiate(cfg.data.mixture), instantiate(cfg.score.mixture)
+    latents = torch.randn(n, data.dim, generator=generator(cfg.seed, 2))
+    reference, floor = data.sample(n, generator(cfg.seed, 3)), data.sample(n, generator(cfg.seed, 4))
+    swd = lambda x: sliced_wasserstein(x, reference, cfg.metrics.num_projections, seed=cfg.seed)  # noqa: E731
+    scores = {"floor": swd(floor)}
+    for name, discriminator in discriminators.items():
+        scores[name] = swd(build_sampler(cfg, MixtureDenoiser(model), discriminator)(latents, None, None))
+    return scores
+
+
+def main():
+    args = {k: v for k, v in (a.split("=", 1) for a in sys.argv[1:])}
+    seeds = [int(s) for s in args.get("--seeds", "0,1,2,3,4").split(",")]
+    mixtures = args.get("--mixtures", ",".join(MIXTURES)).split(",")
+    schedules = args.get("--schedules", ",".join(SCHEDULES)).split(",")
+    steps, out = int(args.get("--steps", 2000)), args.get("--out")
+    torch.set_num_threads(int(args.get("--threads", 1)))  # measured: 1 thread is 7x faster than 2 on the loaded 2 cores
+    results = {"machine": "2-core AMD EPYC CPU", "steps": steps, "mixtures": {m: MIXTURES[m] for m in mixtures}, "runs": []}
+    for mixture in mixtures:
+        for seed in seeds:
+            cfg = config(mixture, seed, steps)
+            start = time.time()
+            with tempfile.TemporaryDirectory() as folder:
+                fakes = generate(SimpleNamespace(cfg=cfg, folder=Path(folder)))
+                nets, losses = {}, {}
+                for schedule in schedules:
+                    trained, losses[schedule] = train(cfg, fakes, schedule, Path(folder) / schedule)
+                    nets.update(trained)
+            optimal = OptimalDiscriminator(instantiate(cfg.data.mixture), instantiate(cfg.score.mixture))
+            scores = swd_table(cfg, {"no_dg": None, "dg_optimal": optimal, **nets})
+            run = {"mixture": mixture, "seed": seed, "swd": scores, "final_train_loss": losses,
+                   "seconds": round(time.time() - start, 1)}
+            results["runs"].append(run)
+            print(json.dumps(run), flush=True)
+            if out:
+                Path(out).write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
