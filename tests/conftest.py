@@ -9,6 +9,11 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(1)
 
+def pytest_addoption(parser):
+    """--published: also run the default digits run and compare it with docs/published.json (test_published)."""
+    parser.addoption("--published", action="store_true", help="check the default digits run against docs/published.json")
+
+
 HANG_GUARD_S = 3600  # subprocess time limit of the tests: a guard against a hang, far above any machine's run time
 
 

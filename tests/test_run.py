@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from dg_lightning.pipelines import run
 from dg_lightning.report import main as report_main
 from mixtures import other_pair
+from test_published import assert_published
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["trainer.max_steps=30", "data.num_fake=400", "data.num_real=400", "metrics.num_samples=300"]
@@ -35,6 +36,7 @@ def test_toy2d_default_run_writes_metrics_and_dg_halves_the_error(tmp_path):
     assert metrics["toy/swd_dg"] <= 0.5 * metrics["toy/swd_no_dg"]
     assert metrics["toy/swd_dg_optimal"] <= 0.5 * metrics["toy/swd_no_dg"]
     assert (run_dir / "toy2d.png").stat().st_size > 10000
+    assert_published("toy2d", metrics)
     assert (run_dir / "csv" / "metrics.csv").exists()
 
 
