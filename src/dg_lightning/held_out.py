@@ -109,7 +109,7 @@ class HeldOutDiagnostics(L.Callback):
                        for source, is_real in zip(held_out, (True, False))]
 
     def on_train_epoch_end(self, trainer, pl_module):
-        """Measure, log, and write the figures of this and every earlier epoch."""
+        """Measure and log this epoch's figures, and keep them in the history."""
         if self.splits is None:
             return
         sums = self.measure(pl_module)
@@ -121,7 +121,10 @@ class HeldOutDiagnostics(L.Callback):
         count, total, _, correct = sums.sum(dim=1).tolist()
         logged.update({"held_out/bce": total / count, "held_out/accuracy": correct / count})
         pl_module.log_dict(logged, sync_dist=True)  # equal on every rank already: the mean keeps them
-        if trainer.is_global_zero:
+
+    def on_train_end(self, trainer, pl_module):
+        """Write every epoch's figures once, at the end (per epoch, a long run would redraw them O(epochs^2))."""
+        if self.splits is not None and trainer.is_global_zero:
             write_figures(self.history, Path(trainer.default_root_dir))
 
     def measure(self, pl_module):
