@@ -122,9 +122,14 @@ def test_a_reference_batch_without_its_sfid_statistics_stops_the_run_before_any_
                                             r"'sigma_s'\], e.g. the one from https://openaipublic")
 
 
-def test_more_real_images_than_the_image_folder_holds_stops_the_run_before_any_compute(tmp_path, compose_cfg):
+def released_with_image_count(tmp_path):
+    """(the released files' folder, the number of images in its ImageNet train folder)."""
     released = write_released_files(tmp_path / "released")
-    held = len(list((released / "imagenet" / "train").rglob("*.JPEG")))
+    return released, len(list((released / "imagenet" / "train").rglob("*.JPEG")))
+
+
+def test_more_real_images_than_the_image_folder_holds_stops_the_run_before_any_compute(tmp_path, compose_cfg):
+    released, held = released_with_image_count(tmp_path)
     PIPELINE.check_stops_before_any_compute(tmp_path, compose_cfg, released,
                                             rf"config key 'data.num_real': asks for 1000000 samples but .*imagenet/train "
                                             rf"holds only {held}. Fix: set data.num_real={held} or fewer",
@@ -132,8 +137,7 @@ def test_more_real_images_than_the_image_folder_holds_stops_the_run_before_any_c
 
 
 def test_holding_out_every_real_image_stops_the_run_before_any_compute(tmp_path, compose_cfg):
-    released = write_released_files(tmp_path / "released")
-    held = len(list((released / "imagenet" / "train").rglob("*.JPEG")))
+    released, held = released_with_image_count(tmp_path)
     PIPELINE.check_stops_before_any_compute(tmp_path, compose_cfg, released,
                                             rf"config key 'data.num_held_out': holds out {held} of the {held} real "
                                             rf"samples of .*imagenet/train .*Fix: set data.num_held_out below {held}",
