@@ -32,7 +32,7 @@ from dg_lightning.module import EMA, DiscriminatorModule  # noqa: E402
 from dg_lightning.pipelines.toy2d import generate, generator  # noqa: E402
 from dg_lightning.sampling import build_sampler  # noqa: E402
 from dg_lightning.toy import MixtureDenoiser, OptimalDiscriminator  # noqa: E402
-from dg_lightning.training import build_network, fit  # noqa: E402
+from dg_lightning.training import build_network, configured_callbacks, fit  # noqa: E402
 
 
 def ring(n, radius, data_cov, model_cov, shift):
@@ -93,7 +93,7 @@ def train(cfg, fakes, schedule, folder):
     module = DiscriminatorModule(net, cfg.discriminator.objective, cfg.discriminator.lr, cfg.discriminator.weight_decay,
                                  lr_schedule=schedule)
     emas = EMAs(module, EMA_DECAYS)
-    trainer = fit(cfg, module, data, folder, (), [EpochSeed(seed), emas], seed=seed)
+    trainer = fit(cfg, module, data, folder, (), [*configured_callbacks(cfg), EpochSeed(seed), emas], seed=seed)
     nets = {f"{schedule}/final": net}
     for decay, ema in emas.emas.items():
         averaged = build_network(cfg, cfg.discriminator.net, seed)

@@ -11,9 +11,9 @@ from dg_lightning.evaluation import (
     PooledPixels,
     evaluate,
     export_samples,
-    inception_score,
     load_reference_batch,
 )
+from dg_lightning.metrics import InceptionScore
 
 
 def reference_file(path, images):
@@ -42,8 +42,10 @@ def test_samples_equal_to_the_reference_score_zero_fid_and_full_precision_recall
 def test_inception_score_is_the_mean_over_splits():
     confident = torch.eye(4) * 50  # IS = 4 (one sample per class, certain)
     uniform = torch.zeros(4, 4)    # IS = 1
-    assert inception_score(torch.cat([confident, uniform]), split_size=4) == pytest.approx(2.5, rel=1e-9)
-    assert inception_score(confident, split_size=4) == pytest.approx(4.0, rel=1e-9)
+    for logits, expected in ((torch.cat([confident, uniform]), 2.5), (confident, 4.0)):
+        metric = InceptionScore(split_size=4)
+        metric.update(logits)
+        assert metric.compute().item() == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize("change, message", [

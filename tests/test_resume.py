@@ -54,9 +54,9 @@ def sources():
     return ArraySource(real, name="real"), ArraySource(fake, name="fake")
 
 
-def train(cfg, callbacks=()):
+def train(cfg):
     return train_discriminator(cfg, *sources(), build_network(cfg, cfg.discriminator.net), [],
-                               stage_dir(cfg, "train", ["seed", "trainer"]), callbacks=callbacks)
+                               stage_dir(cfg, "train", ["seed", "trainer"]))
 
 
 @pytest.mark.parametrize("averaging", AVERAGING)

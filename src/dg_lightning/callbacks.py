@@ -10,7 +10,9 @@ import contextlib
 import functools
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import numpy as np
@@ -24,7 +26,6 @@ from dg_lightning.distributed import rank_and_world_size
 from dg_lightning.files import write_atomic
 from dg_lightning.generate import sample_batches
 from dg_lightning.shards import to_uint8
-from dg_lightning.metrics import GenerativeMetrics
 from dg_lightning import progress
 
 MODES = ("min", "max")
@@ -117,81 +118,83 @@ class RNGStates(L.Callback):
         random.setstate(states["random"])
 
 
+@dataclass
+class SamplingTask:
+    """What the guided-sampling callback samples and how it scores the samples, given by the pipeline whose
+    discriminator trains: sample_fn(discriminator, latents, class_labels, noise) -> images in [-1, 1] (B, C, H, W);
+    metrics, a module with update(uint8 NCHW images, real), compute() -> {name: float}, reset() that keeps the real
+    side, and the attributes `names` (what compute returns), `needs_real_images` and `keeps_real_features`;
+    real_images, uint8 NCHW, fed to the metrics once (None when they need none); the latents' shape, the number of
+    classes (None: unconditional) and the sampling batch size."""
+
+    sample_fn: Callable
+    metrics: torch.nn.Module
+    shape: tuple
+    real_images: torch.Tensor | None = None
+    num_classes: int | None = None
+    batch_size: int = 64
+
+    def __post_init__(self):
+        """Check that the real images are what the metrics need, in the form they need them."""
+        metrics, real_images = self.metrics, self.real_images
+        if metrics.needs_real_images and real_images is None:
+            raise ValueError(f"SamplingTask real_images is None, but its metrics ({type(metrics).__name__}) need real "
+                             "images (FID without a reference, precision / recall, KID)")
+        if real_images is None:
+            return
+        if not metrics.needs_real_images:
+            raise ValueError(f"SamplingTask real_images is given, but its metrics ({type(metrics).__name__}) use none "
+                             "(FID from reference statistics, no precision / recall); pass real_images=None")
+        if not torch.is_tensor(real_images) or real_images.dtype != torch.uint8 or real_images.ndim != 4:
+            found = f"{real_images.dtype} {tuple(real_images.shape)}" if torch.is_tensor(real_images) else type(real_images).__name__
+            raise TypeError(f"SamplingTask real_images must be a uint8 tensor (N, C, H, W), got {found}")
+        if not metrics.keeps_real_features:
+            raise ValueError("SamplingTask metrics must keep their real features across resets (GenerativeMetrics: "
+                             "reset_real_features=False): the real images are fed once and must outlive every evaluation")
+
+
 class GuidedSamplingCallback(L.Callback):
-    """Every `every_n_epochs` training epochs, sample with the module's current discriminator and evaluate.
+    """Every `every_n_epochs` training epochs, sample with the module's current discriminator and evaluate; configured
+    from conf/callbacks (callbacks.sampling) and bound by the training stage to the pipeline's SamplingTask (what to
+    sample, how to score it). A fit with no task bound (pretraining) leaves it out (configured_callbacks).
 
-    Sample i (of num_samples) has seed (base_seed, i), so the sample set is the same on any number of ranks
-    and for any batch size; rank r draws the indices i with i % world_size == r. `sample_fn(discriminator,
-    latents, class_labels, noise)` returns images in [-1, 1]; it runs under torch.no_grad() with the
-    discriminator in eval mode and its parameters frozen (guidance enables gradients for its input itself,
-    as DiscriminatorGuidance does); modes and requires_grad flags are restored afterwards.
+    Sample i (of num_samples) has seed (seed, i), so the sample set is the same on any number of ranks and for any
+    batch size; rank r draws the indices i with i % world_size == r. The task's sample_fn runs under torch.no_grad()
+    with the discriminator in eval mode and its parameters frozen (guidance enables gradients for its input itself,
+    as DiscriminatorGuidance does); modes and requires_grad flags are restored afterwards. The task's real images
+    (each rank its share) are fed to its metrics once, at the first evaluation, which keep them.
 
-    `metrics` (a GenerativeMetrics) is fed `real_images` (uint8 NCHW, each rank its share) once, at the
-    first evaluation, and keeps them: build it with reset_real_features=False. real_images may be None
-    only when the metrics need no real images (FID from fid_reference, precision_recall off).
-
-    Each evaluation logs `{prefix}/fid` (and `/precision`, `/recall`) on every rank, so ModelCheckpoint
-    can monitor them, and on rank 0 saves a grid of the first grid_size samples to
-    out_dir/samples_epoch{E}.png (E: the 0-based epoch index), logs it to any W&B logger as
-    `{prefix}/samples`, and, when `monitor` improves (mode "min" or "max"), saves the discriminator's
-    state_dict to out_dir/best_discriminator.pt. best_epoch, best_score and history (one dict per
-    evaluation: epoch and metrics) are kept in the callback's state in checkpoints.
+    Each evaluation logs `{prefix}/<name>` for every metric of the task on every rank, so ModelCheckpoint can monitor
+    them, and on rank 0 saves a grid of the first grid_size samples to out_dir/samples_epoch{E}.png (E: the 0-based
+    epoch index; out_dir None: <the trainer's folder>/sampling), logs it to any W&B logger as `{prefix}/samples`, and,
+    when `monitor` improves (mode "min" or "max"), saves the discriminator's state_dict to
+    out_dir/best_discriminator.pt (what discriminator.select=best guides with). best_epoch, best_score and history
+    (one dict per evaluation: epoch and metrics) are kept in the callback's state in checkpoints.
     """
 
-    def __init__(
-        self,
-        sample_fn,
-        metrics: GenerativeMetrics,
-        shape,
-        num_samples,
-        out_dir,
-        real_images=None,
-        every_n_epochs=1,
-        batch_size=64,
-        base_seed=0,
-        num_classes=None,
-        grid_size=64,
-        monitor="fid",
-        mode="min",
-        prefix="sampling",
-    ):
-        for name, value in [("num_samples", num_samples), ("every_n_epochs", every_n_epochs),
-                            ("batch_size", batch_size), ("grid_size", grid_size)]:
+    def __init__(self, every_n_epochs=1, num_samples=200, seed=0, grid_size=64, monitor="fid", mode="min",
+                 prefix="sampling", out_dir=None):
+        for name, value in [("num_samples", num_samples), ("every_n_epochs", every_n_epochs), ("grid_size", grid_size)]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"GuidedSamplingCallback {name} must be a positive int, got {value!r}")
-        if not isinstance(base_seed, int) or base_seed < 0:
-            raise ValueError(f"GuidedSamplingCallback base_seed must be an int >= 0, got {base_seed!r}")
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
-            raise ValueError(f"GuidedSamplingCallback num_classes must be None (unconditional) or >= 1, got {num_classes!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"GuidedSamplingCallback seed must be an int >= 0, got {seed!r}")
         if mode not in MODES:
             raise ValueError(f"GuidedSamplingCallback mode must be one of {MODES}, got {mode!r}")
-        available = ["fid"] + (["precision", "recall"] if metrics.precision_recall is not None else [])
-        if monitor not in available:
-            raise ValueError(f"GuidedSamplingCallback monitor must be one of the metrics {available}, got {monitor!r}")
-        needs_real = metrics.reference is None or metrics.precision_recall is not None
-        if needs_real and real_images is None:
-            raise ValueError(
-                "GuidedSamplingCallback real_images is None, but the metrics need real images "
-                "(FID without fid_reference, or precision/recall)"
-            )
-        if real_images is not None:
-            if not needs_real:
-                raise ValueError("GuidedSamplingCallback real_images is given, but the metrics use none "
-                                 "(FID reads fid_reference and precision_recall is off); pass real_images=None")
-            if not torch.is_tensor(real_images) or real_images.dtype != torch.uint8 or real_images.ndim != 4:
-                found = f"{real_images.dtype} {tuple(real_images.shape)}" if torch.is_tensor(real_images) else type(real_images).__name__
-                raise TypeError(f"GuidedSamplingCallback real_images must be a uint8 tensor (N, C, H, W), got {found}")
-            if metrics.fid.reset_real_features:
-                raise ValueError(
-                    "GuidedSamplingCallback metrics must be built with reset_real_features=False: "
-                    "the real images are fed once and must outlive every evaluation"
-                )
-        self.sample_fn, self.metrics, self.real_images = sample_fn, metrics, real_images
-        self.shape, self.num_samples, self.out_dir = tuple(shape), num_samples, Path(out_dir)
-        self.every_n_epochs, self.batch_size, self.base_seed, self.num_classes = every_n_epochs, batch_size, base_seed, num_classes
+        self.every_n_epochs, self.num_samples, self.seed = every_n_epochs, num_samples, seed
         self.grid_size = min(grid_size, num_samples)
         self.monitor, self.mode, self.prefix = monitor, mode, prefix
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.task, self.real_images = None, None
         self.best_epoch, self.best_score, self.history = None, None, []
+
+    def bind(self, task: SamplingTask):
+        """Sample and score with `task` (a SamplingTask); its metrics must compute the monitored one."""
+        if self.monitor not in task.metrics.names:
+            raise ValueError(f"GuidedSamplingCallback monitor must be one of this experiment's sampling metrics "
+                             f"{list(task.metrics.names)}, got {self.monitor!r} (set callbacks.sampling.monitor)")
+        self.task, self.real_images = task, task.real_images
+        return self
 
     @property
     def state_key(self):
@@ -199,7 +202,12 @@ class GuidedSamplingCallback(L.Callback):
         return self._generate_state_key(prefix=self.prefix)
 
     def setup(self, trainer, pl_module, stage):
-        """Check that the module holds a `discriminator` network and that every rank gets a sample."""
+        """Check that a task is bound, that the module holds a `discriminator` network and that every rank gets a
+        sample; out_dir defaults to <the trainer's folder>/sampling."""
+        if self.task is None:
+            raise RuntimeError("GuidedSamplingCallback has no SamplingTask bound: call bind(task) before the fit")
+        if self.out_dir is None:
+            self.out_dir = Path(trainer.default_root_dir) / "sampling"
         if not isinstance(getattr(pl_module, "discriminator", None), torch.nn.Module):
             raise TypeError(
                 f"GuidedSamplingCallback needs a LightningModule with a `discriminator` nn.Module "
@@ -234,24 +242,24 @@ class GuidedSamplingCallback(L.Callback):
     def _evaluate(self, trainer, pl_module):
         """Sample this rank's share, return (metrics over all ranks, the first grid_size samples in index order)."""
         rank, world_size, device = trainer.global_rank, trainer.world_size, pl_module.device
-        show = trainer.is_global_zero
-        self.metrics.to(device)
+        show, task = trainer.is_global_zero, self.task
+        metrics = task.metrics.to(device)
         if self.real_images is not None:
-            for images in progress.track(self.real_images[rank::world_size].split(self.batch_size), f"{self.prefix}: real features", show):
-                self.metrics.update(images.to(device), real=True)
+            for images in progress.track(self.real_images[rank::world_size].split(task.batch_size), f"{self.prefix}: real features", show):
+                metrics.update(images.to(device), real=True)
             self.real_images = None
         indices = range(rank, self.num_samples, world_size)
-        sample_fn = functools.partial(self.sample_fn, pl_module.discriminator)
-        batches = sample_batches(sample_fn, indices, self.shape, self.base_seed, self.num_classes, self.batch_size, device,
+        sample_fn = functools.partial(task.sample_fn, pl_module.discriminator)
+        batches = sample_batches(sample_fn, indices, task.shape, self.seed, task.num_classes, task.batch_size, device,
                                  out_shape=(None, None, None))  # any (B, C, H, W) images
         grid = []
         with frozen(pl_module.discriminator), torch.no_grad():
-            for batch, images, _ in progress.track(batches, f"{self.prefix}: sampling", show, total=math.ceil(len(indices) / self.batch_size)):
+            for batch, images, _ in progress.track(batches, f"{self.prefix}: sampling", show, total=math.ceil(len(indices) / task.batch_size)):
                 images = to_uint8(images)
-                self.metrics.update(images, real=False)
+                metrics.update(images, real=False)
                 grid.append(images[: sum(i < self.grid_size for i in batch)])
-        results = self.metrics.compute()
-        self.metrics.reset()
+        results = metrics.compute()
+        metrics.reset()
         grid = torch.cat(grid)
         if world_size > 1:
             parts = gather_all_tensors(grid)

@@ -11,7 +11,7 @@ from dg_lightning.module import LR_SCHEDULES
 
 FEATURES = ("digits_classifier", "inception")
 ABSENT = object()
-SEEDS = ("seed", "discriminator.seed", "metrics.sampling_seed", "metrics.sampling_callback.seed")
+SEEDS = ("seed", "discriminator.seed", "metrics.sampling_seed", "callbacks.sampling.seed")
 
 
 class ConfigError(ValueError):

@@ -95,37 +95,52 @@ class PooledPixels(nn.Module):
         return pool, F.adaptive_avg_pool2d(x[:, :1], 8).flatten(1), pool
 
 
-def inception_score(logits, split_size=IS_SPLIT_SIZE):
-    """ADM's IS: the mean over consecutive splits of split_size samples of exp E KL(p(y|x) || p(y))."""
-    scores = []
-    for split in logits.split(split_size):
-        metric = InceptionScore()
-        metric.update(split)
-        scores.append(metric.compute().item())
-    return float(np.mean(scores))
+class ADMMetrics(nn.Module):
+    """ADM's evaluation as a metric stack of uint8 NCHW images, one Inception pass per batch: FID and sFID against the
+    reference batch's (mu, sigma) and (mu_s, sigma_s), IS of the samples (splits of 5,000), improved precision /
+    recall (k-NN) against the real images fed with real=True (the reference batch's images, kept across resets);
+    correct under DDP (torchmetrics states)."""
+
+    names = ("fid", "precision", "recall", "sfid", "is")
+    needs_real_images, keeps_real_features = True, True
+
+    def __init__(self, features, reference: ReferenceBatch, k=3):
+        super().__init__()
+        self.features = features.eval()
+        self.pool = GenerativeMetrics(ExtractedFeatures(features.num_features), fid_reference=reference.pool, k=k,
+                                      reset_real_features=False)
+        self.spatial = GenerativeMetrics(ExtractedFeatures(features.num_spatial), fid_reference=reference.spatial,
+                                         precision_recall=False)
+        self.inception_score = InceptionScore(split_size=IS_SPLIT_SIZE)
+
+    @torch.no_grad()
+    def update(self, images, real):
+        """Add a uint8 (B, 3, H, W) batch: reference images to precision / recall's real side, samples to every metric."""
+        pool, spatial, logits = self.features(images)
+        self.pool.update(pool, real=real)
+        if not real:
+            self.spatial.update(spatial, real=False)
+            self.inception_score.update(logits)
+
+    def compute(self):
+        """{fid, precision, recall, sfid, is} as floats, over all ranks."""
+        return {**self.pool.compute(), "sfid": self.spatial.compute()["fid"], "is": self.inception_score.compute().item()}
+
+    def reset(self):
+        """Clear the samples' features (the reference images' are kept)."""
+        for metric in (self.pool, self.spatial, self.inception_score):
+            metric.reset()
 
 
-@torch.no_grad()
 def evaluate(features, samples, reference: ReferenceBatch, batch_size=250, device="cpu", k=3):
-    """{fid, sfid, is, precision, recall} of uint8 NHWC samples against an ADM reference batch: FID and sFID against
-    its (mu, sigma) and (mu_s, sigma_s), precision/recall (k-NN) against its images in pool features."""
+    """{fid, sfid, is, precision, recall} of uint8 NHWC samples against an ADM reference batch (ADMMetrics)."""
     if samples.dtype != np.uint8 or samples.ndim != 4 or samples.shape[-1] != 3:
         raise ValueError(f"evaluate needs uint8 NHWC RGB samples, got {samples.dtype} {samples.shape}")
-    features = features.to(device).eval()
-    # FID and sFID against the reference statistics; precision / recall against the reference images' pool features
-    pool = GenerativeMetrics(ExtractedFeatures(features.num_features), fid_reference=reference.pool, k=k).to(device)
-    spatial = GenerativeMetrics(ExtractedFeatures(features.num_spatial), fid_reference=reference.spatial,
-                                precision_recall=False).to(device)
-    logits = []
+    metrics = ADMMetrics(features, reference, k).to(device)
     for is_real, images in ((True, reference.images), (False, samples)):
         for start in track(range(0, len(images), batch_size), f"{'reference' if is_real else 'sample'} features"):
-            batch = torch.from_numpy(images[start:start + batch_size]).to(device).permute(0, 3, 1, 2)
-            pool_features, spatial_features, class_logits = features(batch)
-            pool.update(pool_features, real=is_real)
-            if not is_real:
-                spatial.update(spatial_features, real=False)
-                logits.append(class_logits.double().cpu())
-    return {**pool.compute(), "sfid": spatial.compute()["fid"], "is": inception_score(torch.cat(logits))}
+            metrics.update(torch.from_numpy(images[start:start + batch_size]).to(device).permute(0, 3, 1, 2), is_real)
+    return metrics.compute()
 
 
 def export_samples(path, images, labels=None):

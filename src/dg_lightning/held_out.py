@@ -209,3 +209,9 @@ def with_t_max(cfg: DictConfig, t_max):
     cfg = cfg.copy()
     OmegaConf.update(cfg, "guidance.dg.t_max", t_max)
     return cfg
+
+
+def sampling_window(cfg: DictConfig):
+    """cfg as the guided-sampling callback samples with it while the head trains: guidance.dg.t_max=auto, which the
+    trained head decides, as t_max = 1; cfg itself when t_max is a number."""
+    return with_t_max(cfg, 1.0) if cfg.guidance.dg.t_max == "auto" else cfg

@@ -145,15 +145,17 @@ class KernelDistance(Metric):
 
 
 class InceptionScore(Metric):
-    """IS = exp E_x KL(p(y | x) || p(y)) from any classifier's class logits, p(y) the mean of p(y | x) over all samples
-    (one split, float64). It lies in [1, number of classes]."""
+    """IS = exp E_x KL(p(y | x) || p(y)) from any classifier's class logits, p(y) the mean of p(y | x) over the split
+    (float64), averaged over consecutive splits of split_size samples (None: one split; ADM's evaluator: 5,000). It
+    lies in [1, number of classes]. Under DDP the samples are split in the order of the ranks' gathered states."""
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, **kwargs):
+    def __init__(self, split_size=None, **kwargs):
         super().__init__(**kwargs)
+        self.split_size = split_size
         self.add_state("probs", default=[], dist_reduce_fx="cat")
 
     def update(self, logits):
@@ -163,13 +165,16 @@ class InceptionScore(Metric):
         self.probs.append(logits.detach().double().softmax(dim=1))
 
     def compute(self):
-        """exp of the mean KL divergence between each sample's p(y | x) and the marginal p(y)."""
+        """The mean over splits of exp of the mean KL divergence between each sample's p(y | x) and the split's p(y)."""
         if not len(self.probs):
             raise ValueError("InceptionScore needs at least one sample, got none")
         probs = dim_zero_cat(self.probs)
-        marginal = probs.mean(dim=0, keepdim=True)
-        kl = (torch.special.xlogy(probs, probs) - torch.special.xlogy(probs, marginal)).sum(dim=1)
-        return kl.mean().exp()
+        scores = []
+        for split in probs.split(self.split_size or len(probs)):
+            marginal = split.mean(dim=0, keepdim=True)
+            kl = (torch.special.xlogy(split, split) - torch.special.xlogy(split, marginal)).sum(dim=1)
+            scores.append(kl.mean().exp())
+        return torch.stack(scores).mean()
 
 
 class ClassifierFeatures(nn.Module):
@@ -309,9 +314,25 @@ class GenerativeMetrics(nn.Module):
         self.kid = None if kid_subsets is None else KernelDistance(kid_subsets, kid_subset_size, kid_seed, reset_real_features)
         self.inception_score = InceptionScore() if inception_score else None
 
+    @property
+    def names(self):
+        """The names of the metrics compute() returns."""
+        return ("fid", *(("precision", "recall") if self.precision_recall is not None else ()),
+                *(("kid",) if self.kid is not None else ()), *(("is",) if self.inception_score is not None else ()))
+
+    @property
+    def needs_real_images(self):
+        """Whether any metric compares with real images (FID without a reference, precision / recall, KID)."""
+        return self.reference is None or self.precision_recall is not None or self.kid is not None
+
+    @property
+    def keeps_real_features(self):
+        """Whether reset() keeps the real side (built with reset_real_features=False)."""
+        return not self.fid.reset_real_features
+
     def update(self, images, real):
         """Extracts features of a uint8 (B, C, H, W) batch with autocast off and adds them to the real or fake side."""
-        if real and self.reference is not None and self.precision_recall is None and self.kid is None:
+        if real and not self.needs_real_images:
             raise ValueError(
                 "GenerativeMetrics got real images but uses none: FID reads fid_reference and precision_recall and KID are off"
             )

@@ -4,6 +4,7 @@ training on real vs fake, each resuming from its stage folder's last.ckpt to the
 Every checkpoint is written atomically (AtomicCheckpointIO) and checked before it is resumed from (resume_checkpoint):
 a damaged last.ckpt falls back to the newest intact epoch checkpoint, or the stage starts afresh, with a warning."""
 
+import json
 import logging
 import zipfile
 from pathlib import Path
@@ -18,8 +19,9 @@ from lightning.pytorch.loops.loop import _Loop
 from omegaconf import DictConfig
 
 from dg_lightning.accel import build_accel
-from dg_lightning.callbacks import EpochSeed, GuidedSamplingCallback, RNGStates
+from dg_lightning.callbacks import BEST_DISCRIMINATOR, EpochSeed, GuidedSamplingCallback, RNGStates, SamplingTask
 from dg_lightning.data import ArraySource, RealFakeDataModule, split_held_out
+from dg_lightning.distributed import rank_and_world_size
 from dg_lightning.files import atomic_save, load_weights, write_atomic
 from dg_lightning.loggers import ResumableCSVLogger
 from dg_lightning.module import DiscriminatorModule
@@ -27,6 +29,7 @@ from dg_lightning.pretrain import clean_loader
 
 log = logging.getLogger(__name__)
 LAST = "last.ckpt"
+BEST_EPOCH = "best_epoch.json"  # in the train stage's folder: the sampling callback's pick
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -95,17 +98,23 @@ class EpochEndResumeFitLoop(_FitLoop):
         _Loop.restarting.fset(self, restarting and unfinished)
 
 
+def configured_callbacks(cfg: DictConfig, task: SamplingTask | None = None):
+    """The callbacks of cfg.callbacks, instantiated: the guided-sampling one bound to the pipeline's task, or left out
+    when there is none (a pretraining fit, or a pipeline that gives no task)."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    return [c.bind(task) if isinstance(c, GuidedSamplingCallback) else c for c in callbacks
+            if task is not None or not isinstance(c, GuidedSamplingCallback)]
+
+
 def fit(cfg: DictConfig, module, data, folder, loggers=(), callbacks=(), ckpt_path=None, seed=None, **trainer_overrides):
-    """Fit a LightningModule with cfg.trainer (plus the configured callbacks) in folder, from the checkpoint at
-    ckpt_path when given, through EpochEndResumeFitLoop, writing checkpoints with AtomicCheckpointIO; returns the
-    trainer.
+    """Fit a LightningModule with cfg.trainer and `callbacks` in folder, from the checkpoint at ckpt_path when given,
+    through EpochEndResumeFitLoop, writing checkpoints with AtomicCheckpointIO; returns the trainer.
 
     The global RNG is re-seeded with `seed` (default cfg.seed) first, so a stage gives the same result whether or
     not the stages before it were loaded from the cache.
     """
     L.seed_everything(cfg.seed if seed is None else seed, verbose=False)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(callbacks)
-    trainer = instantiate(cfg.trainer, default_root_dir=str(folder), logger=list(loggers) or False, callbacks=callbacks,
+    trainer = instantiate(cfg.trainer, default_root_dir=str(folder), logger=list(loggers) or False, callbacks=list(callbacks),
                           plugins=[AtomicCheckpointIO()], **trainer_overrides)
     loop = EpochEndResumeFitLoop(trainer, min_epochs=trainer.fit_loop.min_epochs, max_epochs=trainer.fit_loop.max_epochs)
     loop.epoch_loop, trainer.fit_loop = trainer.fit_loop.epoch_loop, loop
@@ -132,39 +141,77 @@ def pretrain(cfg: DictConfig, module, source: ArraySource, batch_size, max_steps
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", save_top_k=0, save_last=True, enable_version_counter=False,
                                  every_n_train_steps=per_epoch * max(1, round(PRETRAIN_CHECKPOINT_STEPS / per_epoch)))
-    fit(cfg, module, loader, folder, [ResumableCSVLogger(folder, name="", version="")], [checkpoint, RNGStates(cfg.seed)],
+    fit(cfg, module, loader, folder, [ResumableCSVLogger(folder, name="", version="")],
+        [*configured_callbacks(cfg), checkpoint, RNGStates(cfg.seed)],
         ckpt_path=resume_checkpoint(folder / "checkpoints"), max_steps=max_steps, max_epochs=-1)
     atomic_save(network.state_dict(), weights)
 
 
-def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, net, loggers, folder, callbacks=()):
+def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, net, loggers, folder, task=None,
+                        metrics=None):
     """Train (or load from its stage folder) the discriminator net on real vs fake, but for the last data.num_held_out
-    samples of each: the held-out split of the data module (HeldOutDiagnostics); returns the trained net (with its EMA
-    weights when discriminator.ema_decay is set: those are saved to discriminator.pt and guide).
+    samples of each: the held-out split of the data module (HeldOutDiagnostics); with the guided-sampling callback
+    (callbacks.sampling) bound to `task`, the pipeline's SamplingTask, when one is given. Returns the net with the
+    weights that guide: discriminator.select=last, the last epoch's (its EMA weights when discriminator.ema_decay is
+    set), saved to discriminator.pt; select=best, the callback's best epoch's (sampling/best_discriminator.pt). The
+    callback's pick, {sampling/best_epoch, sampling/best_<monitor>}, is added to `metrics` (a dict) when given.
 
     Every epoch ends with checkpoints/last.ckpt, and checkpoints.keep epoch checkpoints are kept (epoch_checkpoints);
-    a killed training resumes from last.ckpt (resume_checkpoint). EpochSeed re-seeds the global RNGs (batch order, diffusion times and noise) at each epoch from
-    (discriminator.seed, epoch, rank), so the resumed run ends with the same weights as an uninterrupted one.
+    a killed training resumes from last.ckpt (resume_checkpoint). EpochSeed re-seeds the global RNGs (batch order,
+    diffusion times and noise) at each epoch from (discriminator.seed, epoch, rank), so the resumed run ends with the
+    same weights as an uninterrupted one.
     """
-    weights = Path(folder) / "discriminator.pt"
+    folder = Path(folder)
+    weights, callbacks = folder / "discriminator.pt", configured_callbacks(cfg, task)
     if weights.exists():
         net.load_state_dict(load_weights(weights))
-        return net
-    d, seed = cfg.data, cfg.discriminator.seed
-    (real, held_real), (fake, held_fake) = split_held_out(real, d.num_held_out), split_held_out(fake, d.num_held_out)
-    datamodule = RealFakeDataModule(real, fake, batch_size=d.batch_size, t_min=d.t_min, importance=d.importance_sampling,
-                                    num_workers=d.num_workers, seed=seed, conditional=cfg.discriminator.get("conditional", False),
-                                    held_out=(held_real, held_fake))
-    c = cfg.discriminator
-    module = DiscriminatorModule(net, c.objective, c.lr, c.weight_decay, accel=build_accel(cfg.accel),
-                                 lr_schedule=c.lr_schedule, ema_decay=c.ema_decay)
-    checkpoints = epoch_checkpoints(folder / "checkpoints", cfg.checkpoints.keep, callbacks)
-    fit(cfg, module, datamodule, folder, loggers, [*checkpoints, EpochSeed(seed), *callbacks],
-        ckpt_path=resume_checkpoint(folder / "checkpoints"), seed=seed)
-    module.average_weights()
-    atomic_save(net.state_dict(), weights)
+    else:
+        d, seed = cfg.data, cfg.discriminator.seed
+        (real, held_real), (fake, held_fake) = split_held_out(real, d.num_held_out), split_held_out(fake, d.num_held_out)
+        datamodule = RealFakeDataModule(real, fake, batch_size=d.batch_size, t_min=d.t_min, importance=d.importance_sampling,
+                                        num_workers=d.num_workers, seed=seed,
+                                        conditional=cfg.discriminator.get("conditional", False),
+                                        held_out=(held_real, held_fake))
+        c = cfg.discriminator
+        module = DiscriminatorModule(net, c.objective, c.lr, c.weight_decay, accel=build_accel(cfg.accel),
+                                     lr_schedule=c.lr_schedule, ema_decay=c.ema_decay)
+        checkpoints = epoch_checkpoints(folder / "checkpoints", cfg.checkpoints.keep, callbacks)
+        fit(cfg, module, datamodule, folder, loggers, [*callbacks, *checkpoints, EpochSeed(seed)],
+            ckpt_path=resume_checkpoint(folder / "checkpoints"), seed=seed)
+        module.average_weights()
+        atomic_save(net.state_dict(), weights)
+    sampling = next((c for c in callbacks if isinstance(c, GuidedSamplingCallback)), None)
+    record = {} if sampling is None else best_epoch_record(sampling, folder)
+    if metrics is not None:
+        metrics.update(record)
+    if selects_best(cfg):
+        net.load_state_dict(load_weights(sampling.out_dir / BEST_DISCRIMINATOR))
     return net
 
+
+def selects_best(cfg: DictConfig):
+    """Whether the head that guides is the sampling callback's best epoch (discriminator.select=best), not the last."""
+    return cfg.discriminator.get("select", "last") == "best"
+
+
+def selection_keys(cfg: DictConfig, scoring):
+    """The keys besides its training's that a train stage's output depends on: the sampling callback's settings, and
+    with discriminator.select=best the guidance and the `scoring` keys of the experiment's metrics, on which the
+    picked epoch depends (select=last: DG weight and window sweeps reuse one trained head)."""
+    return ("callbacks.sampling", *(("guidance", *scoring) if selects_best(cfg) else ()))
+
+
+def best_epoch_record(callback: GuidedSamplingCallback, folder: Path):
+    """{sampling/best_epoch, sampling/best_<monitor>} of the callback's fit, written to folder/best_epoch.json (rank 0),
+    or the record a cached stage left there ({} when none)."""
+    record = folder / BEST_EPOCH
+    if callback.best_epoch is None:
+        return json.loads(record.read_text()) if record.exists() else {}
+    found = {f"{callback.prefix}/best_epoch": callback.best_epoch,
+             f"{callback.prefix}/best_{callback.monitor}": callback.best_score}
+    if rank_and_world_size()[0] == 0:  # one writer under DDP (every rank's callback holds the same record)
+        write_atomic(record, lambda f: f.write(json.dumps(found).encode()))
+    return found
 
 
 def epoch_checkpoints(dirpath: Path, keep, callbacks=()):

@@ -3,18 +3,15 @@ model and a noise-aware classifier, generate fakes, train the DG head (with the 
 with and without DG from the same seeds, and score both against the held-out digits in a digits classifier's
 feature space (FID, precision / recall, KID, IS), with the training digits as the floor."""
 
-import json
-
 import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dg_lightning.callbacks import BEST_DISCRIMINATOR, GuidedSamplingCallback
+from dg_lightning.callbacks import SamplingTask
 from dg_lightning.data import ArraySource, load_digits_split
-from dg_lightning.distributed import rank_and_world_size
-from dg_lightning.files import atomic_save, write_atomic
-from dg_lightning.held_out import resolve_t_max, with_t_max
+from dg_lightning.files import atomic_save
+from dg_lightning.held_out import resolve_t_max, sampling_window
 from dg_lightning.metrics import ClassifierFeatures, GenerativeMetrics, GreyAsRGB, inception_features
 from dg_lightning.nets.adm import Discriminator
 from dg_lightning.nets.edm import IndexLabels
@@ -25,7 +22,7 @@ from dg_lightning.pretrain import NoisyClassifierModule, ScoreModule, train_feat
 from dg_lightning.sampling import build_sampler
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.shards import load_shards
-from dg_lightning.training import build_network, pretrain, train_discriminator
+from dg_lightning.training import build_network, pretrain, selection_keys, train_discriminator
 
 DIGITS = ("data.source", "data.num_classes", "data.num_held_out", "data.split_seed")  # which digits, split how
 SOURCE = ("data.source",)  # the file of the digits (null: sklearn's), fingerprinted by its content
@@ -110,54 +107,33 @@ def generative_metrics(cfg: DictConfig, features):
                              inception_score=m.features == "digits_classifier")
 
 
-def sampling_callback(cfg: DictConfig, denoiser, features, folder):
-    """GuidedSamplingCallback: every few epochs, DG samples from the current discriminator, scored against the
-    held-out digits (with guidance.dg.t_max=auto, which the trained head decides, over t_max = 1)."""
-    c = cfg.metrics.sampling_callback
-    cfg = with_t_max(cfg, 1.0) if cfg.guidance.dg.t_max == "auto" else cfg
-    shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
-    real_images = torch.from_numpy(digits(cfg, "held_out")[0]).permute(0, 3, 1, 2)
-    return GuidedSamplingCallback(
+def sampling_task(cfg: DictConfig, denoiser, features):
+    """The guided-sampling callback's task: DG samples from the current discriminator, scored against the held-out
+    digits (with guidance.dg.t_max=auto, which the trained head decides, over t_max = 1)."""
+    cfg = sampling_window(cfg)
+    return SamplingTask(
         lambda discriminator, latents, labels, noise: build_sampler(cfg, denoiser, discriminator)(latents, labels, noise),
-        generative_metrics(cfg, features), shape, c.num_samples, folder / "sampling", real_images=real_images,
-        every_n_epochs=c.every_n_epochs, batch_size=cfg.metrics.batch_size, base_seed=c.seed,
-        num_classes=conditional_classes(cfg), monitor="fid", mode="min")
-
-
-def best_epoch_record(callback, folder):
-    """{sampling/best_epoch, sampling/best_fid}, from this fit or (for a cached stage) from the record it left."""
-    record = folder / "best_epoch.json"
-    if callback.best_epoch is None:
-        return json.loads(record.read_text()) if record.exists() else {}
-    found = {"sampling/best_epoch": callback.best_epoch, "sampling/best_fid": callback.best_score}
-    if rank_and_world_size()[0] == 0:  # one writer under DDP (every rank's callback holds the same record)
-        write_atomic(record, lambda f: f.write(json.dumps(found).encode()))
-    return found
+        generative_metrics(cfg, features), (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution),
+        real_images=torch.from_numpy(digits(cfg, "held_out")[0]).permute(0, 3, 1, 2),
+        num_classes=conditional_classes(cfg), batch_size=cfg.metrics.batch_size)
 
 
 def train(run):
     """The DG head on the frozen noise-aware classifier, trained on the training digits against the fakes, with the
-    held-out digits and fakes as its held-out split and the guided-sampling callback; returns the last epoch's discriminator or (discriminator.select=best) the callback's pick."""
-    cfg, folder = run.cfg, run.folder
+    held-out digits and fakes as its held-out split and the guided-sampling callback; returns the discriminator that
+    discriminator.select picks (the last epoch's, or the callback's best)."""
+    cfg = run.cfg
     head = build_network(cfg, _with(cfg.discriminator.head, num_classes=conditional_classes(cfg)), cfg.discriminator.seed)
     discriminator = Discriminator(run.results["pretrain_classifier"], head)
-    callback = sampling_callback(cfg, run.results["pretrain_score"], run.results["feature_net"], folder)
     real = ArraySource(*map(np.concatenate, zip(digits(cfg, "train"), digits(cfg, "held_out"))),
                        name="digits train and held-out splits")
-    discriminator = train_discriminator(cfg, real, run.results["generate"], discriminator, run.loggers, folder,
-                                        callbacks=[callback])
-    run.metrics.update(best_epoch_record(callback, folder))
-    if cfg.discriminator.select == "best":
-        discriminator = frozen(discriminator, callback.out_dir / BEST_DISCRIMINATOR)
+    task = sampling_task(cfg, run.results["pretrain_score"], run.results["feature_net"])
+    discriminator = train_discriminator(cfg, real, run.results["generate"], discriminator, run.loggers, run.folder,
+                                        task, run.metrics)
     return discriminator.eval().requires_grad_(False)
 
 
-def train_keys(cfg: DictConfig):
-    """The keys that determine the head's weights. select=last: guidance settings only change the callback's samples,
-    not the weights used, so DG weight and window sweeps reuse one trained head; select=best: the weights used are the
-    epoch the callback picked by its guided FID, which depends on the guidance."""
-    keys = ("seed", "sampler", "data", "discriminator", *TRAINING_LENGTH, "metrics.sampling_callback", "metrics.kid")
-    return (*keys, "guidance") if cfg.discriminator.select == "best" else keys
+SCORING = ("metrics.kid", "metrics.features")  # what the sampling callback's scores depend on, besides its inputs
 
 
 def sample_unguided(run):
@@ -200,7 +176,9 @@ PIPELINE = Pipeline("digits", check=check, stages=(
     Stage("feature_net", feature_net, keys=("seed", "metrics.features", "metrics.inception_path", "metrics.feature_net",
                                             "metrics.feature_steps", "score.net.img_channels", *DIGITS),
           files=(*SOURCE, "metrics.inception_path")),
-    Stage("train", train, keys=train_keys, uses=("guidance", "metrics.features"), files=SOURCE,
+    Stage("train", train, keys=lambda cfg: ("seed", "sampler", "data", "discriminator", *TRAINING_LENGTH,
+                                            *selection_keys(cfg, SCORING)),
+          uses=("guidance", *SCORING), files=SOURCE,
           inputs=("pretrain_score", "pretrain_classifier", "generate", "feature_net")),
     Stage("sample_unguided", sample_unguided, keys=("sampler", "metrics.num_samples", "metrics.sampling_seed", *LABELS),
           inputs=("pretrain_score",)),

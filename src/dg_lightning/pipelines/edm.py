@@ -9,9 +9,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dg_lightning.callbacks import SamplingTask
 from dg_lightning.checkpoints import ADM_CLASSIFIERS, EDM_SOURCE, load_edm
 from dg_lightning.config import ConfigError, require_count, require_held_out
-from dg_lightning.held_out import resolve_t_max
+from dg_lightning.held_out import resolve_t_max, sampling_window
 from dg_lightning.metrics import FID_REFERENCE_ARRAYS, GenerativeMetrics, inception_features
 from dg_lightning.nets.edm import IndexLabels
 from dg_lightning.pipelines.images import device_of, sample_images
@@ -24,9 +25,10 @@ from dg_lightning.released import (
     require_arrays,
     require_released,
 )
+from dg_lightning.sampling import build_sampler
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.sources import load_source
-from dg_lightning.training import train_discriminator
+from dg_lightning.training import selection_keys, selects_best, train_discriminator
 
 
 def released_files(cfg: DictConfig):
@@ -95,16 +97,49 @@ def generate_fakes(run):
                   num_classes=loaded.num_classes)
 
 
+def features_of(cfg: DictConfig):
+    """The metrics' feature network: the FID Inception-v3 from metrics.inception_path, or metrics.feature_net."""
+    m = cfg.metrics
+    return inception_features(m.inception_path) if m.features == "inception" else instantiate(m.feature_net)
+
+
+def real_reference(real, num_images, seed):
+    """num_images real uint8 NHWC images of the run's real data (a random subset, drawn from seed) for precision /
+    recall; None without real data."""
+    return None if real is None else real.samples[np.random.default_rng(seed).permutation(len(real))[:num_images]]
+
+
+def edm_metrics(cfg: DictConfig, real):
+    """FID against metrics.fid_reference, plus precision / recall against real images when real data is given; on the
+    run's device."""
+    return GenerativeMetrics(features_of(cfg), fid_reference=cfg.metrics.fid_reference, precision_recall=real is not None,
+                             reset_real_features=False).to(device_of(cfg))
+
+
+def sampling_task(cfg: DictConfig, loaded):
+    """The guided-sampling callback's task: DG samples of the EDM network from the current discriminator, scored as
+    the sample stage scores (FID against metrics.fid_reference; precision / recall against as many real images)."""
+    c, window = cfg.callbacks.sampling, sampling_window(cfg)
+    real = real_reference(loaded.real, c.num_samples, c.seed)
+    return SamplingTask(lambda discriminator, latents, labels, noise: build_sampler(window, loaded.denoiser, discriminator)(
+                            latents, labels, noise),
+                        edm_metrics(cfg, real), (loaded.denoiser.img_channels, loaded.denoiser.img_resolution,
+                                                 loaded.denoiser.img_resolution),
+                        real_images=None if real is None else torch.from_numpy(real).permute(0, 3, 1, 2),
+                        num_classes=loaded.num_classes, batch_size=cfg.metrics.batch_size)
+
+
 def train(run):
     """DG's discriminator on the released classifier: the released head as it is (trainer.max_epochs=0), or a head
-    trained on the real images against the fakes (the last data.num_held_out of each held out); frozen, on the run's
-    device."""
+    trained on the real images against the fakes (the last data.num_held_out of each held out) with the guided-sampling
+    callback, the epoch that discriminator.select picks; frozen, on the run's device."""
     cfg, loaded = run.cfg, run.results["load"]
     discriminator = dg_discriminator(cfg)
     if trains(cfg):
         folder = run.folders["generate"]
         fake = load_source(folder, f"fakes in {folder}", labels=cfg.discriminator.conditional)
-        discriminator = train_discriminator(cfg, loaded.real, fake, discriminator, run.loggers, run.folder)
+        discriminator = train_discriminator(cfg, loaded.real, fake, discriminator, run.loggers, run.folder,
+                                            sampling_task(cfg, loaded), run.metrics)
     return discriminator.to(device_of(cfg)).eval().requires_grad_(False)
 
 
@@ -118,24 +153,24 @@ def sample(run):
     """DG samples from the same seeds as the baseline; {fid} of both against metrics.fid_reference, plus {precision,
     recall} against as many real images when data.path is given."""
     cfg, loaded, m = resolve_t_max(run.cfg, run.folders["train"], run.metrics), run.results["load"], run.cfg.metrics
-    device = device_of(cfg)
     samples = {
         "eval": sample_images(cfg, loaded.denoiser, run.out_dir / "samples_dg", m.num_samples, m.sampling_seed,
                               run.results["train"], loaded.num_classes),
         "eval_unguided": run.results["sample_unguided"],
     }
-    features = (inception_features(m.inception_path) if m.features == "inception" else instantiate(m.feature_net))
-    real = loaded.real
-    reference = None if real is None else real.samples[
-        np.random.default_rng(m.sampling_seed).permutation(len(real))[:m.num_samples]]
+    reference = real_reference(loaded.real, m.num_samples, m.sampling_seed)
+    metrics = edm_metrics(cfg, reference)
+    if reference is not None:
+        metrics.feed(reference, True, m.batch_size)
     for prefix, images in samples.items():
-        metrics = GenerativeMetrics(features.to(device), fid_reference=m.fid_reference,
-                                    precision_recall=reference is not None).to(device)
-        if reference is not None:
-            metrics.feed(reference, True, m.batch_size)
         metrics.feed(images, False, m.batch_size)
         run.metrics.update({f"{prefix}/{name}": value for name, value in metrics.compute().items()})
+        metrics.reset()
 
+
+SCORING_FILES = ("metrics.fid_reference", "metrics.inception_path")
+SCORING = ("sampler", "metrics.features", "metrics.feature_net", *SCORING_FILES)  # what the sampling callback's scores
+                                                                                  # depend on, besides the head
 
 PIPELINE = Pipeline("edm", check=check, stages=(
     Stage("load", load, keys=("score", "data.path", "data.num_real", "discriminator.conditional"),
@@ -143,7 +178,10 @@ PIPELINE = Pipeline("edm", check=check, stages=(
           files=("score.checkpoint", "data.path")),
     Stage("generate", generate_fakes, keys=("seed", "sampler", "data.num_fake", "data.num_held_out"), inputs=("load",),
           when=trains),
-    Stage("train", train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), files=DISCRIMINATOR_FILES,
+    Stage("train", train, keys=lambda cfg: ("seed", "data", "discriminator", *TRAINING_LENGTH,
+                                            *selection_keys(cfg, SCORING)),
+          uses=("guidance", *SCORING),
+          files=lambda cfg: (*DISCRIMINATOR_FILES, *(SCORING_FILES if selects_best(cfg) else ())),
           inputs=("load", "generate")),
     Stage("sample_unguided", sample_unguided, keys=("sampler", "metrics.num_samples", "metrics.sampling_seed"),
           inputs=("load",)),
