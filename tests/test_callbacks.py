@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
 
-from dg_lightning.callbacks import GuidedSamplingCallback, frozen
+from dg_lightning.callbacks import GuidedSamplingCallback, SamplingTask, frozen
 from dg_lightning.data import ArraySource, RealFakeDataModule
 from dg_lightning.generate import sample_batches
 from dg_lightning.shards import to_uint8
@@ -61,11 +61,17 @@ def datamodule():
     return RealFakeDataModule(real, fake, batch_size=8)
 
 
-def make_callback(tmp_path, sample_fn, **kwargs):
-    """A callback on 4x4 images with identity features and 32 real images."""
-    metrics = GenerativeMetrics(Flatten(), reset_real_features=False)
-    defaults = dict(shape=SHAPE, num_samples=12, out_dir=tmp_path / "sampling", real_images=real_images(), batch_size=5)
-    return GuidedSamplingCallback(sample_fn, metrics, **{**defaults, **kwargs})
+TASK_ARGS = ("shape", "real_images", "num_classes", "batch_size")
+
+
+def make_callback(tmp_path, sample_fn, metrics=None, **kwargs):
+    """A callback bound to a task on 4x4 images with identity features and 32 real images (kwargs: the task's
+    TASK_ARGS and the callback's own)."""
+    task = {"shape": SHAPE, "real_images": real_images(), "batch_size": 5,
+            **{key: kwargs.pop(key) for key in TASK_ARGS if key in kwargs}}
+    metrics = GenerativeMetrics(Flatten(), reset_real_features=False) if metrics is None else metrics
+    callback = GuidedSamplingCallback(**{"num_samples": 12, "out_dir": tmp_path / "sampling", **kwargs})
+    return callback.bind(SamplingTask(sample_fn, metrics, **task))
 
 
 def fit(tmp_path, callbacks, max_epochs=3, logger=False, ckpt_path=None):
@@ -263,11 +269,16 @@ def test_frozen_restores_after_an_error():
 
 def test_argument_errors_name_the_argument(tmp_path):
     """Bad arguments fail at construction with the argument's name; grid_size is capped at num_samples."""
-    with pytest.raises(ValueError, match="monitor"):
-        GuidedSamplingCallback(plain_sample_fn, GenerativeMetrics(Flatten(), precision_recall=False, reset_real_features=False),
-                               SHAPE, 8, tmp_path, real_images=real_images(), monitor="precision")
+    with pytest.raises(ValueError, match="monitor must be one of .*'fid'.*got 'precision'"):
+        make_callback(tmp_path, plain_sample_fn, GenerativeMetrics(Flatten(), precision_recall=False,
+                                                                   reset_real_features=False), monitor="precision")
     with pytest.raises(ValueError, match="reset_real_features=False"):
-        GuidedSamplingCallback(plain_sample_fn, GenerativeMetrics(Flatten()), SHAPE, 8, tmp_path, real_images=real_images())
+        make_callback(tmp_path, plain_sample_fn, GenerativeMetrics(Flatten()))
+    with pytest.raises(ValueError, match="real_images is given, but"):
+        make_callback(tmp_path, plain_sample_fn, GenerativeMetrics(Flatten(), fid_reference=(torch.zeros(16), torch.eye(16)),
+                                                                   precision_recall=False))
+    with pytest.raises(RuntimeError, match="no SamplingTask bound"):
+        fit(tmp_path, [GuidedSamplingCallback()], max_epochs=1)
     with pytest.raises(ValueError, match="real_images is None"):
         make_callback(tmp_path, plain_sample_fn, real_images=None)
     with pytest.raises(ValueError, match="mode"):

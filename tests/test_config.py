@@ -56,7 +56,16 @@ ROOT = Path(__file__).resolve().parents[1]
     ([f"seed={2**32}"], "seed", "got 4294967296"),
     (["experiment=digits_edm_g++", "metrics.sampling_seed=1.5"], "metrics.sampling_seed", "got 1.5"),
     (["experiment=digits_edm_g++", f"metrics.sampling_seed={2**32}"], "metrics.sampling_seed", "got 4294967296"),
-    (["experiment=digits_edm_g++", "metrics.sampling_callback.seed=true"], "metrics.sampling_callback.seed", "got True"),
+    (["experiment=digits_edm_g++", "callbacks.sampling.seed=true"], "callbacks.sampling.seed", "got True"),
+    (["experiment=digits_edm_g++", "callbacks.sampling.monitor=fdi"], "callbacks.sampling.monitor",
+     "unknown metric 'fdi'. Fix: use one of fid, precision"),
+    (["experiment=digits_edm_g++", "callbacks.sampling.mode=lowest"], "callbacks.sampling.mode", "must be min or max"),
+    (["experiment=digits_edm_g++", "discriminator.select=first"], "discriminator.select", "must be last or best"),
+    (["experiment=digits_edm_g++", "discriminator.select=best", "~callbacks.sampling"], "discriminator.select",
+     "callbacks.sampling is not configured"),
+    (["experiment=cifar10_edm_g++", "discriminator.select=best", "trainer.max_epochs=0", "data.path=null"],
+     "discriminator.select",
+     "trains no head"),
 ])
 def test_bad_values_name_the_key_and_the_fix(compose_cfg, overrides, key, fix, tmp_path):
     cfg = compose_cfg(*overrides)

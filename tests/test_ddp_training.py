@@ -22,8 +22,9 @@ import json, sys
 import numpy as np, torch, torch.distributed as dist
 from hydra import compose, initialize_config_dir
 from torch import nn
-from dg_lightning.callbacks import GuidedSamplingCallback
+from dg_lightning.callbacks import SamplingTask
 from dg_lightning.data import ArraySource
+from dg_lightning.files import load_weights
 from dg_lightning.metrics import GenerativeMetrics
 from dg_lightning.pipelines.recipe import launch, stage_dir
 from dg_lightning.training import build_network, train_discriminator
@@ -34,6 +35,8 @@ with initialize_config_dir(config_dir=sys.argv[2], version_base="1.3"):
                                        "data.num_held_out=8",
                                        "data.batch_size=32", "discriminator.net.width=32", "discriminator.net.depth=2",
                                        "discriminator.net.time_dim=16", "discriminator.lr=3e-3",
+                                       "callbacks.sampling.every_n_epochs=1", "callbacks.sampling.num_samples=30",
+                                       "callbacks.sampling.grid_size=4", f"+callbacks.sampling.out_dir={out}/sampling",
                                        f"paths.cache_dir={out}/cache", f"paths.output_dir={out}/out"])
 launch(cfg)
 rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -56,12 +59,14 @@ def sample_fn(discriminator, latents, labels, noise):
 
 
 reals = torch.randint(0, 256, (40, 1, 1, 2), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
-callback = GuidedSamplingCallback(sample_fn, GenerativeMetrics(Flat(), reset_real_features=False), (1, 1, 2), 30,
-                                  f"{out}/sampling", real_images=reals, batch_size=8, grid_size=4)
-net = train_discriminator(cfg, real, fake, build_network(cfg, cfg.discriminator.net), [],
-                          stage_dir(cfg, "train", ["seed", "trainer", "data"]), callbacks=[callback])
+task = SamplingTask(sample_fn, GenerativeMetrics(Flat(), reset_real_features=False), (1, 1, 2), real_images=reals,
+                    batch_size=8)
+folder, record = stage_dir(cfg, "train", ["seed", "trainer", "data"]), {}
+net = train_discriminator(cfg, real, fake, build_network(cfg, cfg.discriminator.net), [], folder, task, record)
 torch.save(net.state_dict(), f"{out}/rank{rank}.pt")
-json.dump({"world_size": world_size, "history": callback.history, "best_epoch": callback.best_epoch}, open(f"{out}/rank{rank}.json", "w"))
+state = next(v for k, v in load_weights(folder / "checkpoints" / "last.ckpt")["callbacks"].items() if "GuidedSampling" in k)
+json.dump({"world_size": world_size, "history": state["history"], "best_epoch": record["sampling/best_epoch"]},
+          open(f"{out}/rank{rank}.json", "w"))
 '''
 
 

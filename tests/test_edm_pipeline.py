@@ -2,6 +2,7 @@
 released formats: an EDM network pickle, an ADM classifier and DG head state dicts, the authors' true_data*.npz or
 EDM's dataset zip, and an FID reference npz. Missing files stop the run before any compute."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -78,10 +79,17 @@ def test_smoke_runs_every_stage_and_caches_them(tmp_path, write_edm_pickle, expe
 
     (run_dir,) = (tmp_path / "logs" / experiment / "runs").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics) == {f"{p}/{k}" for p in ("eval", "eval_unguided") for k in ("fid", "precision", "recall")}
+    assert set(metrics) == {f"{p}/{k}" for p in ("eval", "eval_unguided") for k in ("fid", "precision", "recall")} | {
+        "sampling/best_epoch", "sampling/best_fid"}
     assert all(np.isfinite(v) for v in metrics.values())
     assert all(0 <= metrics[f"{p}/{k}"] <= 1 for p in ("eval", "eval_unguided") for k in ("precision", "recall"))
     assert metrics["eval/fid"] != metrics["eval_unguided/fid"]  # DG changed the samples
+    # The guided-sampling callback (callbacks.sampling, every epoch in the smoke overlay) scored epoch 0 with the
+    # experiment's metrics and logged them, drew its grid and kept the best epoch's head.
+    (logged,) = [row for row in csv.DictReader((run_dir / "csv" / "metrics.csv").open()) if row.get("sampling/fid")]
+    assert int(logged["epoch"]) == metrics["sampling/best_epoch"] == 0
+    assert float(logged["sampling/fid"]) == pytest.approx(metrics["sampling/best_fid"], rel=1e-6)
+    assert 0 <= float(logged["sampling/precision"]) <= 1 and 0 <= float(logged["sampling/recall"]) <= 1
 
     # Stage outputs: fakes (labelled when conditional), the trained head, per-epoch checkpoints without the frozen
     # feature extractor, the unguided evaluation samples.
@@ -110,6 +118,15 @@ def test_smoke_runs_every_stage_and_caches_them(tmp_path, write_edm_pickle, expe
     zero = json.loads((zero_dir / "metrics.json").read_text())
     assert zero["eval/fid"] == zero["eval_unguided/fid"] == metrics["eval_unguided/fid"]
     assert len(cache(tmp_path, experiment, "generate")) == len(cache(tmp_path, experiment, "train")) == 1
+    assert (train / "sampling" / "samples_epoch0.png").is_file()
+    if experiment == "cifar10_edm_g++":
+        # select=best trains a head of its own (the pick depends on the guidance) and, with one epoch, guides with the
+        # weights of select=last.
+        run_py(tmp_path, f"experiment={experiment}", "+smoke=edm", f"paths.released_dir={released}",
+               "discriminator.select=best")
+        (best_dir,) = set((tmp_path / "logs" / experiment / "runs").iterdir()) - {run_dir, zero_dir}
+        best = json.loads((best_dir / "metrics.json").read_text())
+        assert best["eval/fid"] == metrics["eval/fid"] and len(cache(tmp_path, experiment, "train")) == 2
 
 
 @pytest.mark.parametrize("experiment", ["cifar10_edm_g++", "cifar10_cond_edm_g++"])

@@ -137,6 +137,8 @@ class SamplingTask:
     def __post_init__(self):
         """Check that the real images are what the metrics need, in the form they need them."""
         metrics, real_images = self.metrics, self.real_images
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"SamplingTask batch_size must be a positive int, got {self.batch_size!r}")
         if metrics.needs_real_images and real_images is None:
             raise ValueError(f"SamplingTask real_images is None, but its metrics ({type(metrics).__name__}) need real "
                              "images (FID without a reference, precision / recall, KID)")

@@ -65,6 +65,7 @@ def validate(cfg: DictConfig):
              "give an .npz with 'images' uint8 (N, 8, 8, 1) (NHWC) and integer 'labels' (N,), or null for sklearn's digits")
     _validate_counts(cfg)
     _validate_training(cfg.discriminator)
+    _validate_selection(cfg)
     _validate_features(cfg.metrics)
     _validate_devices(cfg)
 
@@ -143,6 +144,33 @@ def _validate_training(discriminator):
     decay = discriminator.ema_decay
     _require(decay is None or (_is_number(decay) and 0.0 < decay < 1.0), "discriminator.ema_decay",
              f"must be null (no EMA) or a number in (0, 1), got {decay!r}", "e.g. discriminator.ema_decay=0.999, or null")
+
+
+SAMPLING_CALLBACK = "dg_lightning.callbacks.GuidedSamplingCallback"
+SAMPLING_METRICS = ("fid", "precision", "recall", "kid", "is", "sfid")  # what the experiments' metric stacks compute
+
+
+def _validate_selection(cfg: DictConfig):
+    """callbacks.sampling monitors a metric that some experiment computes, in mode min or max; discriminator.select is
+    last or best, and best needs the sampling callback and a head trained here."""
+    sampling = (cfg.get("callbacks") or {}).get("sampling")
+    if isinstance(sampling, DictConfig):
+        _require(sampling.get("monitor", "fid") in SAMPLING_METRICS, "callbacks.sampling.monitor",
+                 f"unknown metric {sampling.get('monitor')!r}", f"use one of {', '.join(SAMPLING_METRICS)} (what the "
+                 "experiment computes: digits fid, precision, recall, kid, is; EDM fid (precision, recall with data.path); "
+                 "ImageNet fid, sfid, is, precision, recall)")
+        _require(sampling.get("mode", "min") in ("min", "max"), "callbacks.sampling.mode",
+                 f"must be min or max, got {sampling.get('mode')!r}", "min for fid, sfid, kid; max for is, precision, recall")
+    select = OmegaConf.select(cfg, "discriminator.select", default="last")
+    _require(select in ("last", "best"), "discriminator.select", f"must be last or best, got {select!r}",
+             "last: the last epoch's head; best: the epoch whose guided samples scored best")
+    if select == "best":
+        _require(isinstance(sampling, DictConfig) and sampling.get("_target_") == SAMPLING_CALLBACK,
+                 "discriminator.select", "is best, which picks the epoch by the guided-sampling callback's scores, "
+                 "but callbacks.sampling is not configured", f"configure callbacks.sampling (_target_: "
+                 f"{SAMPLING_CALLBACK}, conf/callbacks/default.yaml) or use discriminator.select=last")
+        _require(OmegaConf.select(cfg, "trainer.max_epochs", default=1) != 0, "discriminator.select",
+                 "is best, but trainer.max_epochs=0 trains no head to pick an epoch of", "use discriminator.select=last")
 
 
 GPU_ACCELERATORS = ("gpu", "cuda")  # trainer.accelerator values that put the networks on a CUDA device

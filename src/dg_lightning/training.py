@@ -201,6 +201,12 @@ def selection_keys(cfg: DictConfig, scoring):
     return ("callbacks.sampling", *(("guidance", *scoring) if selects_best(cfg) else ()))
 
 
+def selection_files(cfg: DictConfig, files):
+    """The config keys of the scoring files (`files`) that a train stage's output depends on: with
+    discriminator.select=best, the picked epoch depends on their content; none with select=last."""
+    return tuple(files) if selects_best(cfg) else ()
+
+
 def best_epoch_record(callback: GuidedSamplingCallback, folder: Path):
     """{sampling/best_epoch, sampling/best_<monitor>} of the callback's fit, written to folder/best_epoch.json (rank 0),
     or the record a cached stage left there ({} when none)."""

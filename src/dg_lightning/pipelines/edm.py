@@ -28,7 +28,7 @@ from dg_lightning.released import (
 from dg_lightning.sampling import build_sampler
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.sources import load_source
-from dg_lightning.training import selection_keys, selects_best, train_discriminator
+from dg_lightning.training import selection_files, selection_keys, train_discriminator
 
 
 def released_files(cfg: DictConfig):
@@ -181,7 +181,7 @@ PIPELINE = Pipeline("edm", check=check, stages=(
     Stage("train", train, keys=lambda cfg: ("seed", "data", "discriminator", *TRAINING_LENGTH,
                                             *selection_keys(cfg, SCORING)),
           uses=("guidance", *SCORING),
-          files=lambda cfg: (*DISCRIMINATOR_FILES, *(SCORING_FILES if selects_best(cfg) else ())),
+          files=lambda cfg: (*DISCRIMINATOR_FILES, *selection_files(cfg, SCORING_FILES)),
           inputs=("load", "generate")),
     Stage("sample_unguided", sample_unguided, keys=("sampler", "metrics.num_samples", "metrics.sampling_seed"),
           inputs=("load",)),

@@ -3,21 +3,23 @@ share: their checks, the encode stage (the ImageNet train folder as labelled sha
 sampling to uint8 images, the G++ and baseline sampling stages, and the evaluate stage (FID, sFID, IS, precision, recall against ADM's
 reference batch, and the evaluator's npz exports)."""
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from dg_lightning.callbacks import SamplingTask
 from dg_lightning.config import ConfigError, require_count, require_held_out
-from dg_lightning.evaluation import ADMInception, evaluate, export_samples, load_reference_batch
+from dg_lightning.evaluation import ADMInception, ADMMetrics, evaluate, export_samples, load_reference_batch
 from dg_lightning.generate import generate
 from dg_lightning.latents import shard_image_folder
 from dg_lightning.pipelines.images import device_of
-from dg_lightning.pipelines.recipe import fingerprint
-from dg_lightning.released import check_discriminator_config, dg_discriminator
+from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Stage, fingerprint
+from dg_lightning.released import DISCRIMINATOR_FILES, check_discriminator_config, dg_discriminator
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.shards import load_shards
 from dg_lightning.sources import image_folder, shard_source
-from dg_lightning.held_out import resolve_t_max
-from dg_lightning.training import train_discriminator
+from dg_lightning.held_out import resolve_t_max, sampling_window
+from dg_lightning.training import selection_files, selection_keys, train_discriminator
 
 ENCODE_KEYS = ("seed", "data.image_dir", "data.image_size", "data.flip", "data.num_real")
 ENCODE_FILES = ("data.image_dir",)  # fingerprinted by its listing (names, sizes, mtimes)
@@ -70,17 +72,52 @@ def sample_to(cfg: DictConfig, sample_fn, folder, num_samples, base_seed, keys, 
     return folder
 
 
+def features_and_reference(cfg: DictConfig):
+    """(the evaluation's feature network: ADMInception from metrics.inception_path, or metrics.feature_net; ADM's
+    reference batch at metrics.reference_batch, checked against the network's feature sizes)."""
+    m = cfg.metrics
+    features = ADMInception(m.inception_path) if m.features == "inception" else instantiate(m.feature_net)
+    return features, load_reference_batch(m.reference_batch, features.num_features, features.num_spatial)
+
+
+def sampling_task(cfg: DictConfig, loaded):
+    """The guided-sampling callback's task: DG samples of the load stage's sample_fn from the current discriminator,
+    scored as the evaluate stage scores (FID, sFID, IS, precision / recall against ADM's reference batch)."""
+    features, reference = features_and_reference(cfg)
+    window = sampling_window(cfg)
+    return SamplingTask(lambda discriminator, latents, labels, noise: loaded.sample_fn(window, discriminator=discriminator)(
+                            latents, labels, noise),
+                        ADMMetrics(features, reference, cfg.metrics.k).to(device_of(cfg)), loaded.shape,
+                        real_images=torch.from_numpy(reference.images).permute(0, 3, 1, 2),
+                        num_classes=cfg.data.num_classes, batch_size=cfg.metrics.sample_batch_size)
+
+
 def train(run):
     """DG's conditional head on the frozen ADM classifier (the one trained by pretrain_classifier, when it ran):
-    trained on the encoded real data against the fakes (the last data.num_held_out of each held out), or the released head as it is (trainer.max_epochs=0);
-    frozen, on the run's device."""
+    trained on the encoded real data against the fakes (the last data.num_held_out of each held out) with the
+    guided-sampling callback, the epoch that discriminator.select picks; or the released head as it is
+    (trainer.max_epochs=0); frozen, on the run's device."""
     cfg = run.cfg
     discriminator = dg_discriminator(cfg, run.results.get("pretrain_classifier"))
     if trains(cfg):
         fakes = run.folders["generate"]
         discriminator = train_discriminator(cfg, run.results["encode"], shard_source(fakes, name=f"fakes in {fakes}"),
-                                            discriminator, run.loggers, run.folder)
+                                            discriminator, run.loggers, run.folder,
+                                            sampling_task(cfg, run.results["load"]), run.metrics)
     return discriminator.to(device_of(cfg)).eval().requires_grad_(False)
+
+
+SCORING = ("sampler", "metrics.features", "metrics.feature_net", "metrics.k", *EVALUATE_FILES)  # what the sampling
+                                                                           # callback's scores depend on, besides the head
+
+
+def train_stage(*inputs):
+    """The train stage of an ImageNet pipeline, on the load stage and `inputs` (the real data, the fakes, ...)."""
+    return Stage("train", train,
+                 keys=lambda cfg: ("seed", "data", "discriminator", *TRAINING_LENGTH, *selection_keys(cfg, SCORING)),
+                 uses=("guidance", *SCORING),
+                 files=lambda cfg: (*DISCRIMINATOR_FILES, *selection_files(cfg, EVALUATE_FILES)),
+                 inputs=("load", *inputs))
 
 
 def _sample(run, cfg, discriminator, keys):
@@ -107,8 +144,7 @@ def evaluate_samples(run):
     """{"<set>/<metric>"} of the G++ samples (eval) and the baseline (eval_unguided) against ADM's reference batch
     (metrics.features: Inception, or a stand-in feature_net), each set exported as <run folder>/<set>_samples.npz."""
     m = run.cfg.metrics
-    features = ADMInception(m.inception_path) if m.features == "inception" else instantiate(m.feature_net)
-    reference = load_reference_batch(m.reference_batch, features.num_features, features.num_spatial)
+    features, reference = features_and_reference(run.cfg)
     for prefix, stage in (("eval", "sample"), ("eval_unguided", "sample_unguided")):
         images, labels = load_shards(run.results[stage])
         scores = evaluate(features, images, reference, m.batch_size, device_of(run.cfg), m.k)

@@ -17,8 +17,8 @@ from dg_lightning.guidance import ClassifierGuidance
 from dg_lightning.nets.unet import adm256_cond
 from dg_lightning.pipelines import imagenet
 from dg_lightning.pipelines.images import device_of
-from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
-from dg_lightning.released import DISCRIMINATOR_FILES, require_arrays, require_released
+from dg_lightning.pipelines.recipe import Pipeline, Stage
+from dg_lightning.released import require_arrays, require_released
 from dg_lightning.sampling import build_sampler
 from dg_lightning.seeds import stream_base_seed
 
@@ -117,8 +117,7 @@ PIPELINE = Pipeline("imagenet_adm", check=check, stages=(
           files=("score.checkpoint", "discriminator.classifier.path")),
     Stage("encode", encode, keys=imagenet.ENCODE_KEYS, files=imagenet.ENCODE_FILES, when=imagenet.trains),
     Stage("generate", generate_fakes, keys=FAKE_KEYS, uses=CG_SCHEDULES, inputs=("load",), when=imagenet.trains),
-    Stage("train", imagenet.train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), files=DISCRIMINATOR_FILES,
-          inputs=("encode", "generate")),
+    imagenet.train_stage("encode", "generate"),
     Stage("sample_unguided", imagenet.sample_unguided, keys=imagenet.SAMPLE_KEYS,
           inputs=("load",)),
     Stage("sample", imagenet.sample, keys=(*imagenet.SAMPLE_KEYS, "guidance"), inputs=("load", "train")),

@@ -16,9 +16,9 @@ from dg_lightning.evaluation import REFERENCE_ARRAYS, REFERENCE_SOURCE
 from dg_lightning.latents import VAE_SOURCE, LatentAutoencoder, round_trip
 from dg_lightning.pipelines import imagenet
 from dg_lightning.pipelines.images import device_of
-from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
+from dg_lightning.pipelines.recipe import Pipeline, Stage
 from dg_lightning.pretrain import NoisyClassifierModule
-from dg_lightning.released import DISCRIMINATOR_FILES, require_arrays, require_released
+from dg_lightning.released import require_arrays, require_released
 from dg_lightning.sampling import build_sampler
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.training import build_network, pretrain
@@ -140,8 +140,7 @@ PIPELINE = Pipeline("imagenet", check=check, stages=(
     Stage("generate", generate_fakes, keys=FAKE_KEYS, inputs=("load", "encoder"), when=imagenet.trains,
           uses=("sampler.cfg_scale", "sampler.cfg_scale_late", "sampler.cfg_switch_step")),
     Stage("pretrain_classifier", pretrain_classifier, keys=CLASSIFIER_KEYS, inputs=("encode",), when=trains_classifier),
-    Stage("train", imagenet.train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), files=DISCRIMINATOR_FILES,
-          inputs=("encode", "generate", "pretrain_classifier")),
+    imagenet.train_stage("encode", "generate", "pretrain_classifier"),
     Stage("sample_unguided", imagenet.sample_unguided, keys=imagenet.SAMPLE_KEYS, inputs=("load",)),
     Stage("sample", imagenet.sample, keys=(*imagenet.SAMPLE_KEYS, "guidance"), inputs=("load", "train")),
     Stage("evaluate", imagenet.evaluate_samples, keys=("metrics",), files=imagenet.EVALUATE_FILES,
