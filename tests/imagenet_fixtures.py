@@ -3,6 +3,7 @@ ADM-G++): tiny networks with the same weights in every run, a class-folder image
 released layout, and one smoke run's checks (every stage through run.py, the evaluator exports, DG weight 0 giving
 exactly the baseline, a bad input stopping the run before any compute)."""
 
+import csv
 import json
 from dataclasses import dataclass
 
@@ -74,8 +75,14 @@ class Smoke:
         run_py(tmp_path, *self.overrides(released))
         (run_dir,) = (tmp_path / "logs" / self.experiment / "runs").iterdir()
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        assert set(metrics) == {f"{p}/{k}" for p in ("eval", "eval_unguided") for k in METRICS}
+        assert set(metrics) == {f"{p}/{k}" for p in ("eval", "eval_unguided") for k in METRICS} | {
+            "sampling/best_epoch", "sampling/best_fid"}
         assert all(np.isfinite(v) for v in metrics.values())
+        # The guided-sampling callback (every epoch in the smoke overlay) scored epoch 0 with ADM's evaluation.
+        (logged,) = [row for row in csv.DictReader((run_dir / "csv" / "metrics.csv").open()) if row.get("sampling/fid")]
+        assert int(logged["epoch"]) == metrics["sampling/best_epoch"] == 0
+        assert float(logged["sampling/fid"]) == pytest.approx(metrics["sampling/best_fid"], rel=1e-6)
+        assert all(np.isfinite(float(logged[f"sampling/{k}"])) for k in METRICS)
         for prefix in ("eval", "eval_unguided"):
             assert 0 <= metrics[f"{prefix}/precision"] <= 1 and 0 <= metrics[f"{prefix}/recall"] <= 1
             assert 1 <= metrics[f"{prefix}/is"] <= PooledPixels.num_features

@@ -15,7 +15,7 @@ from conftest import HANG_GUARD_S
 import torch
 from test_metrics import random_inception_weights
 
-from dg_lightning.pipelines import digits, run
+from dg_lightning.pipelines import digits, pipelines, run
 from dg_lightning.pipelines.recipe import stage_dir
 from dg_lightning.data import RealFakeDataModule, load_digits_split
 from dg_lightning.shards import load_shards
@@ -23,8 +23,8 @@ from dg_lightning.nets.adm import Discriminator
 
 ROOT = Path(__file__).resolve().parents[1]
 REDUCED = ["experiment=digits_edm_g++", "score.max_steps=20", "discriminator.classifier.max_steps=20", "data.num_fake=64",
-           "trainer.max_epochs=2", "metrics.num_samples=40", "metrics.feature_steps=20", "metrics.sampling_callback.num_samples=16",
-           "metrics.sampling_callback.every_n_epochs=1", "sampler.num_steps=4"]
+           "trainer.max_epochs=2", "metrics.num_samples=40", "metrics.feature_steps=20", "callbacks.sampling.num_samples=16",
+           "callbacks.sampling.every_n_epochs=1", "sampler.num_steps=4"]
 
 
 def test_digits_split_is_disjoint_and_scaled_to_uint8():
@@ -79,10 +79,12 @@ def test_reduced_digits_run_goes_through_every_stage_and_reuses_them(tmp_path):
     assert len(list(cache.iterdir())) == 7 and (best_dir / "sampling" / "best_discriminator.pt").exists()
 
 
-def test_train_stage_key_has_the_guidance_only_when_the_callback_picks_the_weights(compose_cfg):
+@pytest.mark.parametrize("experiment", ["digits_edm_g++", "cifar10_edm_g++", "imagenet_dit_g++", "imagenet_adm_g++"])
+def test_train_stage_key_has_the_guidance_only_when_the_callback_picks_the_weights(compose_cfg, experiment):
     def train_dir(*overrides):
-        cfg = compose_cfg("experiment=digits_edm_g++", *overrides)
-        return stage_dir(cfg, "train", digits.train_keys(cfg))
+        cfg = compose_cfg(f"experiment={experiment}", *overrides)
+        (stage,) = [s for s in pipelines()[cfg.pipeline].stages if s.name == "train"]
+        return stage_dir(cfg, "train", stage.declared_keys(cfg))
 
     # select=last: a DG weight or window sweep reuses one trained head.
     assert train_dir("guidance.dg.weight=1.0") == train_dir("guidance.dg.weight=2.0", "guidance.dg.t_max=0.5")
@@ -90,6 +92,8 @@ def test_train_stage_key_has_the_guidance_only_when_the_callback_picks_the_weigh
     best = ["discriminator.select=best"]
     assert train_dir(*best, "guidance.dg.weight=1.0") != train_dir(*best, "guidance.dg.weight=2.0")
     assert train_dir(*best, "guidance.dg.t_max=0.5") != train_dir(*best)
+    # The sampling callback's settings decide its logged figures and select=best's pick.
+    assert train_dir("callbacks.sampling.num_samples=7") != train_dir()
     # Each head seed trains a head of its own; the default (the run's seed) and the same seed given share one.
     assert train_dir("discriminator.seed=1") != train_dir("discriminator.seed=2") != train_dir()
     assert train_dir("seed=3") == train_dir("seed=3", "discriminator.seed=3")

@@ -1,5 +1,5 @@
 """Held-out diagnostics and guidance.dg.t_max=auto: per-bin BCE by hand, the rule on heads whose answer is known (exact
-at every t: no cut; blind above a known t: the cut there), 2 DDP ranks against 1, and the stages that read the rule."""
+at every t: no cut; blind above a known t: the cut there), 2 DDP ranks against 1 (with the sampling callback's figures), and the stages that read the rule."""
 
 import json
 import math
@@ -15,6 +15,7 @@ from torch import nn
 
 from dg_lightning.config import ConfigError
 from dg_lightning.data import ArraySource
+from dg_lightning.files import load_weights
 from dg_lightning.held_out import FIGURE, FIGURES, LN2, auto_t_max, bin_edges, bin_sums, figures, resolve_t_max, \
     times_and_noise
 from dg_lightning.pipelines import digits, toy2d
@@ -47,11 +48,38 @@ HELD_OUT = ["logger=csv", "~callbacks.progress", "callbacks.held_out.num_bins=4"
             "data.batch_size=16", "trainer.max_epochs=2", "trainer.max_steps=-1", "guidance.dg.t_max=auto"]
 
 
-def train_point_masses(cfg, cut, folder):
-    """train_discriminator on the point masses with PointMassHead(cut) in folder; the held-out figures it wrote."""
+class Flat(nn.Module):
+    """Identity features of uint8 (B, 1, 1, 2) images."""
+
+    num_features = 2
+
+    def forward(self, images):
+        return images.flatten(1).float() / 64
+
+
+def guided_by_the_head(discriminator, latents, labels, noise):
+    """Images that depend on the head's logit at t = 0.5 (for the sampling callback)."""
+    logit = discriminator(latents.flatten(1), torch.full((len(latents),), 0.5))
+    return torch.tanh(0.4 * latents + 1e-5 * logit.view(-1, 1, 1, 1))
+
+
+def point_mass_task():
+    """The sampling callback's task: guided_by_the_head's 1x2 images, FID and precision / recall against 40 fixed
+    real ones."""
+    from dg_lightning.callbacks import SamplingTask
+    from dg_lightning.metrics import GenerativeMetrics
+
+    reals = torch.randint(0, 256, (40, 1, 1, 2), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    return SamplingTask(guided_by_the_head, GenerativeMetrics(Flat(), reset_real_features=False), (1, 1, 2),
+                        real_images=reals, batch_size=8)
+
+
+def train_point_masses(cfg, cut, folder, task=None):
+    """train_discriminator on the point masses with PointMassHead(cut) in folder (with the sampling callback bound to
+    `task` when given); the held-out figures it wrote."""
     from dg_lightning.training import train_discriminator
 
-    train_discriminator(cfg, point_masses(1), point_masses(-1), PointMassHead(cut), [], folder)
+    train_discriminator(cfg, point_masses(1), point_masses(-1), PointMassHead(cut), [], folder, task)
     return json.loads((folder / FIGURES).read_text())
 
 
@@ -134,15 +162,16 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 sys.path.insert(0, sys.argv[3])
-from test_held_out import HELD_OUT, train_point_masses
+from test_held_out import HELD_OUT, point_mass_task, train_point_masses
 from dg_lightning.pipelines.recipe import launch
 torch.set_num_threads(1)
 out, trainer = Path(sys.argv[1]), sys.argv[4]
 with initialize_config_dir(config_dir=sys.argv[2], version_base="1.3"):
     cfg = compose("config", overrides=[*HELD_OUT, f"trainer={trainer}", f"paths.cache_dir={out}/cache",
-                                       f"paths.output_dir={out}/out"])
+                                       f"paths.output_dir={out}/out", "callbacks.sampling.every_n_epochs=1",
+                                       "callbacks.sampling.num_samples=30"])
 launch(cfg)
-train_point_masses(cfg, 0.5, out / "train")
+train_point_masses(cfg, 0.5, out / "train", point_mass_task())
 '''
 
 
@@ -150,15 +179,24 @@ train_point_masses(cfg, 0.5, out / "train")
 def test_two_ddp_ranks_give_the_one_rank_figures(tmp_path):
     script = tmp_path / "held_out_ddp.py"
     script.write_text(DDP_SCRIPT)
-    records = {}
+    records, sampling = {}, {}
     for trainer in ("default", "ddp_cpu"):
         out = tmp_path / trainer
         result = subprocess.run([sys.executable, str(script), str(out), str(ROOT / "conf"), str(Path(__file__).parent),
                                  trainer], capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         records[trainer] = json.loads((out / "train" / FIGURES).read_text())["epochs"]
+        state = load_weights(out / "train" / "checkpoints" / "last.ckpt")["callbacks"]
+        sampling[trainer] = next(v for k, v in state.items() if k.startswith("GuidedSamplingCallback"))["history"]
     one, two = records["default"], records["ddp_cpu"]
     assert [e["count"] for e in two] == [e["count"] for e in one]
     for a, b in zip(one, two):  # the same samples, summed in another order
         for name in ("bce", "bce_se", "accuracy"):
             assert b[name] == pytest.approx(a[name], abs=1e-9), name
+    # The sampling callback's figures (the head is left unchanged by training): the same 30 samples drawn on one rank
+    # or split over two, the same real images; FID's float64 sums in another order, precision / recall exact.
+    one, two = sampling["default"], sampling["ddp_cpu"]
+    assert [h["epoch"] for h in one] == [h["epoch"] for h in two] == [0, 1]
+    for a, b in zip(one, two):
+        assert b["fid"] == pytest.approx(a["fid"], rel=1e-9) and a["fid"] > 0
+        assert (b["precision"], b["recall"]) == (a["precision"], a["recall"])
