@@ -10,13 +10,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
 
-from dg_lightning.callbacks import GuidedSamplingCallback, SamplingTask, frozen
+from dg_lightning.callbacks import GuidedSamplingCallback, SamplingTask
 from dg_lightning.data import ArraySource, RealFakeDataModule
 from dg_lightning.generate import sample_batches
 from dg_lightning.shards import to_uint8
 from dg_lightning.guidance import DiscriminatorGuidance
 from dg_lightning.metrics import GenerativeMetrics
-from dg_lightning.module import DiscriminatorModule
+from dg_lightning.module import DiscriminatorModule, frozen
 from dg_lightning.samplers import edm_sampler
 from dg_lightning.training import epoch_checkpoints
 
@@ -74,12 +74,13 @@ def make_callback(tmp_path, sample_fn, metrics=None, **kwargs):
     return callback.bind(SamplingTask(sample_fn, metrics, **task))
 
 
-def fit(tmp_path, callbacks, max_epochs=3, logger=False, ckpt_path=None):
-    """Train a DiscriminatorModule on TinyDiscriminator with the given callbacks on CPU."""
+def fit(tmp_path, callbacks, max_epochs=3, logger=False, ckpt_path=None, **module):
+    """Train a DiscriminatorModule (its keyword arguments `module`) on TinyDiscriminator with the given callbacks on
+    CPU."""
     trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks,
                         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
                         enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(DiscriminatorModule(TinyDiscriminator()), datamodule(), ckpt_path=ckpt_path)
+    trainer.fit(DiscriminatorModule(TinyDiscriminator(), **module), datamodule(), ckpt_path=ckpt_path)
 
 
 def plain_sample_fn(discriminator, latents, class_labels, noise):
@@ -255,6 +256,36 @@ def test_guided_sampling_leaves_no_parameter_gradients_and_restores_modes(tmp_pa
     assert modes_a == modes_b and modes_b == [True, False, True]  # the frozen encoder stays in eval mode
     assert flags_a == flags_b == [False, False, True, True]
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+def test_with_an_ema_the_callback_scores_and_keeps_the_ema_weights_and_training_goes_on_with_its_own(tmp_path):
+    """discriminator.ema_decay: the samples are guided by the EMA weights (what guides after training), the best
+    epoch's file holds them, and the training weights are back in place after each evaluation."""
+    seen = []
+
+    def sample_fn(discriminator, latents, class_labels, noise):
+        seen.append(discriminator.head.weight.detach().clone())
+        return plain_sample_fn(discriminator, latents, class_labels, noise)
+
+    class Weights(L.Callback):
+        """The head's training weights and the EMA's averages at each epoch's end."""
+
+        def __init__(self):
+            self.heads, self.averages = [], []
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.heads.append(pl_module.discriminator.head.weight.detach().clone())
+            self.averages.append(pl_module.ema.averages()[0].clone())  # the head's weight: the first trainable one
+
+    before, after = Weights(), Weights()
+    fit(tmp_path, [before, make_callback(tmp_path, sample_fn, num_samples=6, batch_size=6), after], max_epochs=2,
+        ema_decay=0.5)
+    assert len(seen) == 2
+    for guided, head, head_after, average in zip(seen, before.heads, after.heads, before.averages):
+        assert torch.equal(guided, average) and not torch.equal(guided, head)
+        assert torch.equal(head_after, head)
+    best = torch.load(tmp_path / "sampling" / "best_discriminator.pt", weights_only=True)["head.weight"]
+    assert any(torch.equal(best, guided) for guided in seen)
 
 
 def test_frozen_restores_after_an_error():

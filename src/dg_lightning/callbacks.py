@@ -6,7 +6,6 @@ GuidedSamplingCallback samples with Discriminator Guidance every few epochs, mea
 keeps the best epoch, its score and its discriminator weights.
 """
 
-import contextlib
 import functools
 import math
 import random
@@ -30,21 +29,6 @@ from dg_lightning import progress
 
 MODES = ("min", "max")
 BEST_DISCRIMINATOR = "best_discriminator.pt"
-
-
-@contextlib.contextmanager
-def frozen(module):
-    """Eval mode and no parameter gradients inside the block; each submodule's mode and parameter's requires_grad restored after."""
-    modes = [(m, m.training) for m in module.modules()]
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    module.eval().requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for m, training in modes:
-            m.training = training
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def seed_global_rngs(*entropy):
@@ -210,11 +194,9 @@ class GuidedSamplingCallback(L.Callback):
             raise RuntimeError("GuidedSamplingCallback has no SamplingTask bound: call bind(task) before the fit")
         if self.out_dir is None:
             self.out_dir = Path(trainer.default_root_dir) / "sampling"
-        if not isinstance(getattr(pl_module, "discriminator", None), torch.nn.Module):
-            raise TypeError(
-                f"GuidedSamplingCallback needs a LightningModule with a `discriminator` nn.Module "
-                f"(DiscriminatorModule), got {type(pl_module).__name__}"
-            )
+        if not callable(getattr(pl_module, "guiding_weights", None)):
+            raise TypeError(f"GuidedSamplingCallback needs a DiscriminatorModule (its guiding_weights()), got "
+                            f"{type(pl_module).__name__}")
         if self.num_samples < trainer.world_size:
             raise ValueError(
                 f"GuidedSamplingCallback num_samples={self.num_samples} is below the number of processes "
@@ -226,23 +208,25 @@ class GuidedSamplingCallback(L.Callback):
         epoch = trainer.current_epoch
         if (epoch + 1) % self.every_n_epochs:
             return
-        results, grid = self._evaluate(trainer, pl_module)
-        # The values are already reduced over ranks (equal everywhere); sync_dist's mean keeps them and Lightning quiet.
-        pl_module.log_dict({f"{self.prefix}/{name}": value for name, value in results.items()}, sync_dist=True)
-        self.history.append({"epoch": epoch, **results})
-        score = results[self.monitor]
-        improved = self.best_score is None or (score < self.best_score if self.mode == "min" else score > self.best_score)
-        if improved:
-            self.best_epoch, self.best_score = epoch, score
-        if trainer.is_global_zero:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._save_grid(trainer, grid, epoch)
+        with pl_module.guiding_weights() as discriminator:
+            results, grid = self._evaluate(trainer, pl_module, discriminator)
+            # Already reduced over ranks (equal everywhere); sync_dist's mean keeps them and Lightning quiet.
+            pl_module.log_dict({f"{self.prefix}/{name}": value for name, value in results.items()}, sync_dist=True)
+            self.history.append({"epoch": epoch, **results})
+            score = results[self.monitor]
+            improved = self.best_score is None or (score < self.best_score if self.mode == "min" else score > self.best_score)
             if improved:
-                state = pl_module.discriminator.state_dict()
-                write_atomic(self.out_dir / BEST_DISCRIMINATOR, lambda f: torch.save(state, f))
+                self.best_epoch, self.best_score = epoch, score
+            if trainer.is_global_zero:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                self._save_grid(trainer, grid, epoch)
+                if improved:
+                    state = discriminator.state_dict()
+                    write_atomic(self.out_dir / BEST_DISCRIMINATOR, lambda f: torch.save(state, f))
 
-    def _evaluate(self, trainer, pl_module):
-        """Sample this rank's share, return (metrics over all ranks, the first grid_size samples in index order)."""
+    def _evaluate(self, trainer, pl_module, discriminator):
+        """Sample this rank's share with `discriminator`, return (metrics over all ranks, the first grid_size samples
+        in index order)."""
         rank, world_size, device = trainer.global_rank, trainer.world_size, pl_module.device
         show, task = trainer.is_global_zero, self.task
         metrics = task.metrics.to(device)
@@ -251,11 +235,11 @@ class GuidedSamplingCallback(L.Callback):
                 metrics.update(images.to(device), real=True)
             self.real_images = None
         indices = range(rank, self.num_samples, world_size)
-        sample_fn = functools.partial(task.sample_fn, pl_module.discriminator)
+        sample_fn = functools.partial(task.sample_fn, discriminator)
         batches = sample_batches(sample_fn, indices, task.shape, self.seed, task.num_classes, task.batch_size, device,
                                  out_shape=(None, None, None))  # any (B, C, H, W) images
         grid = []
-        with frozen(pl_module.discriminator), torch.no_grad():
+        with torch.no_grad():
             for batch, images, _ in progress.track(batches, f"{self.prefix}: sampling", show, total=math.ceil(len(indices) / task.batch_size)):
                 images = to_uint8(images)
                 metrics.update(images, real=False)

@@ -24,7 +24,6 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
-from dg_lightning.callbacks import frozen
 from dg_lightning.config import ConfigError
 from dg_lightning.files import write_atomic
 from dg_lightning.plots import save
@@ -132,7 +131,7 @@ class HeldOutDiagnostics(L.Callback):
         (times_and_noise), under the module's current discriminator."""
         sums = torch.zeros(4, self.num_bins, dtype=torch.float64, device=pl_module.device)
         device = pl_module.device
-        with frozen(pl_module.discriminator), torch.no_grad():
+        with pl_module.guiding_weights(), torch.no_grad():
             for source, indices, is_real in self.splits:
                 for start in range(0, len(indices), self.batch_size):
                     batch = indices[start:start + self.batch_size]

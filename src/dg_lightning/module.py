@@ -5,6 +5,7 @@ r = d / (1 - d) = exp(logit) and the true ratio p_t / q_t; the time integral wit
 realised by the importance-sampled t of the data module. Real rows have is_real = 1, fake rows 0.
 """
 
+import contextlib
 import math
 
 import lightning as L
@@ -12,6 +13,21 @@ import torch
 from torch.nn import functional as F
 
 from dg_lightning.accel import Accel, prepare, run
+
+
+@contextlib.contextmanager
+def frozen(module):
+    """Eval mode and no parameter gradients inside the block; each submodule's mode and parameter's requires_grad restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    module.eval().requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 class BCELoss:
@@ -136,17 +152,33 @@ class DiscriminatorModule(L.LightningModule):
         if self.ema is not None:
             self.ema.copy_to(self.trainable())
 
+    @contextlib.contextmanager
+    def guiding_weights(self):
+        """Inside the block the discriminator holds the weights that guide (the EMA's with ema_decay, else its own),
+        frozen and in eval mode; the training weights, modes and flags are restored after."""
+        saved = None if self.ema is None else [p.detach().clone() for p in self.trainable()]
+        if saved is not None:
+            self.ema.copy_to(self.trainable())
+        try:
+            with frozen(self.discriminator):
+                yield self.discriminator
+        finally:
+            if saved is not None:
+                with torch.no_grad():
+                    for p, weights in zip(self.trainable(), saved, strict=True):
+                        p.copy_(weights)
+
     def on_save_checkpoint(self, checkpoint):
         """Leave the frozen parameters (a pretrained feature extractor: 190 MB for DG's CIFAR-10 classifier) out of
         the checkpoint's state dict: each checkpoint holds only what training changes."""
-        frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        fixed = {name for name, p in self.named_parameters() if not p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in fixed}
 
     def on_load_checkpoint(self, checkpoint):
         """Fill the frozen parameters a checkpoint leaves out with this module's own, so strict loading still checks
         every other key."""
-        frozen = {name: p.detach() for name, p in self.named_parameters() if not p.requires_grad}
-        checkpoint["state_dict"] = {**{k: v for k, v in frozen.items() if k not in checkpoint["state_dict"]},
+        fixed = {name: p.detach() for name, p in self.named_parameters() if not p.requires_grad}
+        checkpoint["state_dict"] = {**{k: v for k, v in fixed.items() if k not in checkpoint["state_dict"]},
                                     **checkpoint["state_dict"]}
 
     def configure_optimizers(self):
