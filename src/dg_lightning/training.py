@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from dg_lightning.accel import build_accel
 from dg_lightning.callbacks import BEST_DISCRIMINATOR, EpochSeed, GuidedSamplingCallback, RNGStates, SamplingTask
+from dg_lightning.config import ConfigError
 from dg_lightning.data import ArraySource, RealFakeDataModule, split_held_out
 from dg_lightning.distributed import rank_and_world_size
 from dg_lightning.files import atomic_save, load_weights, write_atomic
@@ -185,6 +186,9 @@ def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, n
     if metrics is not None:
         metrics.update(record)
     if selects_best(cfg):
+        if sampling is None:
+            raise ConfigError("discriminator.select", "is best, but this pipeline's training has no guided-sampling "
+                              "task to pick an epoch by", "use discriminator.select=last")
         net.load_state_dict(load_weights(sampling.out_dir / BEST_DISCRIMINATOR))
     return net
 

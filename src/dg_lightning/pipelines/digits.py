@@ -118,19 +118,24 @@ def sampling_task(cfg: DictConfig, denoiser, features):
         num_classes=conditional_classes(cfg), batch_size=cfg.metrics.batch_size)
 
 
-def train(run):
-    """The DG head on the frozen noise-aware classifier, trained on the training digits against the fakes, with the
-    held-out digits and fakes as its held-out split and the guided-sampling callback; returns the discriminator that
-    discriminator.select picks (the last epoch's, or the callback's best)."""
+def train_head(run, task):
+    """The DG head on the frozen noise-aware classifier (pretrain_classifier), trained on the training and held-out
+    digits (the held-out split: the latter) against the generate stage's fakes, with the guided-sampling callback bound
+    to `task` when one is given; returns the discriminator that discriminator.select picks (the last epoch's, or the
+    callback's best)."""
     cfg = run.cfg
     head = build_network(cfg, _with(cfg.discriminator.head, num_classes=conditional_classes(cfg)), cfg.discriminator.seed)
     discriminator = Discriminator(run.results["pretrain_classifier"], head)
     real = ArraySource(*map(np.concatenate, zip(digits(cfg, "train"), digits(cfg, "held_out"))),
                        name="digits train and held-out splits")
-    task = sampling_task(cfg, run.results["pretrain_score"], run.results["feature_net"])
     discriminator = train_discriminator(cfg, real, run.results["generate"], discriminator, run.loggers, run.folder,
                                         task, run.metrics)
     return discriminator.eval().requires_grad_(False)
+
+
+def train(run):
+    """The DG head against the score model's fakes (train_head), with the guided-sampling callback."""
+    return train_head(run, sampling_task(run.cfg, run.results["pretrain_score"], run.results["feature_net"]))
 
 
 SCORING = ("metrics.kid", "metrics.features")  # what the sampling callback's scores depend on, besides its inputs

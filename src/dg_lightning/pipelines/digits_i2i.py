@@ -1,0 +1,200 @@
+"""Image-to-image translation with DG (paper Appendix C) on sklearn's digits, end to end on a CPU: SDEdit from a source
+domain of coarse digits (a low-resolution, posterised, blurred thumbnail of each digit: coarse_strokes) into the
+target domain of crisp digits, by the digits' EDM score model; DG's discriminator is trained with the target digits as
+real and translated sources as fake, and guides the translation.
+
+A source x_s is diffused to the starting time t0 (EDM coordinates: x = x_s + sigma(t0) z) and denoised by the target
+score model's PF-ODE from sigma(t0) to 0, with or without DG. A larger t0 forgets more of the source: more realistic
+(lower FID against the target digits), less faithful (further from the source in the digits classifier's feature
+space, and less often the source's digit). The claim tested: DG reaches a given FID at a smaller t0.
+"""
+
+import math
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from omegaconf import DictConfig
+from torch.nn import functional as F
+
+from dg_lightning.config import ConfigError
+from dg_lightning.data import ArraySource
+from dg_lightning.files import atomic_save, load_weights
+from dg_lightning.pipelines import digits
+from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
+from dg_lightning.plots import save
+from dg_lightning.progress import track
+from dg_lightning.sampling import build_sampler
+from dg_lightning.sde import LinearVP
+from dg_lightning.seeds import SampleNoise, sample_seed, stream_base_seed
+from dg_lightning.shards import to_uint8
+
+TRANSLATION = ("translation.source", "translation.t0_train", "translation.t0")
+
+
+def coarse_strokes(images, pool, levels, blur):
+    """The source domain: uint8 NHWC images averaged over pool x pool blocks (a pool times coarser thumbnail),
+    posterised to `levels` grey levels, enlarged back by repeating each block and blurred by a Gaussian of standard
+    deviation `blur` pixels (reflected at the edges); uint8 NHWC."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).double() / 255.0
+    x = torch.round(F.avg_pool2d(x, pool) * (levels - 1)) / (levels - 1)
+    x = x.repeat_interleave(pool, dim=2).repeat_interleave(pool, dim=3)
+    if blur > 0:
+        radius = math.ceil(3 * blur)
+        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / blur) ** 2)
+        taps = (taps / taps.sum()).to(x)
+        x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), taps.view(1, 1, 1, -1).expand(x.shape[1], 1, 1, -1),
+                     groups=x.shape[1])
+        x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), taps.view(1, 1, -1, 1).expand(x.shape[1], 1, -1, 1),
+                     groups=x.shape[1])
+    return torch.round(x * 255.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def sources(cfg: DictConfig, split):
+    """(uint8 NHWC source images, the digits' labels) of the "train" or "held_out" split: coarse_strokes of its digits."""
+    images, labels = digits.digits(cfg, split)
+    s = cfg.translation.source
+    return coarse_strokes(images, s.pool, s.levels, s.blur), labels
+
+
+def translate(cfg: DictConfig, denoiser, images, t0, base_seed, discriminator=None):
+    """SDEdit: uint8 NHWC source images (in [-1, 1]) diffused to VP time t0, x = x_s + sigma(t0) z with z from sample
+    i's seed (base_seed, i), then cfg.sampler's PF-ODE on the denoiser from sigma(t0) down, in ceil(num_steps t0) steps
+    (at least 2), with DG when a discriminator is given; uint8 NHWC."""
+    sigma0 = float(LinearVP().edm_sigma_from_tau(torch.tensor(t0, dtype=torch.float64)))
+    sample = build_sampler(cfg, denoiser, discriminator, sigma_max=sigma0,
+                           num_steps=max(2, math.ceil(cfg.sampler.num_steps * t0)))
+    device, batch_size, out = next(denoiser.parameters()).device, cfg.metrics.batch_size, []
+    for start in track(range(0, len(images), batch_size), f"translate at t0={t0:g}{' with DG' if discriminator else ''}"):
+        batch = range(start, min(start + batch_size, len(images)))
+        noise = SampleNoise([sample_seed(base_seed, i) for i in batch], device)
+        x_s = torch.from_numpy(images[start:batch.stop]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        with torch.no_grad():  # guidance enables its input gradient itself
+            x = sample(x_s / sigma0 + noise.randn(x_s.shape), None, noise)
+        out.append(to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def generate_fakes(run):
+    """The discriminator's fakes: the sources of the training and held-out digits translated without DG at
+    translation.t0_train, in that order (the held-out digits' translations are its held-out fakes)."""
+    cfg, weights = run.cfg, run.folder / "fakes.pt"
+    if not weights.exists():
+        images = np.concatenate([sources(cfg, "train")[0], sources(cfg, "held_out")[0]])
+        fakes = translate(cfg, run.results["pretrain_score"], images, cfg.translation.t0_train,
+                          stream_base_seed(cfg.seed, "fakes"))
+        atomic_save(torch.from_numpy(fakes), weights)
+    return ArraySource(load_weights(weights).numpy(), name=f"translated sources in {run.folder}")
+
+
+def train(run):
+    """The DG head, trained with the target digits (training and held-out splits) as real and the translated sources
+    as fake (digits.train_head)."""
+    return digits.train_head(run, None)
+
+
+def translations(run, discriminator=None):
+    """{t0: uint8 NHWC translations of the held-out sources} for every t0 of translation.t0 (with DG when a
+    discriminator is given), each kept in the stage folder."""
+    cfg, found = run.cfg, {}
+    for t0 in cfg.translation.t0:
+        path = run.folder / f"t0={t0:g}.pt"
+        if not path.exists():
+            atomic_save(torch.from_numpy(translate(cfg, run.results["pretrain_score"], sources(cfg, "held_out")[0], t0,
+                                                   cfg.metrics.sampling_seed, discriminator)), path)
+        found[t0] = load_weights(path).numpy()
+    return found
+
+
+def translate_unguided(run):
+    """The baseline: the held-out sources translated without DG at every t0 (shared by every DG setting)."""
+    return translations(run)
+
+
+def faithfulness(features, translated, images, labels, batch_size):
+    """{feature_l2: mean L2 distance between each translation's and its source's features, label_agreement: the
+    fraction of translations that the digits classifier reads as the source's digit}."""
+    distances, agreements = [], []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            pair = [torch.from_numpy(a[start:start + batch_size]).permute(0, 3, 1, 2) for a in (translated, images)]
+            f_translated, f_source = (features(x) for x in pair)
+            distances.append((f_translated - f_source).double().norm(dim=1))
+            predicted = features.class_logits(f_translated).argmax(dim=1)
+            agreements.append((predicted == torch.from_numpy(labels[start:start + batch_size])).double())
+    return {"feature_l2": torch.cat(distances).mean().item(), "label_agreement": torch.cat(agreements).mean().item()}
+
+
+def translate_and_evaluate(run):
+    """The held-out sources translated with DG at every t0; for each t0 and set (eval: DG, eval_unguided: no DG) FID,
+    precision, recall, KID and IS against the held-out target digits and the faithfulness to the source, as
+    <set>/<metric>@t0=<t0>; i2i.png draws them against t0."""
+    cfg, m = run.cfg, run.cfg.metrics
+    sets = {"eval": translations(run, run.results["train"]), "eval_unguided": run.results["translate_unguided"]}
+    images, labels = sources(cfg, "held_out")
+    features = run.results["feature_net"]
+    metrics = digits.generative_metrics(cfg, features)
+    metrics.feed(digits.digits(cfg, "held_out")[0], True, m.batch_size)
+    for prefix, by_t0 in sets.items():
+        for t0, translated in by_t0.items():
+            metrics.feed(translated, False, m.batch_size)
+            scores = {**metrics.compute(), **faithfulness(features, translated, images, labels, m.batch_size)}
+            metrics.reset()
+            run.metrics.update({f"{prefix}/{name}@t0={t0:g}": value for name, value in scores.items()})
+    save(sweet_spot_figure(run.metrics, cfg.translation.t0), run.out_dir / "i2i.png")
+
+
+SET_NAMES = {"eval_unguided": "SDEdit (no DG)", "eval": "SDEdit + DG"}
+
+
+def sweet_spot_figure(metrics, grid):
+    """FID to the target digits, feature distance to the source and label agreement with the source against t0, one
+    line per set (the paper's figure of the sweet spot over the starting time)."""
+    fig = Figure(figsize=(14, 4.2), layout="constrained")
+    panels = (("fid", "FID to the held-out target digits\n(lower: more realistic)"),
+              ("feature_l2", "feature distance to the source\n(lower: more faithful)"),
+              ("label_agreement", "translations read as the source's digit\n(higher: more faithful)"))
+    for ax, (name, label) in zip(fig.subplots(1, 3), panels):
+        for prefix, words in SET_NAMES.items():
+            ax.plot(grid, [metrics[f"{prefix}/{name}@t0={t0:g}"] for t0 in grid], marker="o", label=words)
+        ax.set_xlabel("starting time t0 (VP; larger: more of the source forgotten)")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle("Digits image-to-image translation (coarse thumbnails to digits): realism against faithfulness over t0")
+    return fig
+
+
+SCORE = digits.SCORE
+SOURCE = digits.SOURCE
+
+def check(cfg: DictConfig):
+    """The digits source is read and checked (digits.check), and the metrics' features are the digits classifier's,
+    whose class logits the label agreement needs, before any compute."""
+    digits.check(cfg)
+    if cfg.metrics.features != "digits_classifier":
+        raise ConfigError("metrics.features", f"is {cfg.metrics.features!r}, but the translations' label agreement "
+                          "reads the digits classifier's class logits", "use metrics.features=digits_classifier")
+    if not all(0 < t0 <= 1 for t0 in (cfg.translation.t0_train, *cfg.translation.t0)):
+        raise ConfigError("translation.t0", f"starting times must lie in (0, 1] (VP time), got t0_train="
+                          f"{cfg.translation.t0_train}, t0={list(cfg.translation.t0)}", "e.g. translation.t0=[0.2,0.4,0.6]")
+
+
+PIPELINE = Pipeline("digits_i2i", check=check, stages=(
+    Stage("pretrain_score", digits.pretrain_score, keys=SCORE, files=SOURCE),
+    Stage("pretrain_classifier", digits.pretrain_classifier,
+          keys=("seed", "discriminator.classifier", "data.t_min", *digits.DIGITS), files=SOURCE),
+    Stage("generate", generate_fakes, keys=("seed", "sampler", "translation.source", "translation.t0_train",
+                                            *digits.DIGITS), files=SOURCE, inputs=("pretrain_score",)),
+    Stage("feature_net", digits.feature_net, keys=("seed", "metrics.features", "metrics.inception_path",
+                                                   "metrics.feature_net", "metrics.feature_steps",
+                                                   "score.net.img_channels", *digits.DIGITS),
+          files=(*SOURCE, "metrics.inception_path")),
+    Stage("train", train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), files=SOURCE,
+          inputs=("pretrain_classifier", "generate")),
+    Stage("translate_unguided", translate_unguided, keys=("seed", "sampler", "translation.source", "translation.t0",
+                                                          "metrics.sampling_seed", *digits.DIGITS),
+          files=SOURCE, inputs=("pretrain_score",)),
+    Stage("translate", translate_and_evaluate, keys=("seed", "sampler", "guidance", "metrics", *TRANSLATION,
+                                                     *digits.DIGITS), files=SOURCE,
+          inputs=("pretrain_score", "train", "translate_unguided", "feature_net")),
+))
