@@ -103,6 +103,7 @@ def test_reduced_run_translates_at_every_t0_and_dg_weight_zero_is_sdedit(compose
 
 
 @pytest.mark.parametrize("override, key", [("translation.t0=[0.2,1.5]", "translation.t0"),
+                                           ("discriminator.select=best", "discriminator.select"),
                                            ("metrics.features=inception", "metrics.features")])
 def test_bad_translation_settings_are_refused_before_any_compute(compose_cfg, tmp_path, override, key):
     (tmp_path / "inception.pth").write_bytes(b"")  # a path that exists: the check on the features comes first

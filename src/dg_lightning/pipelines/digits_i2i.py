@@ -168,12 +168,17 @@ SCORE = digits.SCORE
 SOURCE = digits.SOURCE
 
 def check(cfg: DictConfig):
-    """The digits source is read and checked (digits.check), and the metrics' features are the digits classifier's,
-    whose class logits the label agreement needs, before any compute."""
+    """Before any compute: the digits source is read and checked (digits.check), the metrics' features are the digits
+    classifier's (the label agreement reads its class logits), the head is the last epoch's (no sampling callback
+    here) and every starting time lies in (0, 1]."""
     digits.check(cfg)
     if cfg.metrics.features != "digits_classifier":
         raise ConfigError("metrics.features", f"is {cfg.metrics.features!r}, but the translations' label agreement "
                           "reads the digits classifier's class logits", "use metrics.features=digits_classifier")
+    if cfg.discriminator.select != "last":
+        raise ConfigError("discriminator.select", f"is {cfg.discriminator.select!r}, but the translation's head trains "
+                          "without the guided-sampling callback (its samples are translations of given sources)",
+                          "use discriminator.select=last")
     if not all(0 < t0 <= 1 for t0 in (cfg.translation.t0_train, *cfg.translation.t0)):
         raise ConfigError("translation.t0", f"starting times must lie in (0, 1] (VP time), got t0_train="
                           f"{cfg.translation.t0_train}, t0={list(cfg.translation.t0)}", "e.g. translation.t0=[0.2,0.4,0.6]")
