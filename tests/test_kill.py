@@ -3,8 +3,8 @@ and run again in the same folder: it resumes from last.ckpt and ends with the we
 select=best keeps) and the logged metrics of an uninterrupted run."""
 
 import json
-import os
 import multiprocessing
+import os
 import shutil
 import signal
 import subprocess
