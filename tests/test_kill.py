@@ -20,7 +20,6 @@ import test_adm_g_pipeline
 import test_edm_pipeline
 import test_imagenet_pipeline
 from test_digits import REDUCED as DIGITS
-from test_run import SMALL as TOY
 
 TESTS = Path(__file__).resolve().parent
 KILL = ["stage=train", "+callbacks.kill._target_=killer.KillOnce", "+callbacks.kill.stage=train", "+callbacks.kill.epoch=1"]
@@ -28,7 +27,8 @@ EDM = "cifar10_edm_g++"
 # pipeline: (overrides, a function writing the released files into a folder and returning it, or None); each trains
 # for 3 epochs of at least 2 batches, so the kill before batch 1 of epoch 1 falls inside an epoch
 PIPELINES = {
-    "toy2d": ([*TOY, "trainer.max_steps=-1", "trainer.max_epochs=3", "data.batch_size=128"], None),
+    "toy2d": (["data.num_fake=400", "data.num_real=400", "data.num_held_out=40", "metrics.num_samples=300",
+               "trainer.max_steps=-1", "trainer.max_epochs=3", "data.batch_size=128"], None),
     "digits": ([*DIGITS, "trainer.max_epochs=3", "discriminator.select=best"], None),
     "edm": ([f"experiment={EDM}", "+smoke=edm", "paths.released_dir=RELEASED", "trainer.max_epochs=3"], "edm"),
     "imagenet_dit": ([*test_imagenet_pipeline.PIPELINE.overrides("RELEASED")[1:], "trainer.max_epochs=3"],

@@ -2,6 +2,7 @@
 report's refusal of a folder without runs (a Hydra sweep and its report: test_sweep)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +16,14 @@ from mixtures import other_pair
 from test_published import assert_published
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["trainer.max_steps=30", "data.num_fake=400", "data.num_real=400", "metrics.num_samples=300"]
 
 
 def run_py(cwd, *args, timeout=HANG_GUARD_S):
-    """Run `python run.py ARGS` in folder cwd with the default paths (logs under cwd/logs); fail with its output."""
-    result = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    """Run `python run.py ARGS` in folder cwd with the default paths (logs under cwd/logs) and one torch thread (as in
+    conftest: with two on two cores, a busy core stalled the default toy run from 30 s to over 8 minutes); fail with
+    its output."""
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

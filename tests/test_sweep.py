@@ -20,7 +20,8 @@ from dg_lightning.pipelines.recipe import finished_metrics, launch, write_metric
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS, T_MINS = (0, 1), (0.01, 0.1)
 SWEEP = ["-m", "experiment=toy2d", "guidance.dg.weight=0,1", "guidance.dg.t_min=0.01,0.1", "trainer.max_steps=30",
-         "data.num_fake=300", "data.num_real=300", "metrics.num_samples=200", "sampler.num_steps=8"]
+         "data.num_fake=300", "data.num_real=300", "data.num_held_out=100", "metrics.num_samples=200",
+         "sampler.num_steps=8"]
 
 
 def run_py(cwd, *args):
