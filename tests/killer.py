@@ -1,10 +1,14 @@
-"""A callback that SIGKILLs its own run.py process in the middle of a training, once: for the tests that kill real runs."""
+"""A callback that SIGKILLs its own run.py process in the middle of a training, once, and `python run.py` in a process
+forked from a server that imported the project once: for the tests that kill real runs."""
 
 import os
+import runpy
 import signal
+import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 
 
 class KillOnce(L.Callback):
@@ -20,3 +24,17 @@ class KillOnce(L.Callback):
         if in_stage and (trainer.current_epoch, batch_idx) == (self.epoch, self.batch) and not self.marker.exists():
             self.marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_py(cwd, argv, env, log):
+    """The body of a forked `python run.py`: argv (run.py's path first) run as __main__ in folder cwd with the
+    environment env and one torch thread, stdout and stderr into the file log."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    with open(log, "w") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    sys.argv = list(argv)
+    runpy.run_path(argv[0], run_name="__main__")

@@ -59,37 +59,36 @@ def train(cfg):
                                stage_dir(cfg, "train", ["seed", "trainer"]))
 
 
+def killed(compose_cfg, tmp_path, name, *overrides):
+    """(config without the kill, checkpoints folder) of a training killed at the start of epoch KILL_AT (KillAtEpoch,
+    configured in callbacks.kill) in cache `name`."""
+    settings = [*TRAIN, f"paths.cache_dir={tmp_path / name}", *overrides]
+    with pytest.raises(Killed):
+        train(compose_cfg(*settings, f"+callbacks.kill={{_target_: test_resume.KillAtEpoch, epoch: {KILL_AT}}}"))
+    cfg = compose_cfg(*settings)
+    return cfg, stage_dir(cfg, "train", ["seed", "trainer"]) / "checkpoints"
+
+
 @pytest.mark.parametrize("averaging", AVERAGING)
 @pytest.mark.parametrize("length", LENGTHS)
 def test_killed_training_resumes_from_last_checkpoint_to_the_uninterrupted_weights(compose_cfg, tmp_path, length,
                                                                                  averaging):
     """Bounded by epochs or by steps (where Lightning's own fit loop would replay a batch of the finished epoch)."""
-    settings = [*TRAIN, *LENGTHS[length], *AVERAGING[averaging]]
-    uninterrupted = train(compose_cfg(*settings, f"paths.cache_dir={tmp_path}/a")).state_dict()
+    settings = [*LENGTHS[length], *AVERAGING[averaging]]
+    uninterrupted = train(compose_cfg(*TRAIN, *settings, f"paths.cache_dir={tmp_path}/a")).state_dict()
 
-    cfg = compose_cfg(*settings, f"paths.cache_dir={tmp_path}/b")
-    with pytest.raises(Killed):
-        train(cfg, [KillAtEpoch(KILL_AT)])
-    checkpoints = stage_dir(cfg, "train", ["seed", "trainer"]) / "checkpoints"
+    cfg, checkpoints = killed(compose_cfg, tmp_path, "b", *settings)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch001.ckpt", "last.ckpt"]  # checkpoints.keep=1
     assert not (checkpoints.parent / "discriminator.pt").exists()
-    killed = torch.load(checkpoints / "last.ckpt", weights_only=True)
-    assert killed["epoch"] == KILL_AT - 1
+    at_kill = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert at_kill["epoch"] == KILL_AT - 1
 
     resumed = train(cfg).state_dict()
     assert sorted(p.name for p in checkpoints.iterdir()) == [f"epoch{EPOCHS - 1:03d}.ckpt", "last.ckpt"]
     for name, value in uninterrupted.items():
         assert torch.equal(resumed[name], value), name
     # The resumed run trained on: its weights moved away from the ones it was killed with.
-    assert any(not torch.equal(value, killed["state_dict"][f"discriminator.{name}"]) for name, value in resumed.items())
-
-
-def killed(compose_cfg, tmp_path, name, *overrides):
-    """(config, checkpoints folder) of a training killed at the start of epoch KILL_AT in cache `name`."""
-    cfg = compose_cfg(*TRAIN, f"paths.cache_dir={tmp_path / name}", *overrides)
-    with pytest.raises(Killed):
-        train(cfg, [KillAtEpoch(KILL_AT)])
-    return cfg, stage_dir(cfg, "train", ["seed", "trainer"]) / "checkpoints"
+    assert any(not torch.equal(value, at_kill["state_dict"][f"discriminator.{name}"]) for name, value in resumed.items())
 
 
 def cut_in_half(path):
@@ -99,8 +98,8 @@ def cut_in_half(path):
 
 
 def test_a_truncated_last_checkpoint_falls_back_to_the_previous_intact_one_with_a_warning(compose_cfg, tmp_path, caplog):
-    uninterrupted = train(compose_cfg(*TRAIN, f"paths.cache_dir={tmp_path}/a")).state_dict()
-    cfg, checkpoints = killed(compose_cfg, tmp_path, "b", "checkpoints.keep=-1")
+    uninterrupted = train(compose_cfg(*TRAIN, *LENGTHS["epochs"], f"paths.cache_dir={tmp_path}/a")).state_dict()
+    cfg, checkpoints = killed(compose_cfg, tmp_path, "b", *LENGTHS["epochs"], "checkpoints.keep=-1")
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch000.ckpt", "epoch001.ckpt", "last.ckpt"]
     for name in ("last.ckpt", "epoch001.ckpt"):
         cut_in_half(checkpoints / name)
@@ -118,8 +117,8 @@ def test_a_truncated_last_checkpoint_falls_back_to_the_previous_intact_one_with_
 
 
 def test_with_every_checkpoint_damaged_the_stage_starts_afresh_with_a_warning(compose_cfg, tmp_path, caplog):
-    uninterrupted = train(compose_cfg(*TRAIN, f"paths.cache_dir={tmp_path}/a")).state_dict()
-    cfg, checkpoints = killed(compose_cfg, tmp_path, "b")
+    uninterrupted = train(compose_cfg(*TRAIN, *LENGTHS["epochs"], f"paths.cache_dir={tmp_path}/a")).state_dict()
+    cfg, checkpoints = killed(compose_cfg, tmp_path, "b", *LENGTHS["epochs"])
     for path in checkpoints.iterdir():
         cut_in_half(path)
     with caplog.at_level(logging.WARNING, logger="dg_lightning.training"):

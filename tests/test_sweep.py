@@ -2,6 +2,7 @@
 W&B group with readable run names, the report reads the folders, and a local multirun refuses in-job DDP."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +18,16 @@ from dg_lightning.report import main as report_main
 from dg_lightning.pipelines.recipe import finished_metrics, launch, write_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEP = ["-m", "experiment=toy2d", "guidance.dg.weight=0,1", "guidance.dg.t_min=0.05", "trainer.max_steps=30",
-         "data.num_fake=300", "data.num_real=300", "metrics.num_samples=200", "sampler.num_steps=8"]
+WEIGHTS, T_MINS = (0, 1), (0.01, 0.1)
+SWEEP = ["-m", "experiment=toy2d", "guidance.dg.weight=0,1", "guidance.dg.t_min=0.01,0.1", "trainer.max_steps=30",
+         "data.num_fake=300", "data.num_real=300", "data.num_held_out=100", "metrics.num_samples=200",
+         "sampler.num_steps=8"]
 
 
 def run_py(cwd, *args):
+    """Run `python run.py ARGS` in folder cwd with one torch thread (as in conftest); fail with its output."""
     result = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=HANG_GUARD_S, check=False)
+                            timeout=HANG_GUARD_S, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -32,22 +36,29 @@ def test_sweep_trains_once_shares_a_group_reports_and_a_relaunch_skips_finished_
     run_py(tmp_path, *SWEEP)  # the default sweep folder logs/toy2d/multiruns/<now>, whose `now` the W&B group shares
     (sweep_dir,) = (tmp_path / "logs" / "toy2d" / "multiruns").iterdir()
     jobs = sorted(p for p in sweep_dir.iterdir() if (p / "metrics.json").is_file())
-    dirnames = [",".join(sorted([*SWEEP[3:], f"guidance.dg.weight={w}"])) for w in (0, 1)]  # experiment excluded
-    assert [j.name for j in jobs] == [f"{i}_{name}" for i, name in enumerate(dirnames)]
+    points = [(w, t) for w in WEIGHTS for t in T_MINS]
+    dirnames = [",".join(sorted([*SWEEP[4:], f"guidance.dg.weight={w}", f"guidance.dg.t_min={t}"]))  # no experiment
+                for w, t in points]
+    assert [j.name for j in jobs] == [f"{i}_{name}" for i, name in enumerate(dirnames)]  # readable
     assert len(list((tmp_path / "logs" / "cache" / "toy2d").glob("train-*"))) == 1  # the train key has no guidance
-    # Only the first point trained (logged train/loss); the second loaded the cached discriminator.
+    # Only the first point trained (logged train/loss); the others loaded the cached discriminator.
     trained = ["train/loss" in (j / "csv" / "metrics.csv").read_text().splitlines()[0] for j in jobs]
-    assert trained == [True, False]
+    assert trained == [True, False, False, False]
     configs = [OmegaConf.load(j / "resolved_config.yaml") for j in jobs]
+    assert [(c.guidance.dg.weight, c.guidance.dg.t_min) for c in configs] == points
     groups = {c.logger.wandb.group for c in configs}
-    assert len(groups) == 1 and groups.pop().startswith("toy2d-")
+    assert len(groups) == 1 and groups.pop().startswith("toy2d-")  # one W&B group per sweep
     assert [c.logger.wandb.name for c in configs] == [f"toy2d/{name}" for name in dirnames]
+    metrics = dict(zip(points, (json.loads((j / "metrics.json").read_text()) for j in jobs)))
+    # DG weight 0 is the unguided sampler, whatever t_min.
+    assert metrics[(0, 0.01)]["toy/swd_dg"] == pytest.approx(metrics[(0, 0.01)]["toy/swd_no_dg"])
 
     report_main([str(sweep_dir), "--metric", "toy/swd_dg"])
     table = (sweep_dir / "report.md").read_text().splitlines()
-    assert table[0] == "| guidance.dg.weight | toy/swd_dg (t_min=0.05) |" and len(table) == 4
-    values = [json.loads((j / "metrics.json").read_text())["toy/swd_dg"] for j in jobs]
-    assert table[2] == f"| 0 | {values[0]:.4f} |" and table[3] == f"| 1 | {values[1]:.4f} |"
+    assert table[0] == "| guidance.dg.weight | toy/swd_dg (t_min=0.01) | toy/swd_dg (t_min=0.1) |" and len(table) == 4
+    for row, w in zip(table[2:], WEIGHTS):
+        assert row == f"| {w} | " + " | ".join(f"{metrics[(w, t)]['toy/swd_dg']:.4f}" for t in T_MINS) + " |"
+    assert (sweep_dir / "report.png").stat().st_size > 5000
 
     stamps = [(j / "metrics.json").stat().st_mtime_ns for j in jobs]
     run_py(tmp_path, *SWEEP, f"hydra.sweep.dir={sweep_dir}")  # the same sweep again: every point is finished
