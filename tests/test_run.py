@@ -18,12 +18,13 @@ from test_published import assert_published
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_py(cwd, *args, timeout=HANG_GUARD_S):
-    """Run `python run.py ARGS` in folder cwd with the default paths (logs under cwd/logs) and one torch thread (as in
-    conftest: with two on two cores, a busy core stalled the default toy run from 30 s to over 8 minutes); fail with
-    its output."""
+def run_py(cwd, *args, timeout=HANG_GUARD_S, one_thread=True):
+    """Run `python run.py ARGS` in folder cwd with the default paths (logs under cwd/logs) and, with one_thread, one
+    torch thread (as in conftest: with two on two cores, a busy core stalled the default toy run from 30 s to over 8
+    minutes; else torch's default, as a user runs it); fail with its output."""
+    threads = {"OMP_NUM_THREADS": "1"} if one_thread else {}
     result = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            timeout=timeout, env={**os.environ, **threads})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
