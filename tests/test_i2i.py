@@ -89,7 +89,8 @@ REDUCED = ["experiment=digits_i2i_g++", "score.max_steps=20", "discriminator.cla
 def test_reduced_run_translates_at_every_t0_and_dg_weight_zero_is_sdedit(compose_cfg, tmp_path):
     metrics = run(compose_cfg(*REDUCED))
     names = ("fid", "precision", "recall", "kid", "is", "feature_l2", "label_agreement")
-    assert set(metrics) == {f"{s}/{n}@t0={t0}" for s in ("eval", "eval_unguided") for n in names for t0 in (0.3, 0.7)}
+    assert set(metrics) == {f"{s}/{n}@t0={t0}" for s in ("eval", "eval_unguided") for n in names for t0 in (0.3, 0.7)} | {
+        "sources/label_agreement"}
     assert all(0 <= metrics[f"{s}/label_agreement@t0={t0}"] <= 1 for s in ("eval", "eval_unguided") for t0 in (0.3, 0.7))
     # A longer start forgets more of the source.
     assert metrics["eval_unguided/feature_l2@t0=0.7"] > metrics["eval_unguided/feature_l2@t0=0.3"]

@@ -128,13 +128,15 @@ def faithfulness(features, translated, images, labels, batch_size):
 def translate_and_evaluate(run):
     """The held-out sources translated with DG at every t0; for each t0 and set (eval: DG, eval_unguided: no DG) FID,
     precision, recall, KID and IS against the held-out target digits and the faithfulness to the source, as
-    <set>/<metric>@t0=<t0>; i2i.png draws them against t0."""
+    <set>/<metric>@t0=<t0>, and how often the digits classifier reads the sources themselves as their digit
+    (sources/label_agreement); i2i.png draws them against t0."""
     cfg, m = run.cfg, run.cfg.metrics
     sets = {"eval": translations(run, run.results["train"]), "eval_unguided": run.results["translate_unguided"]}
     images, labels = sources(cfg, "held_out")
     features = run.results["feature_net"]
     metrics = digits.generative_metrics(cfg, features)
     metrics.feed(digits.digits(cfg, "held_out")[0], True, m.batch_size)
+    run.metrics["sources/label_agreement"] = faithfulness(features, images, images, labels, m.batch_size)["label_agreement"]
     for prefix, by_t0 in sets.items():
         for t0, translated in by_t0.items():
             metrics.feed(translated, False, m.batch_size)
@@ -157,6 +159,11 @@ def sweet_spot_figure(metrics, grid):
     for ax, (name, label) in zip(fig.subplots(1, 3), panels):
         for prefix, words in SET_NAMES.items():
             ax.plot(grid, [metrics[f"{prefix}/{name}@t0={t0:g}"] for t0 in grid], marker="o", label=words)
+        if name == "label_agreement":
+            ax.axhline(metrics["sources/label_agreement"], color="grey", linestyle="--", label="the sources themselves")
+            ax.axhline(0.1, color="grey", linestyle=":", label="chance (10 digits)")
+        if name == "fid":
+            ax.set_yscale("log")
         ax.set_xlabel("starting time t0 (VP; larger: more of the source forgotten)")
         ax.set_ylabel(label)
         ax.legend()
