@@ -171,8 +171,9 @@ def sweet_spot_figure(metrics, grid):
     return fig
 
 
-SCORE = digits.SCORE
+DIGITS_STAGES = {stage.name: stage for stage in digits.PIPELINE.stages}  # the networks it shares with digits_edm_g++
 SOURCE = digits.SOURCE
+
 
 def check(cfg: DictConfig):
     """Before any compute: the digits source is read and checked (digits.check), the metrics' features are the digits
@@ -192,15 +193,11 @@ def check(cfg: DictConfig):
 
 
 PIPELINE = Pipeline("digits_i2i", check=check, stages=(
-    Stage("pretrain_score", digits.pretrain_score, keys=SCORE, files=SOURCE),
-    Stage("pretrain_classifier", digits.pretrain_classifier,
-          keys=("seed", "discriminator.classifier", "data.t_min", *digits.DIGITS), files=SOURCE),
+    DIGITS_STAGES["pretrain_score"],
+    DIGITS_STAGES["pretrain_classifier"],
     Stage("generate", generate_fakes, keys=("seed", "sampler", "translation.source", "translation.t0_train",
                                             *digits.DIGITS), files=SOURCE, inputs=("pretrain_score",)),
-    Stage("feature_net", digits.feature_net, keys=("seed", "metrics.features", "metrics.inception_path",
-                                                   "metrics.feature_net", "metrics.feature_steps",
-                                                   "score.net.img_channels", *digits.DIGITS),
-          files=(*SOURCE, "metrics.inception_path")),
+    DIGITS_STAGES["feature_net"],
     Stage("train", train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), files=SOURCE,
           inputs=("pretrain_classifier", "generate")),
     Stage("translate_unguided", translate_unguided, keys=("seed", "sampler", "translation.source", "translation.t0",
