@@ -140,7 +140,8 @@ class SamplingTask:
 
 
 class GuidedSamplingCallback(L.Callback):
-    """Every `every_n_epochs` training epochs, sample with the module's current discriminator and evaluate; configured
+    """Every `every_n_epochs` training epochs, sample with DG by the module's weights that guide (the current ones, or
+    their EMA with discriminator.ema_decay: DiscriminatorModule.guiding_weights) and evaluate; configured
     from conf/callbacks (callbacks.sampling) and bound by the training stage to the pipeline's SamplingTask (what to
     sample, how to score it). A fit with no task bound (pretraining) leaves it out (configured_callbacks).
 
@@ -188,8 +189,8 @@ class GuidedSamplingCallback(L.Callback):
         return self._generate_state_key(prefix=self.prefix)
 
     def setup(self, trainer, pl_module, stage):
-        """Check that a task is bound, that the module holds a `discriminator` network and that every rank gets a
-        sample; out_dir defaults to <the trainer's folder>/sampling."""
+        """Check that a task is bound, that the module is a DiscriminatorModule and that every rank gets a sample;
+        out_dir defaults to <the trainer's folder>/sampling."""
         if self.task is None:
             raise RuntimeError("GuidedSamplingCallback has no SamplingTask bound: call bind(task) before the fit")
         if self.out_dir is None:
