@@ -57,22 +57,26 @@ def sources(cfg: DictConfig, split):
     return coarse_strokes(images, s.pool, s.levels, s.blur), labels
 
 
-def translate(cfg: DictConfig, denoiser, images, t0, base_seed, discriminator=None):
-    """SDEdit: uint8 NHWC source images (in [-1, 1]) diffused to VP time t0, x = x_s + sigma(t0) z with z from sample
-    i's seed (base_seed, i), then cfg.sampler's PF-ODE on the denoiser from sigma(t0) down, in ceil(num_steps t0) steps
-    (at least 2), with DG when a discriminator is given; uint8 NHWC."""
+def sdedit(cfg: DictConfig, score_model, x_s, t0, base_seed, discriminator=None):
+    """SDEdit in the score model's EDM coordinates: sources x_s (B, ...) diffused to VP time t0, x = x_s + sigma(t0) z
+    with z from sample i's seed (base_seed, i), then cfg.sampler's PF-ODE from sigma(t0) down in ceil(num_steps t0)
+    steps (at least 2), with DG when a discriminator is given; the translations (B, ...)."""
     sigma0 = float(LinearVP().edm_sigma_from_tau(torch.tensor(t0, dtype=torch.float64)))
-    sample = build_sampler(cfg, denoiser, discriminator, sigma_max=sigma0,
+    sample = build_sampler(cfg, score_model, discriminator, sigma_max=sigma0,
                            num_steps=max(2, math.ceil(cfg.sampler.num_steps * t0)))
-    device, batch_size, out = next(denoiser.parameters()).device, cfg.metrics.batch_size, []
-    for start in track(range(0, len(images), batch_size), f"translate at t0={t0:g}{' with DG' if discriminator else ''}"):
-        batch = range(start, min(start + batch_size, len(images)))
-        noise = SampleNoise([sample_seed(base_seed, i) for i in batch], device)
-        x_s = torch.from_numpy(images[start:batch.stop]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    batch_size, out = cfg.metrics.batch_size, []
+    for start in track(range(0, len(x_s), batch_size), f"translate at t0={t0:g}{' with DG' if discriminator else ''}"):
+        batch = range(start, min(start + batch_size, len(x_s)))
+        noise, chunk = SampleNoise([sample_seed(base_seed, i) for i in batch], x_s.device), x_s[start:batch.stop]
         with torch.no_grad():  # guidance enables its input gradient itself
-            x = sample(x_s / sigma0 + noise.randn(x_s.shape), None, noise)
-        out.append(to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())
-    return np.concatenate(out)
+            out.append(sample(chunk / sigma0 + noise.randn(chunk.shape), None, noise))
+    return torch.cat(out)
+
+
+def translate(cfg: DictConfig, denoiser, images, t0, base_seed, discriminator=None):
+    """uint8 NHWC source images translated by sdedit (as [-1, 1] images, on the denoiser's device); uint8 NHWC."""
+    x_s = torch.from_numpy(images).to(next(denoiser.parameters()).device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return to_uint8(sdedit(cfg, denoiser, x_s, t0, base_seed, discriminator)).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def generate_fakes(run):
