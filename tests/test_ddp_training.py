@@ -62,7 +62,8 @@ reals = torch.randint(0, 256, (40, 1, 1, 2), generator=torch.Generator().manual_
 task = SamplingTask(sample_fn, GenerativeMetrics(Flat(), reset_real_features=False), (1, 1, 2), real_images=reals,
                     batch_size=8)
 folder, record = stage_dir(cfg, "train", ["seed", "trainer", "data"]), {}
-net = train_discriminator(cfg, real, fake, build_network(cfg, cfg.discriminator.net), [], folder, task, record)
+net = train_discriminator(cfg, real, fake, build_network(cfg, cfg.discriminator.net), [], folder, lambda: task,
+                          record)
 torch.save(net.state_dict(), f"{out}/rank{rank}.pt")
 state = next(v for k, v in load_weights(folder / "checkpoints" / "last.ckpt")["callbacks"].items() if "GuidedSampling" in k)
 json.dump({"world_size": world_size, "history": state["history"], "best_epoch": record["sampling/best_epoch"]},

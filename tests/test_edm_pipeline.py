@@ -127,6 +127,13 @@ def test_smoke_runs_every_stage_and_caches_them(tmp_path, write_edm_pickle, expe
         (best_dir,) = set((tmp_path / "logs" / experiment / "runs").iterdir()) - {run_dir, zero_dir}
         best = json.loads((best_dir / "metrics.json").read_text())
         assert best["eval/fid"] == metrics["eval/fid"] and len(cache(tmp_path, experiment, "train")) == 2
+        # Its cached head serves another evaluation: the best epoch's weights and record come from the stage folder.
+        run_py(tmp_path, f"experiment={experiment}", "+smoke=edm", f"paths.released_dir={released}",
+               "discriminator.select=best", "metrics.num_samples=6")
+        (cached_dir,) = set((tmp_path / "logs" / experiment / "runs").iterdir()) - {run_dir, zero_dir, best_dir}
+        cached = json.loads((cached_dir / "metrics.json").read_text())
+        assert cached["sampling/best_epoch"] == 0 and np.isfinite(cached["eval/fid"])
+        assert len(cache(tmp_path, experiment, "train")) == 2
 
 
 @pytest.mark.parametrize("experiment", ["cifar10_edm_g++", "cifar10_cond_edm_g++"])

@@ -76,7 +76,7 @@ def point_mass_task():
 
 def train_point_masses(cfg, cut, folder, task=None):
     """train_discriminator on the point masses with PointMassHead(cut) in folder (with the sampling callback bound to
-    `task` when given); the held-out figures it wrote."""
+    task() when `task` is given); the held-out figures it wrote."""
     from dg_lightning.training import train_discriminator
 
     train_discriminator(cfg, point_masses(1), point_masses(-1), PointMassHead(cut), [], folder, task)
@@ -171,7 +171,7 @@ with initialize_config_dir(config_dir=sys.argv[2], version_base="1.3"):
                                        f"paths.output_dir={out}/out", "callbacks.sampling.every_n_epochs=1",
                                        "callbacks.sampling.num_samples=30"])
 launch(cfg)
-train_point_masses(cfg, 0.5, out / "train", point_mass_task())
+train_point_masses(cfg, 0.5, out / "train", point_mass_task)
 '''
 
 

@@ -29,6 +29,7 @@ from dg_lightning import progress
 
 MODES = ("min", "max")
 BEST_DISCRIMINATOR = "best_discriminator.pt"
+SAMPLES = "sampling"  # the callback's folder in its trainer's folder, unless out_dir says otherwise
 
 
 def seed_global_rngs(*entropy):
@@ -183,6 +184,12 @@ class GuidedSamplingCallback(L.Callback):
         self.task, self.real_images = task, task.real_images
         return self
 
+    def place(self, folder):
+        """Write into out_dir, or (out_dir None) into <folder>/sampling: where a fit in folder puts it (setup)."""
+        if self.out_dir is None:
+            self.out_dir = Path(folder) / SAMPLES
+        return self
+
     @property
     def state_key(self):
         """Unique per prefix, so two sampling callbacks keep separate states in a checkpoint."""
@@ -193,8 +200,7 @@ class GuidedSamplingCallback(L.Callback):
         out_dir defaults to <the trainer's folder>/sampling."""
         if self.task is None:
             raise RuntimeError("GuidedSamplingCallback has no SamplingTask bound: call bind(task) before the fit")
-        if self.out_dir is None:
-            self.out_dir = Path(trainer.default_root_dir) / "sampling"
+        self.place(trainer.default_root_dir)
         if not callable(getattr(pl_module, "guiding_weights", None)):
             raise TypeError(f"GuidedSamplingCallback needs a DiscriminatorModule (its guiding_weights()), got "
                             f"{type(pl_module).__name__}")

@@ -19,7 +19,7 @@ from lightning.pytorch.loops.loop import _Loop
 from omegaconf import DictConfig
 
 from dg_lightning.accel import build_accel
-from dg_lightning.callbacks import BEST_DISCRIMINATOR, EpochSeed, GuidedSamplingCallback, RNGStates, SamplingTask
+from dg_lightning.callbacks import BEST_DISCRIMINATOR, EpochSeed, GuidedSamplingCallback, RNGStates
 from dg_lightning.config import ConfigError
 from dg_lightning.data import ArraySource, RealFakeDataModule, split_held_out
 from dg_lightning.distributed import rank_and_world_size
@@ -99,12 +99,11 @@ class EpochEndResumeFitLoop(_FitLoop):
         _Loop.restarting.fset(self, restarting and unfinished)
 
 
-def configured_callbacks(cfg: DictConfig, task: SamplingTask | None = None):
-    """The callbacks of cfg.callbacks, instantiated: the guided-sampling one bound to the pipeline's task, or left out
-    when there is none (a pretraining fit, or a pipeline that gives no task)."""
+def configured_callbacks(cfg: DictConfig, sampling=False):
+    """The callbacks of cfg.callbacks, instantiated; the guided-sampling one only with `sampling` (a discriminator's
+    training with a pipeline's SamplingTask, which binds it), else left out (pretraining, a pipeline with no task)."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    return [c.bind(task) if isinstance(c, GuidedSamplingCallback) else c for c in callbacks
-            if task is not None or not isinstance(c, GuidedSamplingCallback)]
+    return [c for c in callbacks if sampling or not isinstance(c, GuidedSamplingCallback)]
 
 
 def fit(cfg: DictConfig, module, data, folder, loggers=(), callbacks=(), ckpt_path=None, seed=None, **trainer_overrides):
@@ -152,10 +151,11 @@ def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, n
                         metrics=None):
     """Train (or load from its stage folder) the discriminator net on real vs fake, but for the last data.num_held_out
     samples of each: the held-out split of the data module (HeldOutDiagnostics); with the guided-sampling callback
-    (callbacks.sampling) bound to `task`, the pipeline's SamplingTask, when one is given. Returns the net with the
-    weights that guide: discriminator.select=last, the last epoch's (its EMA weights when discriminator.ema_decay is
-    set), saved to discriminator.pt; select=best, the callback's best epoch's (sampling/best_discriminator.pt). The
-    callback's pick, {sampling/best_epoch, sampling/best_<monitor>}, is added to `metrics` (a dict) when given.
+    (callbacks.sampling) bound to task(), the pipeline's SamplingTask, when `task` is given (called only when the head
+    trains: a cached stage loads no metric network or reference). Returns the net with the weights that guide:
+    discriminator.select=last, the last epoch's (its EMA weights when discriminator.ema_decay is set), saved to
+    discriminator.pt; select=best, the callback's best epoch's (<its out_dir>/best_discriminator.pt). The callback's
+    pick, {sampling/best_epoch, sampling/best_<monitor>}, is added to `metrics` (a dict) when given.
 
     Every epoch ends with checkpoints/last.ckpt, and checkpoints.keep epoch checkpoints are kept (epoch_checkpoints);
     a killed training resumes from last.ckpt (resume_checkpoint). EpochSeed re-seeds the global RNGs (batch order,
@@ -163,7 +163,13 @@ def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, n
     same weights as an uninterrupted one.
     """
     folder = Path(folder)
-    weights, callbacks = folder / "discriminator.pt", configured_callbacks(cfg, task)
+    weights, callbacks = folder / "discriminator.pt", configured_callbacks(cfg, sampling=task is not None)
+    sampling = next((c for c in callbacks if isinstance(c, GuidedSamplingCallback)), None)
+    if sampling is not None:
+        sampling.place(folder)
+    if selects_best(cfg) and sampling is None:
+        raise ConfigError("discriminator.select", "is best, but this pipeline's training has no guided-sampling "
+                          "task to pick an epoch by", "use discriminator.select=last")
     if weights.exists():
         net.load_state_dict(load_weights(weights))
     else:
@@ -176,19 +182,17 @@ def train_discriminator(cfg: DictConfig, real: ArraySource, fake: ArraySource, n
         c = cfg.discriminator
         module = DiscriminatorModule(net, c.objective, c.lr, c.weight_decay, accel=build_accel(cfg.accel),
                                      lr_schedule=c.lr_schedule, ema_decay=c.ema_decay)
+        if sampling is not None:
+            sampling.bind(task())
         checkpoints = epoch_checkpoints(folder / "checkpoints", cfg.checkpoints.keep, callbacks)
         fit(cfg, module, datamodule, folder, loggers, [*callbacks, *checkpoints, EpochSeed(seed)],
             ckpt_path=resume_checkpoint(folder / "checkpoints"), seed=seed)
         module.average_weights()
         atomic_save(net.state_dict(), weights)
-    sampling = next((c for c in callbacks if isinstance(c, GuidedSamplingCallback)), None)
     record = {} if sampling is None else best_epoch_record(sampling, folder)
     if metrics is not None:
         metrics.update(record)
     if selects_best(cfg):
-        if sampling is None:
-            raise ConfigError("discriminator.select", "is best, but this pipeline's training has no guided-sampling "
-                              "task to pick an epoch by", "use discriminator.select=last")
         net.load_state_dict(load_weights(sampling.out_dir / BEST_DISCRIMINATOR))
     return net
 

@@ -121,7 +121,7 @@ def sampling_task(cfg: DictConfig, denoiser, features):
 def train_head(run, task):
     """The DG head on the frozen noise-aware classifier (pretrain_classifier), trained on the training and held-out
     digits (the held-out split: the latter) against the generate stage's fakes, with the guided-sampling callback bound
-    to `task` when one is given; returns the discriminator that discriminator.select picks (the last epoch's, or the
+    to task() when `task` is given; returns the discriminator that discriminator.select picks (the last epoch's, or the
     callback's best)."""
     cfg = run.cfg
     head = build_network(cfg, _with(cfg.discriminator.head, num_classes=conditional_classes(cfg)), cfg.discriminator.seed)
@@ -135,7 +135,7 @@ def train_head(run, task):
 
 def train(run):
     """The DG head against the score model's fakes (train_head), with the guided-sampling callback."""
-    return train_head(run, sampling_task(run.cfg, run.results["pretrain_score"], run.results["feature_net"]))
+    return train_head(run, lambda: sampling_task(run.cfg, run.results["pretrain_score"], run.results["feature_net"]))
 
 
 SCORING = ("metrics.kid", "metrics.features")  # what the sampling callback's scores depend on, besides its inputs

@@ -139,7 +139,7 @@ def train(run):
         folder = run.folders["generate"]
         fake = load_source(folder, f"fakes in {folder}", labels=cfg.discriminator.conditional)
         discriminator = train_discriminator(cfg, loaded.real, fake, discriminator, run.loggers, run.folder,
-                                            sampling_task(cfg, loaded), run.metrics)
+                                            lambda: sampling_task(cfg, loaded), run.metrics)
     return discriminator.to(device_of(cfg)).eval().requires_grad_(False)
 
 

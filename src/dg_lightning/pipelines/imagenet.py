@@ -103,7 +103,7 @@ def train(run):
         fakes = run.folders["generate"]
         discriminator = train_discriminator(cfg, run.results["encode"], shard_source(fakes, name=f"fakes in {fakes}"),
                                             discriminator, run.loggers, run.folder,
-                                            sampling_task(cfg, run.results["load"]), run.metrics)
+                                            lambda: sampling_task(cfg, run.results["load"]), run.metrics)
     return discriminator.to(device_of(cfg)).eval().requires_grad_(False)
 
 
