@@ -14,6 +14,7 @@ import math
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 from omegaconf import DictConfig
 from torch.nn import functional as F
 
@@ -100,11 +101,12 @@ def train(run):
 def translations(run, discriminator=None):
     """{t0: uint8 NHWC translations of the held-out sources} for every t0 of translation.t0 (with DG when a
     discriminator is given), each kept in the stage folder."""
-    cfg, found = run.cfg, {}
+    cfg, found, images = run.cfg, {}, None
     for t0 in cfg.translation.t0:
         path = run.folder / f"t0={t0:g}.pt"
         if not path.exists():
-            atomic_save(torch.from_numpy(translate(cfg, run.results["pretrain_score"], sources(cfg, "held_out")[0], t0,
+            images = sources(cfg, "held_out")[0] if images is None else images
+            atomic_save(torch.from_numpy(translate(cfg, run.results["pretrain_score"], images, t0,
                                                    cfg.metrics.sampling_seed, discriminator)), path)
         found[t0] = load_weights(path).numpy()
     return found
@@ -168,7 +170,9 @@ def sweet_spot_figure(metrics, grid):
             ax.axhline(0.1, color="grey", linestyle=":", label="chance (10 digits)")
         if name == "fid":
             ax.set_yscale("log")
-        ax.set_xlabel("starting time t0 (VP; larger: more of the source forgotten)")
+            for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.set_xlabel("starting time t0 (VP time; larger forgets more)")
         ax.set_ylabel(label)
         ax.legend()
     fig.suptitle("Digits image-to-image translation (coarse thumbnails to digits): realism against faithfulness over t0")
