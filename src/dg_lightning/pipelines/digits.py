@@ -15,14 +15,14 @@ from dg_lightning.held_out import resolve_t_max, sampling_window
 from dg_lightning.metrics import ClassifierFeatures, GenerativeMetrics, GreyAsRGB, inception_features
 from dg_lightning.nets.adm import Discriminator
 from dg_lightning.nets.edm import IndexLabels
-from dg_lightning.pipelines.images import frozen, sample_images
-from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
+from dg_lightning.pipelines.images import frozen, sample_images, train_stage
+from dg_lightning.pipelines.recipe import Pipeline, Stage
 from dg_lightning.plots import image_grid
 from dg_lightning.pretrain import NoisyClassifierModule, ScoreModule, train_feature_classifier
 from dg_lightning.sampling import build_sampler
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.shards import load_shards
-from dg_lightning.training import build_network, pretrain, selection_keys, train_discriminator
+from dg_lightning.training import build_network, pretrain, train_discriminator
 
 DIGITS = ("data.source", "data.num_classes", "data.num_held_out", "data.split_seed")  # which digits, split how
 SOURCE = ("data.source",)  # the file of the digits (null: sklearn's), fingerprinted by its content
@@ -181,10 +181,8 @@ PIPELINE = Pipeline("digits", check=check, stages=(
     Stage("feature_net", feature_net, keys=("seed", "metrics.features", "metrics.inception_path", "metrics.feature_net",
                                             "metrics.feature_steps", "score.net.img_channels", *DIGITS),
           files=(*SOURCE, "metrics.inception_path")),
-    Stage("train", train, keys=lambda cfg: ("seed", "sampler", "data", "discriminator", *TRAINING_LENGTH,
-                                            *selection_keys(cfg, SCORING)),
-          uses=("guidance", *SCORING), files=SOURCE,
-          inputs=("pretrain_score", "pretrain_classifier", "generate", "feature_net")),
+    train_stage(train, ("seed", "sampler", "data", "discriminator"), SCORING, SOURCE,
+                inputs=("pretrain_score", "pretrain_classifier", "generate", "feature_net")),
     Stage("sample_unguided", sample_unguided, keys=("sampler", "metrics.num_samples", "metrics.sampling_seed", *LABELS),
           inputs=("pretrain_score",)),
     Stage("sample", sample, keys=("seed", "sampler", "guidance", "metrics", *LABELS, *DIGITS), files=SOURCE,

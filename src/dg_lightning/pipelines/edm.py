@@ -15,8 +15,8 @@ from dg_lightning.config import ConfigError, require_count, require_held_out
 from dg_lightning.held_out import resolve_t_max, sampling_window
 from dg_lightning.metrics import FID_REFERENCE_ARRAYS, GenerativeMetrics, inception_features
 from dg_lightning.nets.edm import IndexLabels
-from dg_lightning.pipelines.images import device_of, sample_images
-from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
+from dg_lightning.pipelines.images import device_of, sample_images, train_stage
+from dg_lightning.pipelines.recipe import Pipeline, Stage
 from dg_lightning.released import (
     DISCRIMINATOR_FILES,
     FID_REFS_SOURCE,
@@ -28,7 +28,7 @@ from dg_lightning.released import (
 from dg_lightning.sampling import build_sampler
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.sources import load_source
-from dg_lightning.training import selection_files, selection_keys, train_discriminator
+from dg_lightning.training import train_discriminator
 
 
 def released_files(cfg: DictConfig):
@@ -178,11 +178,8 @@ PIPELINE = Pipeline("edm", check=check, stages=(
           files=("score.checkpoint", "data.path")),
     Stage("generate", generate_fakes, keys=("seed", "sampler", "data.num_fake", "data.num_held_out"), inputs=("load",),
           when=trains),
-    Stage("train", train, keys=lambda cfg: ("seed", "data", "discriminator", *TRAINING_LENGTH,
-                                            *selection_keys(cfg, SCORING)),
-          uses=("guidance", *SCORING),
-          files=lambda cfg: (*DISCRIMINATOR_FILES, *selection_files(cfg, SCORING_FILES)),
-          inputs=("load", "generate")),
+    train_stage(train, ("seed", "data", "discriminator"), SCORING, DISCRIMINATOR_FILES, SCORING_FILES,
+                inputs=("load", "generate")),
     Stage("sample_unguided", sample_unguided, keys=("sampler", "metrics.num_samples", "metrics.sampling_seed"),
           inputs=("load",)),
     Stage("sample", sample, keys=("sampler", "guidance", "metrics"),

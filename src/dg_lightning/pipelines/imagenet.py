@@ -12,14 +12,14 @@ from dg_lightning.config import ConfigError, require_count, require_held_out
 from dg_lightning.evaluation import ADMInception, ADMMetrics, evaluate, export_samples, load_reference_batch
 from dg_lightning.generate import generate
 from dg_lightning.latents import shard_image_folder
-from dg_lightning.pipelines.images import device_of
-from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Stage, fingerprint
+from dg_lightning.pipelines.images import device_of, train_stage
+from dg_lightning.pipelines.recipe import fingerprint
 from dg_lightning.released import DISCRIMINATOR_FILES, check_discriminator_config, dg_discriminator
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.shards import load_shards
 from dg_lightning.sources import image_folder, shard_source
 from dg_lightning.held_out import resolve_t_max, sampling_window
-from dg_lightning.training import selection_files, selection_keys, train_discriminator
+from dg_lightning.training import train_discriminator
 
 ENCODE_KEYS = ("seed", "data.image_dir", "data.image_size", "data.flip", "data.num_real")
 ENCODE_FILES = ("data.image_dir",)  # fingerprinted by its listing (names, sizes, mtimes)
@@ -111,13 +111,10 @@ SCORING = ("sampler", "metrics.features", "metrics.feature_net", "metrics.k", *E
                                                                            # callback's scores depend on, besides the head
 
 
-def train_stage(*inputs):
+def imagenet_train_stage(*inputs):
     """The train stage of an ImageNet pipeline, on the load stage and `inputs` (the real data, the fakes, ...)."""
-    return Stage("train", train,
-                 keys=lambda cfg: ("seed", "data", "discriminator", *TRAINING_LENGTH, *selection_keys(cfg, SCORING)),
-                 uses=("guidance", *SCORING),
-                 files=lambda cfg: (*DISCRIMINATOR_FILES, *selection_files(cfg, EVALUATE_FILES)),
-                 inputs=("load", *inputs))
+    return train_stage(train, ("seed", "data", "discriminator"), SCORING, DISCRIMINATOR_FILES, EVALUATE_FILES,
+                       inputs=("load", *inputs))
 
 
 def _sample(run, cfg, discriminator, keys):

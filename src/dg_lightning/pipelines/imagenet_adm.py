@@ -117,7 +117,7 @@ PIPELINE = Pipeline("imagenet_adm", check=check, stages=(
           files=("score.checkpoint", "discriminator.classifier.path")),
     Stage("encode", encode, keys=imagenet.ENCODE_KEYS, files=imagenet.ENCODE_FILES, when=imagenet.trains),
     Stage("generate", generate_fakes, keys=FAKE_KEYS, uses=CG_SCHEDULES, inputs=("load",), when=imagenet.trains),
-    imagenet.train_stage("encode", "generate"),
+    imagenet.imagenet_train_stage("encode", "generate"),
     Stage("sample_unguided", imagenet.sample_unguided, keys=imagenet.SAMPLE_KEYS,
           inputs=("load",)),
     Stage("sample", imagenet.sample, keys=(*imagenet.SAMPLE_KEYS, "guidance"), inputs=("load", "train")),

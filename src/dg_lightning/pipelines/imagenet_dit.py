@@ -140,7 +140,7 @@ PIPELINE = Pipeline("imagenet", check=check, stages=(
     Stage("generate", generate_fakes, keys=FAKE_KEYS, inputs=("load", "encoder"), when=imagenet.trains,
           uses=("sampler.cfg_scale", "sampler.cfg_scale_late", "sampler.cfg_switch_step")),
     Stage("pretrain_classifier", pretrain_classifier, keys=CLASSIFIER_KEYS, inputs=("encode",), when=trains_classifier),
-    imagenet.train_stage("encode", "generate", "pretrain_classifier"),
+    imagenet.imagenet_train_stage("encode", "generate", "pretrain_classifier"),
     Stage("sample_unguided", imagenet.sample_unguided, keys=imagenet.SAMPLE_KEYS, inputs=("load",)),
     Stage("sample", imagenet.sample, keys=(*imagenet.SAMPLE_KEYS, "guidance"), inputs=("load", "train")),
     Stage("evaluate", imagenet.evaluate_samples, keys=("metrics",), files=imagenet.EVALUATE_FILES,
