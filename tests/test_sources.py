@@ -197,3 +197,41 @@ def test_shard_source_names_an_unfinished_folder_as_load_shards_does_before_read
     with pytest.raises(FileNotFoundError) as from_load:
         load_shards(folder)
     assert str(from_source.value) == str(from_load.value)
+
+
+def ramp_photo(height=218, width=178, channels=3, slope=1.0):
+    """A CelebA-sized (218 x 178) photo whose value is slope * column, in every row and channel."""
+    columns = np.round(slope * np.arange(width)).astype(np.uint8)
+    return np.broadcast_to(columns[None, :, None], (height, width, channels)).copy()
+
+
+def test_center_crop_resize_is_soft_truncations_central_crop_then_an_antialiased_resize():
+    # The 140 x 140 crop of a 218 x 178 photo starts at row 39, column 19; an antialiased bilinear resize is a
+    # normalised symmetric filter, so on a linear ramp it returns the ramp at each output pixel's centre (away from the
+    # borders, where the filter is cut): column j of 64 sits at 19 + (j + 0.5) * 140 / 64 - 0.5 in the photo.
+    photo = ramp_photo()
+    resized = sources.center_crop_resize(photo, 140, 64)
+    assert resized.shape == (64, 64, 3) and resized.dtype == np.uint8
+    j = np.arange(3, 61)
+    expected = 19 + (j + 0.5) * 140 / 64 - 0.5
+    assert np.abs(resized[:, j, :].astype(float) - expected[None, :, None]).max() <= 0.5 + 1e-9  # uint8 rounding
+    assert (resized == resized[:1]).all()  # constant down the columns: the crop is in rows 39..178
+    constant = np.full((218, 178, 3), 77, np.uint8)
+    assert (sources.center_crop_resize(constant, 140, 64) == 77).all()
+
+
+def test_crop_is_applied_as_the_images_are_read_in_every_form(tmp_path):
+    photos = np.stack([ramp_photo(slope=s) for s in (1.0, 0.5, 1.4)])
+    folder = tmp_path / "img_align_celeba"
+    folder.mkdir()
+    for i, photo in enumerate(photos):
+        Image.fromarray(photo).save(folder / f"{i + 1:06d}.png")
+    expected = np.stack([sources.center_crop_resize(p, 140, 64) for p in photos[:2]])
+    np.savez(tmp_path / "photos.npz", photos)
+    for path in (folder, write_edm_zip(tmp_path / "celeba.zip", photos), tmp_path / "photos.npz"):
+        source = load_source(path, resolution=64, channels=3, max_size=2, crop=140)
+        assert np.array_equal(source.samples, expected), path
+    with pytest.raises(SourceError, match=r"000001.png: an image is 218x178, smaller than data.crop=200"):
+        load_source(folder, resolution=64, crop=200)
+    with pytest.raises(SourceError, match="images are 218x178, the experiment needs 64x64"):
+        load_source(folder, resolution=64)  # without data.crop, full-size photos are refused

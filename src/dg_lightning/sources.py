@@ -7,6 +7,8 @@
 - EDM's dataset zip (written by its dataset_tool.py): PNG / JPEG files plus an optional `dataset.json` holding
   {"labels": [[file name, label], ...]} or {"labels": null};
 - a folder of dg_lightning shards (shards.py: `manifest.json` and `shard-*.npz`).
+With data.crop, each image is centre-cropped to crop x crop and resized to the experiment's resolution as it is read
+(Soft Truncation's CelebA preprocessing), so a folder of full-size photos never sits in memory at full size.
 Every reader checks the whole file before returning and raises SourceError naming the file and the expected form.
 shard_source reads a shard folder's rows straight from its shards, never all in memory (ImageNet's real latents
 and images); it checks every shard's headers and small members, not the bytes of every sample.
@@ -18,6 +20,8 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from dg_lightning.data import ArraySource, ShardRows
@@ -85,6 +89,31 @@ def _decode(data, name):
         raise SourceError(f"{name}: not a readable image ({exc})") from exc
 
 
+def center_crop_resize(pixels, crop, resolution):
+    """uint8 (resolution, resolution, C) pixels of the central crop x crop square of uint8 (H, W, C) pixels, resized
+    by antialiased bilinear interpolation on [0, 1] values and rounded (Soft Truncation's CelebA preprocessing:
+    datasets.py central_crop(img, 140), then resize_small to 64 with tf.image.resize(antialias=True))."""
+    height, width = pixels.shape[:2]
+    if min(height, width) < crop:
+        raise SourceError(f"an image is {height}x{width}, smaller than data.crop={crop}; use a smaller crop or the "
+                          "full-size images")
+    top, left = (height - crop) // 2, (width - crop) // 2
+    square = torch.from_numpy(np.ascontiguousarray(pixels[top:top + crop, left:left + crop])).permute(2, 0, 1)
+    resized = F.interpolate(square[None].double() / 255, size=(resolution, resolution), mode="bilinear",
+                            antialias=True, align_corners=False)[0]
+    return (resized * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def _prepared(pixels, prepare, name):
+    """pixels through `prepare` (None: as they are), naming the image in a SourceError."""
+    if prepare is None:
+        return pixels
+    try:
+        return prepare(pixels)
+    except SourceError as exc:
+        raise SourceError(f"{name}: {exc}") from exc
+
+
 def _stack(pixels, names, where):
     """Stack decoded images of one size and channel count, naming the first image that differs from the first."""
     for image, name in zip(pixels, names):
@@ -115,9 +144,9 @@ def image_folder(path):
     return files, np.array(labels, np.int64), classes
 
 
-def read_image_folder(path):
-    """(images, labels or None) of PNG / JPEG files directly in `path` (no labels) or in class subfolders (labels in
-    sorted class-folder order, image_folder)."""
+def read_image_folder(path, max_size=None, prepare=None):
+    """(images, labels or None) of the first max_size PNG / JPEG files directly in `path` (no labels) or in class
+    subfolders (labels in sorted class-folder order, image_folder), each decoded image passed through `prepare`."""
     path = Path(path)
     flat = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     nested = any(f.suffix.lower() in IMAGE_SUFFIXES for d in path.iterdir() if d.is_dir() for f in d.rglob("*"))
@@ -131,12 +160,15 @@ def read_image_folder(path):
         files, labels = (flat, None) if flat else image_folder(path)[:2]
     except FileNotFoundError as exc:
         raise SourceError(str(exc)) from exc
-    images = _stack([_decode(f.read_bytes(), f) for f in files], [str(f.relative_to(path)) for f in files], path)
+    files, labels = files[:max_size], None if labels is None else labels[:max_size]
+    images = _stack([_prepared(_decode(f.read_bytes(), f), prepare, f) for f in files],
+                    [str(f.relative_to(path)) for f in files], path)
     return images, labels
 
 
-def read_edm_zip(path):
-    """(images, labels or None) of an EDM dataset zip: images in sorted name order, labels from dataset.json."""
+def read_edm_zip(path, max_size=None, prepare=None):
+    """(images, labels or None) of the first max_size images of an EDM dataset zip in sorted name order, each decoded
+    image passed through `prepare`; labels from dataset.json."""
     try:
         archive = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:
@@ -145,7 +177,9 @@ def read_edm_zip(path):
         names = sorted(n for n in archive.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES)
         if not names:
             raise SourceError(f"{path}: the zip holds no {'/'.join(IMAGE_SUFFIXES)} files; expected EDM's dataset zip")
-        images = _stack([_decode(archive.read(n), f"{path}:{n}") for n in names], names, path)
+        kept = names[:max_size]
+        images = _stack([_prepared(_decode(archive.read(n), f"{path}:{n}"), prepare, f"{path}:{n}") for n in kept],
+                        kept, path)
         if "dataset.json" not in archive.namelist():
             return images, None
         try:
@@ -160,27 +194,37 @@ def read_edm_zip(path):
     if by_name is None or len(by_name) != len(names) or missing:
         raise SourceError(f"{path}: dataset.json must hold one [file name, label] pair per image ({len(names)} images, "
                           f"{len(labels)} entries; first image without a label: {missing[0] if missing else None})")
-    return images, np.array([by_name[n] for n in names])
+    return images, np.array([by_name[n] for n in kept])
 
 
-def load_source(path, name=None, resolution=None, channels=None, labels=None, max_size=None):
+def load_source(path, name=None, resolution=None, channels=None, labels=None, max_size=None, crop=None):
     """ArraySource of the real images at `path`, read by its form: .npz, .zip, a shard folder or an image folder.
 
     resolution / channels: the image size and channel count the experiment needs (None: any). labels: None keeps
     what the file has, True requires labels, False drops them. max_size: keep at most the first max_size images.
+    crop: centre-crop each image to crop x crop and resize it to `resolution` as it is read (center_crop_resize).
     """
+    if crop is not None and resolution is None:
+        raise ValueError("load_source: crop needs the resolution to resize the crops to")
     path = Path(path)
     if not path.exists():
         raise SourceError(f"{path} does not exist; expected real images as an .npz ({NPZ_FORMS}), EDM's dataset zip, "
                           "or a folder of PNG / JPEG images")
-    if path.is_dir():
-        reader = load_shards if (path / MANIFEST).is_file() else read_image_folder
+    prepare = None if crop is None else lambda pixels: center_crop_resize(pixels, crop, resolution)
+    if path.is_dir() and not (path / MANIFEST).is_file():
+        images, found = read_image_folder(path, max_size, prepare)
+    elif path.suffix.lower() == ".zip":
+        images, found = read_edm_zip(path, max_size, prepare)
+    elif path.is_dir() or path.suffix.lower() == ".npz":
+        images, found = (load_shards if path.is_dir() else read_npz)(path)
+        if prepare is not None:  # the arrays' own form first, then each kept image cropped and resized
+            images, found = _checked(images, found, path)
+            images = np.stack([_prepared(image, prepare, f"{path}[{i}]") for i, image in enumerate(images[:max_size])])
+            found = None if found is None else found[:max_size]
     else:
-        reader = {".npz": read_npz, ".zip": read_edm_zip}.get(path.suffix.lower())
-        if reader is None:
-            raise SourceError(f"{path}: unknown suffix {path.suffix!r}; expected an .npz ({NPZ_FORMS}), EDM's dataset "
-                              ".zip, or a folder of images")
-    images, found = _checked(*reader(path), path, resolution, channels)
+        raise SourceError(f"{path}: unknown suffix {path.suffix!r}; expected an .npz ({NPZ_FORMS}), EDM's dataset "
+                          ".zip, or a folder of images")
+    images, found = _checked(images, found, path, resolution, channels)
     if labels and found is None:
         raise SourceError(f"{path}: has no class labels, but the experiment is conditional; use a labelled file "
                           "(true_data_label.npz, class subfolders, or a zip whose dataset.json has labels)")
