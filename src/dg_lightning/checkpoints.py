@@ -6,6 +6,8 @@
   into it with strict=True. The Python source embedded in the pickle is ignored.
 - ADM classifiers and DG's discriminator heads are plain state dicts, read with
   `files.load_weights` (weights_only=True) and loaded strictly into `dg_lightning.nets.adm` modules.
+- Soft Truncation's score models are its training checkpoints {optimizer, model, ema, step}, read the same way; their
+  EMA (or raw) weights load strictly into `dg_lightning.nets.ncsnpp`.
 
 Every loader returns its network on the CPU, in eval mode, with requires_grad False. A state dict that
 does not fit the expected network raises a CheckpointError naming the file and the first differing keys.
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from dg_lightning.files import UnsafeWeightsError, load_weights
-from dg_lightning.nets import adm, dit, edm, unet
+from dg_lightning.nets import adm, dit, edm, ncsnpp, unet
 from dg_lightning.sde import cosine_time_from_tau
 
 EDM_SOURCE = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/ (e.g. edm-cifar10-32x32-uncond-vp.pkl)"
@@ -31,6 +33,9 @@ DG_IMAGENET_SOURCE = "the Google Drive folders listed in the README of github.co
 ADM_SOURCE = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/64x64_classifier.pt"
 ADM_SOURCE_256 = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ (256x256_diffusion.pt, 256x256_classifier.pt)"
 DIT_SOURCE = "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"
+SOFT_TRUNCATION_SOURCE = ("https://drive.google.com/drive/folders/1Wyk0ucFW-QDS_g1EcPm361LWWgWqJ6L_ (the README of "
+                          "github.com/Kim-Dongjun/Soft-Truncation): the CelebA 64 checkpoint of "
+                          "configs/vp/CELEBA/ddpmpp_fid_st.py, saved by its run_lib as checkpoint_<step>.pth")
 
 # The preconditioned networks an EDM pickle may hold under "ema".
 PRECONDITIONERS = {cls.__name__: cls for cls in (edm.VPPrecond, edm.VEPrecond, edm.iDDPMPrecond, edm.EDMPrecond)}
@@ -302,3 +307,51 @@ def load_dit(path, model="DiT-XL/2", input_size=32, num_classes=1000, **override
     kwargs = dict(input_size=input_size, num_classes=num_classes, **overrides)
     architecture = f"{model or 'DiT'}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
     return _build_and_load(lambda: build(**kwargs), state, path, architecture)
+
+
+SOFT_TRUNCATION_ENTRIES = ("optimizer", "model", "ema", "step")
+
+
+def _ema_weights(ema, state, buffers, path):
+    """`state` with its parameter entries (those not in `buffers`) replaced, in the file's order, by the EMA's
+    shadow_params (upstream's ema.copy_to(model.parameters())); CheckpointError naming the file on a mismatch."""
+    shadow = ema.get("shadow_params") if isinstance(ema, dict) else None
+    if not isinstance(shadow, list):
+        raise CheckpointError(f"{path}: 'ema' must be a dict with a list 'shadow_params' (Soft Truncation's "
+                              f"ExponentialMovingAverage.state_dict()), found {type(shadow if isinstance(ema, dict) else ema).__name__}")
+    names = [k for k in state if k not in buffers]
+    if len(shadow) != len(names):
+        raise CheckpointError(f"{path}: the EMA holds {len(shadow)} shadow parameters but 'model' has {len(names)} "
+                              "parameters; the EMA does not belong to this model")
+    reshaped = [f"{name}: {list(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__} in the EMA vs "
+                f"{list(state[name].shape)} in 'model'" for name, s in zip(names, shadow)
+                if not isinstance(s, torch.Tensor) or s.shape != state[name].shape]
+    if reshaped:
+        raise CheckpointError(f"{path}: the EMA's shadow parameters do not fit 'model' in order: "
+                              f"{_key_report(reshaped, 'mismatches')}")
+    return {**state, **dict(zip(names, shadow))}
+
+
+def load_soft_truncation(path, key="ema", **overrides) -> ncsnpp.VPScore:
+    """Soft Truncation's CelebA 64 score model from its training checkpoint {optimizer, model, ema, step}, as the VP
+    score -net(x, 999 t) / sigma_vp(t): the weights `key` ("ema": the EMA that upstream samples with, "model": the raw
+    ones) strictly loaded into nets.ncsnpp.celeba64(**overrides) (tiny test networks in the released format).
+
+    'model' is the state dict of a DataParallel model (keys `module.*`, buffers included); 'ema' holds the
+    shadow_params in the order of the model's parameters.
+    """
+    if key not in ("ema", "model"):
+        raise ValueError(f"key must be 'ema' (the EMA weights) or 'model' (the raw weights), got {key!r}")
+    data = _read_state_dict(path, SOFT_TRUNCATION_SOURCE)
+    missing = [k for k in ("model", key) if k not in data]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}: a Soft Truncation checkpoint is a dict with the entries "
+                              f"{list(SOFT_TRUNCATION_ENTRIES)}, found {sorted(map(str, data))}")
+    if not isinstance(data["model"], dict):
+        raise CheckpointError(f"{path}: 'model' holds a {type(data['model']).__name__}, not a state dict")
+    state = {str(k).removeprefix("module."): v for k, v in data["model"].items()}
+    net = ncsnpp.celeba64(**overrides)
+    if key == "ema":
+        state = _ema_weights(data["ema"], state, {name for name, _ in net.named_buffers()}, path)
+    architecture = "Soft Truncation's CelebA 64 NCSN++ (nets.ncsnpp.celeba64)" + (f" with {overrides}" if overrides else "")
+    return ncsnpp.VPScore(_build_and_load(lambda: net, state, path, architecture)).eval().requires_grad_(False)
