@@ -317,8 +317,9 @@ def _ema_weights(ema, state, buffers, path):
     shadow_params (upstream's ema.copy_to(model.parameters())); CheckpointError naming the file on a mismatch."""
     shadow = ema.get("shadow_params") if isinstance(ema, dict) else None
     if not isinstance(shadow, list):
+        found = f"a dict with keys {sorted(map(str, ema))}" if isinstance(ema, dict) else f"a {type(ema).__name__}"
         raise CheckpointError(f"{path}: 'ema' must be a dict with a list 'shadow_params' (Soft Truncation's "
-                              f"ExponentialMovingAverage.state_dict()), found {type(shadow if isinstance(ema, dict) else ema).__name__}")
+                              f"ExponentialMovingAverage.state_dict()), found {found}")
     names = [k for k in state if k not in buffers]
     if len(shadow) != len(names):
         raise CheckpointError(f"{path}: the EMA holds {len(shadow)} shadow parameters but 'model' has {len(names)} "
