@@ -1,6 +1,7 @@
-"""EDM-G++ (pipeline=edm) through the real entry point with +smoke=edm, on tiny random-weight files written here in the
-released formats: an EDM network pickle, an ADM classifier and DG head state dicts, the authors' true_data*.npz or
-EDM's dataset zip, and an FID reference npz. Missing files stop the run before any compute."""
+"""EDM-G++ and Soft Truncation-G++ (pipeline=edm) through the real entry point with +smoke=edm / +smoke=st, on tiny
+random-weight files written here in the released formats: an EDM network pickle or a Soft Truncation checkpoint, an ADM
+classifier and DG head state dicts, the authors' true_data*.npz, EDM's dataset zip or a folder of CelebA-sized photos,
+and an FID reference npz. Missing files stop the run before any compute."""
 
 import csv
 import json
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from netutils import randomized_zeros
+from netutils import randomized_zeros, write_soft_truncation_checkpoint
+from PIL import Image
 from omegaconf import OmegaConf
 from test_checkpoints import write_edm_pickle  # noqa: F401  (fixture: EDM-format pickles)
 from test_run import run_py
@@ -18,11 +20,14 @@ from test_sources import write_edm_zip
 
 from dg_lightning import checkpoints
 from dg_lightning.config import ConfigError
-from dg_lightning.nets import adm, edm
+from dg_lightning.nets import adm, edm, ncsnpp
 from dg_lightning.pipelines import run
+from dg_lightning.sources import center_crop_resize
 
-SMOKE = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "smoke" / "edm.yaml")
-# experiment: (EDM pickle, resolution, label_dim, ADM classifier config, classifier file, real data file, FID reference)
+SMOKES = Path(__file__).resolve().parents[1] / "conf" / "smoke"
+SMOKE, SMOKE_ST = OmegaConf.load(SMOKES / "released.yaml"), OmegaConf.load(SMOKES / "st.yaml")
+# experiment: (score network file, resolution, label_dim, ADM classifier config, classifier file, real data file, FID
+# reference)
 EXPERIMENTS = {
     "cifar10_edm_g++": ("edm-cifar10-32x32-uncond-vp.pkl", 32, 0, "cifar10", "32x32_classifier.pt", "true_data.npz",
                         "cifar10-32x32.npz"),
@@ -30,17 +35,28 @@ EXPERIMENTS = {
                              "true_data_label.npz", "cifar10-32x32.npz"),
     "ffhq64_edm_g++": ("edm-ffhq-64x64-uncond-vp.pkl", 64, 0, "adm64", "64x64_classifier.pt", "ffhq-64x64.zip",
                        "ffhq-64x64.npz"),
+    "celeba64_st_g++": ("soft-truncation-celeba64-ddpmpp-fid.pth", 64, 0, "adm64", "64x64_classifier.pt",
+                        "img_align_celeba", "celeba-64x64.npz"),
 }
 NUM_REAL = 40
 
 
+def smoke(experiment):
+    """The experiment's smoke overlay: +smoke=st for Soft Truncation-G++, +smoke=edm for the EDM rows."""
+    return "+smoke=st" if experiment.startswith("celeba") else "+smoke=edm"
+
+
 def write_released_files(folder, experiment, write_edm_pickle):  # noqa: F811
     """The experiment's released files, tiny and with random weights, in `folder` under their released names."""
-    pickle_name, resolution, label_dim, classifier, classifier_name, data_name, reference_name = EXPERIMENTS[experiment]
+    score_name, resolution, label_dim, classifier, classifier_name, data_name, reference_name = EXPERIMENTS[experiment]
     folder.mkdir(exist_ok=True)
-    kwargs = dict(img_resolution=resolution, img_channels=3, label_dim=label_dim, model_type="SongUNet",
-                  model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
-    write_edm_pickle(folder / pickle_name, randomized_zeros(edm.EDMPrecond(**kwargs)), kwargs)
+    if score_name.endswith(".pth"):  # Soft Truncation's checkpoint layout, its tiny network of +smoke=st
+        net = randomized_zeros(ncsnpp.celeba64(**OmegaConf.to_container(SMOKE_ST.score.overrides)))
+        write_soft_truncation_checkpoint(folder / score_name, net)
+    else:
+        kwargs = dict(img_resolution=resolution, img_channels=3, label_dim=label_dim, model_type="SongUNet",
+                      model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
+        write_edm_pickle(folder / score_name, randomized_zeros(edm.EDMPrecond(**kwargs)), kwargs)
     overrides = OmegaConf.to_container(SMOKE.discriminator.classifier.overrides)
     torch.save(randomized_zeros(checkpoints.ADM_CLASSIFIERS[classifier].build(**overrides)).state_dict(),
                folder / classifier_name)
@@ -50,6 +66,12 @@ def write_released_files(folder, experiment, write_edm_pickle):  # noqa: F811
         np.savez(folder / data_name, images)
     elif data_name == "true_data_label.npz":
         np.savez(folder / data_name, samples=images, label=labels)
+    elif data_name == "img_align_celeba":  # full-size aligned photos (218 x 178), cropped and resized as they are read
+        photos = np.random.default_rng(0).integers(0, 256, (NUM_REAL, 218, 178, 3), dtype=np.uint8)
+        (folder / data_name).mkdir(exist_ok=True)
+        for i, photo in enumerate(photos):
+            Image.fromarray(photo).save(folder / data_name / f"{i + 1:06d}.png")
+        images = np.stack([center_crop_resize(photo, 140, resolution) for photo in photos])
     else:
         write_edm_zip(folder / data_name, images)
     features = instantiate(SMOKE.metrics.feature_net)
@@ -75,7 +97,7 @@ def cache(tmp_path, experiment, stage):
 def test_smoke_runs_every_stage_and_caches_them(tmp_path, write_edm_pickle, experiment):  # noqa: F811
     released = write_released_files(tmp_path / "released", experiment, write_edm_pickle)
     _, resolution, label_dim, *_ = EXPERIMENTS[experiment]
-    run_py(tmp_path, f"experiment={experiment}", "+smoke=edm", f"paths.released_dir={released}")
+    run_py(tmp_path, f"experiment={experiment}", smoke(experiment), f"paths.released_dir={released}")
 
     (run_dir,) = (tmp_path / "logs" / experiment / "runs").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -113,7 +135,8 @@ def test_smoke_runs_every_stage_and_caches_them(tmp_path, write_edm_pickle, expe
 
     # A DG weight of 0 samples exactly the unguided sets, reusing the fakes and the trained head (through run.py too:
     # pytest runs one torch thread, and another thread count could flip a last bit and then a uint8 level).
-    run_py(tmp_path, f"experiment={experiment}", "+smoke=edm", f"paths.released_dir={released}", "guidance.dg.weight=0")
+    run_py(tmp_path, f"experiment={experiment}", smoke(experiment), f"paths.released_dir={released}",
+           "guidance.dg.weight=0")
     (zero_dir,) = set((tmp_path / "logs" / experiment / "runs").iterdir()) - {run_dir}
     zero = json.loads((zero_dir / "metrics.json").read_text())
     assert zero["eval/fid"] == zero["eval_unguided/fid"] == metrics["eval_unguided/fid"]

@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dg_lightning.config import compose_config
 from dg_lightning.pipelines.recipe import RUN_RECORDS, STAGE_RECORD
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the project's Hydra config, as run.py reads it
 STAGE_FOLDER = re.compile(r"(?P<stage>.+)-[0-9a-f]{16}")  # <stage>-<fingerprint>, as recipe.stage_dir names it
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -143,11 +143,7 @@ def prune(folders, now, older_than=None, stages=(), experiments=(), dry_run=Fals
 
 def cache_dir(overrides):
     """paths.cache_dir of the project config with these Hydra overrides (absolute, from the current folder)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
-    return Path(cfg.paths.cache_dir).resolve()
+    return Path(compose_config(overrides).paths.cache_dir).resolve()
 
 
 def main(argv=None):

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from dg_lightning.metrics import INCEPTION_WEIGHTS_URL
 from dg_lightning.module import LR_SCHEDULES
 
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the project's Hydra config, as run.py reads it
 FEATURES = ("digits_classifier", "inception")
 ABSENT = object()
 SEEDS = ("seed", "discriminator.seed", "metrics.sampling_seed", "callbacks.sampling.seed")
@@ -20,6 +21,14 @@ class ConfigError(ValueError):
     def __init__(self, key, problem, fix):
         super().__init__(f"config key '{key}': {problem}. Fix: {fix}")
         self.key = key
+
+
+def compose_config(overrides):
+    """The project config composed with these Hydra overrides (key=value strings), as run.py would see it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
 
 
 def _require(condition, key, problem, fix):

@@ -24,15 +24,16 @@ def frozen(net, weights):
     return net.eval().requires_grad_(False)
 
 
-def sample_images(cfg: DictConfig, denoiser, folder, num_samples, base_seed, discriminator=None, num_classes=None):
-    """uint8 NHWC images of the configured sampler on an EDM denoiser (with DG when a discriminator is given) through
-    the sharded, resumable generator, on the denoiser's device; with num_classes, sample i gets an int64 class label
-    drawn from its own seed. The shard folder's manifest holds the sampler's (and guidance's) fingerprint."""
-    shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
+def sample_images(cfg: DictConfig, score_model, folder, num_samples, base_seed, discriminator=None, num_classes=None):
+    """uint8 NHWC images of the configured sampler on an image score model (an EDM denoiser or a VP score model with
+    img_channels and img_resolution; with DG when a discriminator is given) through the sharded, resumable generator,
+    on the model's device; with num_classes, sample i gets an int64 class label drawn from its own seed. The shard
+    folder's manifest holds the sampler's (and guidance's) fingerprint."""
+    shape = (score_model.img_channels, score_model.img_resolution, score_model.img_resolution)
     keys = ["sampler", "guidance"] if discriminator is not None else ["sampler"]
-    generate(build_sampler(cfg, denoiser, discriminator), folder, num_samples, shape, base_seed=base_seed,
+    generate(build_sampler(cfg, score_model, discriminator), folder, num_samples, shape, base_seed=base_seed,
              batch_size=cfg.metrics.batch_size, num_classes=num_classes, fingerprint=fingerprint(cfg, keys),
-             device=next(denoiser.parameters()).device)
+             device=next(score_model.parameters()).device)
     return load_shards(folder)[0]
 
 
