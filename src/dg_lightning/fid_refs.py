@@ -13,9 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
-from dg_lightning.checkpoints import ADM_CLASSIFIERS
 from dg_lightning.config import ConfigError, compose_config
 from dg_lightning.files import write_atomic
 from dg_lightning.progress import track
@@ -36,7 +34,7 @@ def reference_statistics(features, images, batch_size):
 
 def main(overrides):
     """Compose the config, refuse an existing or unset metrics.fid_reference before any compute, write it."""
-    from dg_lightning.pipelines.edm import features_of
+    from dg_lightning.pipelines.edm import classifier_resolution, features_of
 
     cfg = compose_config(overrides)
     out = cfg.metrics.get("fid_reference")
@@ -47,10 +45,7 @@ def main(overrides):
     if out.exists():
         raise ConfigError("metrics.fid_reference", f"{out} exists already and is never overwritten",
                           "delete it first, or write elsewhere with metrics.fid_reference=PATH.npz")
-    c = cfg.discriminator.classifier
-    with torch.device("meta"):  # the classifier's architecture alone: its input size
-        size = ADM_CLASSIFIERS[c.config].build(**OmegaConf.to_container(c.overrides, resolve=True)).image_size
-    real = load_source(cfg.data.path, "data.path", size, 3, labels=False, crop=cfg.data.crop)
+    real = load_source(cfg.data.path, "data.path", classifier_resolution(cfg), 3, labels=False, crop=cfg.data.crop)
     mu, sigma = reference_statistics(features_of(cfg).eval(), real.samples, cfg.metrics.batch_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, lambda f: np.savez(f, mu=mu, sigma=sigma))

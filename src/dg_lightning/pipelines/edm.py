@@ -98,6 +98,13 @@ def trains(cfg: DictConfig):
     return cfg.trainer.max_epochs != 0
 
 
+def classifier_resolution(cfg: DictConfig):
+    """The image size discriminator.classifier takes, from its architecture alone (no file read, no weights)."""
+    c = cfg.discriminator.classifier
+    with torch.device("meta"):
+        return ADM_CLASSIFIERS[c.config].build(**OmegaConf.to_container(c.overrides, resolve=True)).image_size
+
+
 def load(run):
     """The released score network of score.format (int64 labels in, on the run's device), its number of classes, and
     the real images of data.path (None without it; each centre-cropped and resized with data.crop), checked against the
@@ -108,9 +115,7 @@ def load(run):
     if d.conditional != (num_classes is not None):
         raise ConfigError("discriminator.conditional", f"is {d.conditional} but the score network {cfg.score.checkpoint} "
                           f"has label_dim={score_model.label_dim}", "use cifar10_cond_edm_g++ for a conditional network")
-    c = cfg.discriminator.classifier
-    with torch.device("meta"):  # the classifier's architecture alone: no file read, no weights allocated
-        size = ADM_CLASSIFIERS[c.config].build(**OmegaConf.to_container(c.overrides, resolve=True)).image_size
+    c, size = cfg.discriminator.classifier, classifier_resolution(cfg)
     if size != score_model.img_resolution:
         raise ConfigError("discriminator.classifier.config", f"the {c.config!r} classifier takes {size}x{size} images "
                           f"but the score network makes {score_model.img_resolution}x{score_model.img_resolution}",
