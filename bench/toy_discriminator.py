@@ -6,10 +6,12 @@ the seeded MLP, training.fit with EpochSeed, the Heun sampler, SWD to fresh data
 schedule, and the final iterate and each EMA decay are read off that same trajectory (an EMA does not change the
 iterates), so variants share their training.
 Run: python bench/toy_discriminator.py --out /tmp/toy_robust.json   (--seeds=0,1 --mixtures=default --steps=200
---schedules=constant: quick; --threads=1 by default)
+--schedules=constant: quick; --batch-size=N overrides data.batch_size; --emas=0.99 reads only that decay, --emas= none;
+--threads=1 by default)
 """
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src")]
 
 from dg_lightning.callbacks import EpochSeed  # noqa: E402
-from dg_lightning.data import ArraySource, RealFakeDataModule  # noqa: E402
+from dg_lightning.data import ArraySource, RealFakeDataModule, split_held_out  # noqa: E402
 from dg_lightning.metrics import sliced_wasserstein  # noqa: E402
 from dg_lightning.module import EMA, DiscriminatorModule  # noqa: E402
 from dg_lightning.pipelines.toy2d import generate, generator  # noqa: E402
@@ -59,6 +61,14 @@ SCHEDULES = ("constant", "cosine")
 EMA_DECAYS = (0.99, 0.999)
 
 
+def machine():
+    """The host in words: '<cores>-core <CPU model name> CPU' (from /proc/cpuinfo where there is one)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] \
+        if cpuinfo.exists() else []
+    return f"{os.cpu_count()}-core {names[0] if names else 'unknown'} CPU"
+
+
 class EMAs(L.Callback):
     """EMAs of the module's trainable weights for several decays, updated after every optimiser step."""
 
@@ -70,11 +80,11 @@ class EMAs(L.Callback):
             ema.update(module.trainable())
 
 
-def config(mixture, seed, steps):
-    """experiment=toy2d with this seed, step count and mixture pair."""
+def config(mixture, seed, steps, batch_size=None):
+    """experiment=toy2d with this seed, step count, mixture pair and (None: the config's) data.batch_size."""
+    overrides = ["experiment=toy2d", f"seed={seed}", f"trainer.max_steps={steps}", "+trainer.enable_checkpointing=false"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=toy2d", f"seed={seed}", f"trainer.max_steps={steps}",
-                                           "+trainer.enable_checkpointing=false"])
+        cfg = compose("config", overrides=overrides + ([f"data.batch_size={batch_size}"] if batch_size else []))
     if MIXTURES[mixture] is not None:
         data, model = MIXTURES[mixture]
         cfg.data.mixture.update(data)
@@ -82,16 +92,21 @@ def config(mixture, seed, steps):
     return cfg
 
 
-def train(cfg, fakes, schedule, folder):
-    """The toy pipeline's training (toy2d.train, training.train_discriminator) with lr_schedule `schedule`; returns
-    {variant name: network} for the final iterate and each EMA decay, and the last logged training loss."""
-    real = instantiate(cfg.data.mixture).sample(cfg.data.num_real, generator=generator(cfg.seed, 0))
+def train(cfg, fakes, schedule, folder, decays=EMA_DECAYS):
+    """The toy pipeline's training (toy2d.train, training.train_discriminator: the last data.num_held_out reals and
+    fakes held out) with lr_schedule `schedule`; returns
+    {variant name: network} for the final iterate and each EMA decay in `decays`, and the last logged training loss."""
+    mixture = instantiate(cfg.data.mixture)
+    real = torch.cat([mixture.sample(n, generator=generator(cfg.seed, stream))
+                      for n, stream in ((cfg.data.num_real, 0), (cfg.data.num_held_out, 5))])
     net, d, seed = build_network(cfg, cfg.discriminator.net, cfg.discriminator.seed), cfg.data, cfg.discriminator.seed
-    data = RealFakeDataModule(ArraySource(real.numpy(), name="real"), ArraySource(fakes.numpy(), name="fakes"),
-                              batch_size=d.batch_size, t_min=d.t_min, importance=d.importance_sampling, seed=seed)
+    (real, held_real), (fake, held_fake) = (split_held_out(ArraySource(x.numpy(), name=name), d.num_held_out)
+                                            for x, name in ((real, "real"), (fakes, "fakes")))
+    data = RealFakeDataModule(real, fake, batch_size=d.batch_size, t_min=d.t_min, importance=d.importance_sampling, seed=seed,
+                              held_out=(held_real, held_fake))
     module = DiscriminatorModule(net, cfg.discriminator.objective, cfg.discriminator.lr, cfg.discriminator.weight_decay,
                                  lr_schedule=schedule)
-    emas = EMAs(module, EMA_DECAYS)
+    emas = EMAs(module, decays)
     trainer = fit(cfg, module, data, folder, (), [*configured_callbacks(cfg), EpochSeed(seed), emas], seed=seed)
     nets = {f"{schedule}/final": net}
     for decay, ema in emas.emas.items():
@@ -120,18 +135,21 @@ def main():
     seeds = [int(s) for s in args.get("--seeds", "0,1,2,3,4").split(",")]
     mixtures = args.get("--mixtures", ",".join(MIXTURES)).split(",")
     schedules = args.get("--schedules", ",".join(SCHEDULES)).split(",")
+    decays = [float(d) for d in args.get("--emas", ",".join(map(str, EMA_DECAYS))).split(",") if d]
     steps, out = int(args.get("--steps", 2000)), args.get("--out")
+    batch_size = int(args["--batch-size"]) if "--batch-size" in args else None
     torch.set_num_threads(int(args.get("--threads", 1)))  # measured: 1 thread is 7x faster than 2 on the loaded 2 cores
-    results = {"machine": "2-core AMD EPYC CPU", "steps": steps, "mixtures": {m: MIXTURES[m] for m in mixtures}, "runs": []}
+    results = {"machine": machine(), "steps": steps, "batch_size": config(mixtures[0], seeds[0], steps, batch_size).data.batch_size,
+               "mixtures": {m: MIXTURES[m] for m in mixtures}, "runs": []}
     for mixture in mixtures:
         for seed in seeds:
-            cfg = config(mixture, seed, steps)
+            cfg = config(mixture, seed, steps, batch_size)
             start = time.time()
             with tempfile.TemporaryDirectory() as folder:
                 fakes = generate(SimpleNamespace(cfg=cfg, folder=Path(folder)))
                 nets, losses = {}, {}
                 for schedule in schedules:
-                    trained, losses[schedule] = train(cfg, fakes, schedule, Path(folder) / schedule)
+                    trained, losses[schedule] = train(cfg, fakes, schedule, Path(folder) / schedule, decays)
                     nets.update(trained)
             optimal = OptimalDiscriminator(instantiate(cfg.data.mixture), instantiate(cfg.score.mixture))
             scores = swd_table(cfg, {"no_dg": None, "dg_optimal": optimal, **nets})
