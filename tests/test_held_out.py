@@ -74,6 +74,19 @@ def point_mass_task():
                         real_images=reals, batch_size=8)
 
 
+def point_swd_task():
+    """The sampling callback's task on points, as the toy's: 30 2-D points that depend on the head's logit at t = 0.5,
+    their SWD to 30 fixed reference points."""
+    from dg_lightning.callbacks import SamplingTask
+    from dg_lightning.metrics import SlicedWasserstein
+
+    reference = torch.randn(30, 2, generator=torch.Generator().manual_seed(4))
+    sample_fn = lambda discriminator, latents, labels, noise: latents + 1e-5 * discriminator(  # noqa: E731
+        latents, torch.full((len(latents),), 0.5)).view(-1, 1)
+    return SamplingTask(sample_fn, SlicedWasserstein(reference, 64), (2,), batch_size=8, convert=lambda x: x,
+                        draw=lambda points, path, epoch, results: path.write_bytes(points.numpy().tobytes()))
+
+
 def train_point_masses(cfg, cut, folder, task=None):
     """train_discriminator on the point masses with PointMassHead(cut) in folder (with the sampling callback bound to
     task() when `task` is given); the held-out figures it wrote."""
@@ -162,16 +175,17 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 sys.path.insert(0, sys.argv[3])
-from test_held_out import HELD_OUT, point_mass_task, train_point_masses
+from test_held_out import HELD_OUT, point_mass_task, point_swd_task, train_point_masses
 from dg_lightning.pipelines.recipe import launch
 torch.set_num_threads(1)
-out, trainer = Path(sys.argv[1]), sys.argv[4]
+out, trainer, task = Path(sys.argv[1]), sys.argv[4], sys.argv[5]
+tasks = {"images": ("fid", point_mass_task), "points": ("swd", point_swd_task)}
 with initialize_config_dir(config_dir=sys.argv[2], version_base="1.3"):
     cfg = compose("config", overrides=[*HELD_OUT, f"trainer={trainer}", f"paths.cache_dir={out}/cache",
                                        f"paths.output_dir={out}/out", "callbacks.sampling.every_n_epochs=1",
-                                       "callbacks.sampling.num_samples=30"])
+                                       "callbacks.sampling.num_samples=30", f"callbacks.sampling.monitor={tasks[task][0]}"])
 launch(cfg)
-train_point_masses(cfg, 0.5, out / "train", point_mass_task)
+train_point_masses(cfg, 0.5, out / "train", tasks[task][1])
 '''
 
 
@@ -179,15 +193,16 @@ train_point_masses(cfg, 0.5, out / "train", point_mass_task)
 def test_two_ddp_ranks_give_the_one_rank_figures(tmp_path):
     script = tmp_path / "held_out_ddp.py"
     script.write_text(DDP_SCRIPT)
-    records, sampling = {}, {}
-    for trainer in ("default", "ddp_cpu"):
-        out = tmp_path / trainer
+    records, sampling, figures = {}, {}, {}
+    for trainer, task in [(trainer, task) for trainer in ("default", "ddp_cpu") for task in ("images", "points")]:
+        out = tmp_path / trainer / task
         result = subprocess.run([sys.executable, str(script), str(out), str(ROOT / "conf"), str(Path(__file__).parent),
-                                 trainer], capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=tmp_path)
+                                 trainer, task], capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         records[trainer] = json.loads((out / "train" / FIGURES).read_text())["epochs"]
         state = load_weights(out / "train" / "checkpoints" / "last.ckpt")["callbacks"]
-        sampling[trainer] = next(v for k, v in state.items() if k.startswith("GuidedSamplingCallback"))["history"]
+        sampling[trainer, task] = next(v for k, v in state.items() if k.startswith("GuidedSamplingCallback"))["history"]
+        figures[trainer, task] = (out / "train" / "sampling" / "samples_epoch1.png").read_bytes()
     one, two = records["default"], records["ddp_cpu"]
     assert [e["count"] for e in two] == [e["count"] for e in one]
     for a, b in zip(one, two):  # the same samples, summed in another order
@@ -195,8 +210,15 @@ def test_two_ddp_ranks_give_the_one_rank_figures(tmp_path):
             assert b[name] == pytest.approx(a[name], abs=1e-9), name
     # The sampling callback's figures (the head is left unchanged by training): the same 30 samples drawn on one rank
     # or split over two, the same real images; FID's float64 sums in another order, precision / recall exact.
-    one, two = sampling["default"], sampling["ddp_cpu"]
+    one, two = sampling["default", "images"], sampling["ddp_cpu", "images"]
     assert [h["epoch"] for h in one] == [h["epoch"] for h in two] == [0, 1]
     for a, b in zip(one, two):
         assert b["fid"] == pytest.approx(a["fid"], rel=1e-9) and a["fid"] > 0
         assert (b["precision"], b["recall"]) == (a["precision"], a["recall"])
+    # The toy's kind of task: points gathered from two ranks in another order give the same SWD (sorted projections,
+    # float64 sums) and the figure gets the same points in index order.
+    one, two = sampling["default", "points"], sampling["ddp_cpu", "points"]
+    assert [h["epoch"] for h in one] == [h["epoch"] for h in two] == [0, 1]
+    for a, b in zip(one, two):
+        assert b["swd"] == pytest.approx(a["swd"], rel=1e-9) and a["swd"] > 0
+    assert figures["default", "points"] == figures["ddp_cpu", "points"]

@@ -446,3 +446,26 @@ def test_an_inception_file_whose_pickle_runs_code_is_refused_unrun(tmp_path, loa
     with pytest.raises(ValueError, match=r"weights-inception-2015-12-05-6726825d.pth: refused unread, its pickle would call posix.system"):
         reader(weights)
     assert not marker.exists()
+
+
+def test_sliced_wasserstein_metric_is_the_distance_of_all_updates_and_keeps_its_reference():
+    from dg_lightning.metrics import SlicedWasserstein, sliced_wasserstein
+
+    reference = torch.randn(12, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    points = reference.flip(0) + torch.tensor([3.0, -4.0], dtype=torch.float64)  # the reference shifted by 5
+    metric = SlicedWasserstein(reference, num_projections=64)
+    for batch in points.split(5):
+        metric.update(batch, real=False)
+    # A translation by v moves every 1-D projection by <v, u>: SWD^2 = mean_u <v, u>^2, which is |v|^2 / 2 in 2-D
+    # on average over u (and exactly sliced_wasserstein's own value).
+    assert metric.compute() == {"swd": pytest.approx(sliced_wasserstein(points, reference, 64), rel=1e-12)}
+    assert 0.5 * 5.0 < metric.compute()["swd"] < 5.0
+    metric.reset()
+    metric.update(reference, real=False)
+    assert metric.compute() == {"swd": 0.0}  # the reference itself, after reset
+    metric.reset()
+    metric.update(points[:5], real=False)
+    with pytest.raises(ValueError, match=r"as many fake points as reference points \(12, 2\), got \(5, 2\).*num_samples"):
+        metric.compute()
+    with pytest.raises(ValueError, match="fixed reference and takes no real points"):
+        metric.update(points, real=True)

@@ -103,14 +103,23 @@ class RNGStates(L.Callback):
         random.setstate(states["random"])
 
 
+def save_grid(images, path, epoch=None, results=None):
+    """Write uint8 (N, C, H, W) images to path as one PNG grid of ceil(sqrt(N)) columns (a grid has no title: the
+    epoch is in the file's name, the results in the logs)."""
+    nrow = math.ceil(math.sqrt(len(images)))
+    write_atomic(path, lambda f: save_image(images.float() / 255, f, format="png", nrow=nrow))
+
+
 @dataclass
 class SamplingTask:
     """What the guided-sampling callback samples and how it scores the samples, given by the pipeline whose
-    discriminator trains: sample_fn(discriminator, latents, class_labels, noise) -> images in [-1, 1] (B, C, H, W);
-    metrics, a module with update(uint8 NCHW images, real), compute() -> {name: float}, reset() that keeps the real
-    side, and the attributes `names` (what compute returns), `needs_real_images` and `keeps_real_features`;
-    real_images, uint8 NCHW, fed to the metrics once (None when they need none); the latents' shape, the number of
-    classes (None: unconditional) and the sampling batch size."""
+    discriminator trains: sample_fn(discriminator, latents, class_labels, noise) -> samples (B, *shape), by default
+    images in [-1, 1] (B, C, H, W); convert(samples), what the metrics take (default: uint8 images); metrics, a module
+    with update(converted samples, real), compute() -> {name: float}, reset() that keeps the real side, and the
+    attributes `names` (what compute returns), `needs_real_images` and `keeps_real_features`; real_images, converted,
+    fed to the metrics once (None when they need none); draw(first converted samples, path, epoch, results),
+    the figure of each evaluation (default: an image grid); the latents' shape, the number of classes (None: unconditional) and the
+    sampling batch size."""
 
     sample_fn: Callable
     metrics: torch.nn.Module
@@ -118,6 +127,8 @@ class SamplingTask:
     real_images: torch.Tensor | None = None
     num_classes: int | None = None
     batch_size: int = 64
+    convert: Callable = to_uint8
+    draw: Callable = save_grid
 
     def __post_init__(self):
         """Check that the real images are what the metrics need, in the form they need them."""
@@ -132,7 +143,8 @@ class SamplingTask:
         if not metrics.needs_real_images:
             raise ValueError(f"SamplingTask real_images is given, but its metrics ({type(metrics).__name__}) use none "
                              "(FID from reference statistics, no precision / recall); pass real_images=None")
-        if not torch.is_tensor(real_images) or real_images.dtype != torch.uint8 or real_images.ndim != 4:
+        if self.convert is to_uint8 and (not torch.is_tensor(real_images) or real_images.dtype != torch.uint8
+                                         or real_images.ndim != 4):
             found = f"{real_images.dtype} {tuple(real_images.shape)}" if torch.is_tensor(real_images) else type(real_images).__name__
             raise TypeError(f"SamplingTask real_images must be a uint8 tensor (N, C, H, W), got {found}")
         if not metrics.keeps_real_features:
@@ -153,7 +165,8 @@ class GuidedSamplingCallback(L.Callback):
     (each rank its share) are fed to its metrics once, at the first evaluation, which keep them.
 
     Each evaluation logs `{prefix}/<name>` for every metric of the task on every rank, so ModelCheckpoint can monitor
-    them, and on rank 0 saves a grid of the first grid_size samples to out_dir/samples_epoch{E}.png (E: the 0-based
+    them, and on rank 0 saves the task's figure of the first grid_size samples (an image grid unless the task draws
+    another) to out_dir/samples_epoch{E}.png (E: the 0-based
     epoch index; out_dir None: <the trainer's folder>/sampling), logs it to any W&B logger as `{prefix}/samples`, and,
     when `monitor` improves (mode "min" or "max"), saves the discriminator's state_dict to
     out_dir/best_discriminator.pt (what discriminator.select=best guides with). best_epoch, best_score and history
@@ -226,7 +239,7 @@ class GuidedSamplingCallback(L.Callback):
                 self.best_epoch, self.best_score = epoch, score
             if trainer.is_global_zero:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
-                self._save_grid(trainer, grid, epoch)
+                self._save_figure(trainer, grid, epoch, results)
                 if improved:
                     state = discriminator.state_dict()
                     write_atomic(self.out_dir / BEST_DISCRIMINATOR, lambda f: torch.save(state, f))
@@ -244,13 +257,13 @@ class GuidedSamplingCallback(L.Callback):
         indices = range(rank, self.num_samples, world_size)
         sample_fn = functools.partial(task.sample_fn, discriminator)
         batches = sample_batches(sample_fn, indices, task.shape, self.seed, task.num_classes, task.batch_size, device,
-                                 out_shape=(None, None, None))  # any (B, C, H, W) images
+                                 out_shape=(None,) * len(task.shape))  # any size: e.g. latents decoded to images
         grid = []
         with torch.no_grad():
-            for batch, images, _ in progress.track(batches, f"{self.prefix}: sampling", show, total=math.ceil(len(indices) / task.batch_size)):
-                images = to_uint8(images)
-                metrics.update(images, real=False)
-                grid.append(images[: sum(i < self.grid_size for i in batch)])
+            for batch, samples, _ in progress.track(batches, f"{self.prefix}: sampling", show, total=math.ceil(len(indices) / task.batch_size)):
+                samples = task.convert(samples)
+                metrics.update(samples, real=False)
+                grid.append(samples[: sum(i < self.grid_size for i in batch)])
         results = metrics.compute()
         metrics.reset()
         grid = torch.cat(grid)
@@ -259,11 +272,10 @@ class GuidedSamplingCallback(L.Callback):
             grid = torch.stack([parts[i % world_size][i // world_size] for i in range(self.grid_size)])
         return results, grid
 
-    def _save_grid(self, trainer, grid, epoch):
-        """Write the sample grid PNG and log it to every W&B logger."""
+    def _save_figure(self, trainer, grid, epoch, results):
+        """Write the task's figure of the first grid_size samples and log it to every W&B logger."""
         path = self.out_dir / f"samples_epoch{epoch}.png"
-        nrow = math.ceil(math.sqrt(len(grid)))
-        write_atomic(path, lambda f: save_image(grid.float() / 255, f, format="png", nrow=nrow))
+        self.task.draw(grid, path, epoch, results)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(f"{self.prefix}/samples", [str(path)], step=trainer.global_step, caption=[f"epoch {epoch}"])

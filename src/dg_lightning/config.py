@@ -156,7 +156,7 @@ def _validate_training(discriminator):
 
 
 SAMPLING_CALLBACK = "dg_lightning.callbacks.GuidedSamplingCallback"
-SAMPLING_METRICS = ("fid", "precision", "recall", "kid", "is", "sfid")  # what the experiments' metric stacks compute
+SAMPLING_METRICS = ("fid", "precision", "recall", "kid", "is", "sfid", "swd")  # what the experiments' metric stacks compute
 
 
 def _validate_selection(cfg: DictConfig):
@@ -166,10 +166,10 @@ def _validate_selection(cfg: DictConfig):
     if isinstance(sampling, DictConfig):
         _require(sampling.get("monitor", "fid") in SAMPLING_METRICS, "callbacks.sampling.monitor",
                  f"unknown metric {sampling.get('monitor')!r}", f"use one of {', '.join(SAMPLING_METRICS)} (what the "
-                 "experiment computes: digits fid, precision, recall, kid, is; EDM fid (precision, recall with data.path); "
+                 "experiment computes: toy2d swd; digits fid, precision, recall, kid, is; EDM fid (precision, recall with data.path); "
                  "ImageNet fid, sfid, is, precision, recall)")
         _require(sampling.get("mode", "min") in ("min", "max"), "callbacks.sampling.mode",
-                 f"must be min or max, got {sampling.get('mode')!r}", "min for fid, sfid, kid; max for is, precision, recall")
+                 f"must be min or max, got {sampling.get('mode')!r}", "min for fid, sfid, kid, swd; max for is, precision, recall")
     select = OmegaConf.select(cfg, "discriminator.select", default="last")
     _require(select in ("last", "best"), "discriminator.select", f"must be last or best, got {select!r}",
              "last: the last epoch's head; best: the epoch whose guided samples scored best")

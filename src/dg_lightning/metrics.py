@@ -32,6 +32,41 @@ def sliced_wasserstein(x, y, num_projections=512, seed=0):
     return ((px - py) ** 2).mean().sqrt().item()
 
 
+class SlicedWasserstein(Metric):
+    """sliced_wasserstein of the fake points (gathered over all ranks) to a fixed reference sample of the same size:
+    the guided-sampling callback's metric for point data (the toy), with the SamplingTask attributes of
+    GenerativeMetrics; the reference stays through reset()."""
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+    names = ("swd",)
+    needs_real_images = False
+    keeps_real_features = True
+
+    def __init__(self, reference, num_projections=512, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        if not torch.is_tensor(reference) or reference.ndim != 2:
+            raise ValueError(f"SlicedWasserstein reference must be a (N, D) tensor of points, got "
+                             f"{tuple(reference.shape) if torch.is_tensor(reference) else type(reference).__name__}")
+        self.reference, self.num_projections, self.seed = reference.detach().cpu(), num_projections, seed
+        self.add_state("fake", default=[], dist_reduce_fx="cat")
+
+    def update(self, points, real):
+        """Store a (B, D) batch of fake points (there is no real side: the reference is fixed)."""
+        if real:
+            raise ValueError("SlicedWasserstein has a fixed reference and takes no real points")
+        self.fake.append(points.detach())
+
+    def compute(self):
+        """{"swd": the sliced W2 distance of all fake points to the reference}; their number must be the reference's."""
+        fake = dim_zero_cat(self.fake) if len(self.fake) else torch.empty(0, self.reference.shape[1])
+        if fake.shape != self.reference.shape:
+            raise ValueError(f"SlicedWasserstein needs as many fake points as reference points {tuple(self.reference.shape)}, "
+                             f"got {tuple(fake.shape)}: sample callbacks.sampling.num_samples points")
+        return {"swd": sliced_wasserstein(fake, self.reference, self.num_projections, self.seed)}
+
+
 def _kth_neighbour_radii(x, k, block_size):
     """Distance from each row of x to its k-th nearest other row of x (the row itself, at distance 0, is the first)."""
     return torch.cat([torch.cdist(block, x).kthvalue(k + 1, dim=1).values for block in x.split(block_size)])

@@ -76,6 +76,22 @@ def toy2d_figure(reference, samples, taus, curves, swd, path):
     return fig
 
 
+def sampling_points_figure(reference, points, path, epoch, results):
+    """The guided-sampling callback's figure for 2-D points: the DG samples of one evaluation over real data, with
+    the epoch and the task's metrics in the title."""
+    fig = Figure(figsize=(5.2, 5.4), layout="constrained")
+    ax = fig.subplots()
+    ax.scatter(reference[:, 0], reference[:, 1], s=1, alpha=0.3, color="grey", label=SETS["data"])
+    ax.scatter(points[:, 0], points[:, 1], s=1, alpha=0.5, label="DG samples with this epoch's head")
+    lim = reference.abs().max().item() * 1.3
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xlabel="$x_1$", ylabel="$x_2$")
+    ax.legend(loc="upper right", markerscale=8, fontsize=8)
+    scores = ", ".join(f"{QUANTITIES.get(name, name)} {value:.3f}" for name, value in results.items())
+    ax.set_title(f"DG samples after {epoch + 1} epochs of discriminator training\n{scores}", fontsize=10)
+    save(fig, path)
+    return fig
+
+
 def tiles(images, count, gap=1):
     """The first `count` images (uint8 NHWC) tiled in a square grid with `gap` pixels of mid grey between them."""
     n = int(min(count, len(images)) ** 0.5)

@@ -15,8 +15,8 @@ from dg_lightning.held_out import resolve_t_max, sampling_window
 from dg_lightning.metrics import ClassifierFeatures, GenerativeMetrics, GreyAsRGB, inception_features
 from dg_lightning.nets.adm import Discriminator
 from dg_lightning.nets.edm import IndexLabels
-from dg_lightning.pipelines.images import frozen, sample_images, train_stage
-from dg_lightning.pipelines.recipe import Pipeline, Stage
+from dg_lightning.pipelines.images import frozen, sample_images
+from dg_lightning.pipelines.recipe import Pipeline, Stage, train_stage
 from dg_lightning.plots import image_grid
 from dg_lightning.pretrain import NoisyClassifierModule, ScoreModule, train_feature_classifier
 from dg_lightning.sampling import build_sampler

@@ -24,8 +24,8 @@ from dg_lightning.config import ConfigError, require_count, require_held_out
 from dg_lightning.held_out import resolve_t_max, sampling_window
 from dg_lightning.metrics import FID_REFERENCE_ARRAYS, GenerativeMetrics, inception_features
 from dg_lightning.nets.edm import IndexLabels
-from dg_lightning.pipelines.images import device_of, sample_images, train_stage
-from dg_lightning.pipelines.recipe import Pipeline, Stage
+from dg_lightning.pipelines.images import device_of, sample_images
+from dg_lightning.pipelines.recipe import Pipeline, Stage, train_stage
 from dg_lightning.released import (
     DISCRIMINATOR_FILES,
     FID_REFS_SOURCE,

@@ -12,8 +12,8 @@ from dg_lightning.config import ConfigError, require_count, require_held_out
 from dg_lightning.evaluation import ADMInception, ADMMetrics, evaluate, export_samples, load_reference_batch
 from dg_lightning.generate import generate
 from dg_lightning.latents import shard_image_folder
-from dg_lightning.pipelines.images import device_of, train_stage
-from dg_lightning.pipelines.recipe import fingerprint
+from dg_lightning.pipelines.images import device_of
+from dg_lightning.pipelines.recipe import fingerprint, train_stage
 from dg_lightning.released import DISCRIMINATOR_FILES, check_discriminator_config, dg_discriminator
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.shards import load_shards

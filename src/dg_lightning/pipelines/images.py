@@ -1,16 +1,14 @@
 """Helpers shared by the image pipelines: sharded sampling of an image score model through the sampler builder,
-frozen weights from a stage file, the device a run's networks use, and the declaration of a train stage whose head
-trains with the guided-sampling callback."""
+frozen weights from a stage file and the device a run's networks use."""
 
 import torch
 from omegaconf import DictConfig
 
 from dg_lightning.files import load_weights
 from dg_lightning.generate import generate
-from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Stage, fingerprint
+from dg_lightning.pipelines.recipe import fingerprint
 from dg_lightning.sampling import build_sampler
 from dg_lightning.shards import load_shards
-from dg_lightning.training import selection_files, selection_keys
 
 
 def device_of(cfg: DictConfig):
@@ -35,13 +33,3 @@ def sample_images(cfg: DictConfig, score_model, folder, num_samples, base_seed, 
              batch_size=cfg.metrics.batch_size, num_classes=num_classes, fingerprint=fingerprint(cfg, keys),
              device=next(score_model.parameters()).device)
     return load_shards(folder)[0]
-
-
-def train_stage(train, keys, scoring, files=(), scoring_files=(), inputs=()):
-    """The train stage of a head trained with the guided-sampling callback: fingerprinted by `keys`, the training
-    length and the callback's settings, and with discriminator.select=best by the guidance and the `scoring` keys and
-    `scoring_files` too (its pick depends on them; training.selection_keys); it reads the guidance and the scoring keys
-    either way (the callback samples and scores with them)."""
-    return Stage("train", train, keys=lambda cfg: (*keys, *TRAINING_LENGTH, *selection_keys(cfg, scoring)),
-                 uses=("guidance", *scoring), files=lambda cfg: (*files, *selection_files(cfg, scoring_files)),
-                 inputs=inputs)

@@ -43,6 +43,7 @@ from dg_lightning.distributed import rank_and_world_size
 from dg_lightning.files import atomic_save, content_id, write_atomic
 from dg_lightning.loggers import build_loggers, finish_loggers
 from dg_lightning.runstatus import run_status
+from dg_lightning.training import selection_files, selection_keys
 
 # Keys that decide how a stage runs, never what it computes: any stage may read them and none is fingerprinted by them.
 RUNTIME = ("experiment_name", "pipeline", "stage", "paths", "logger", "callbacks", "checkpoints", "accel",
@@ -86,6 +87,16 @@ class Stage:
     def declared_files(self, cfg: DictConfig):
         """The config keys of the files and folders this stage reads for cfg (fingerprinted by their content)."""
         return tuple(self.files(cfg) if callable(self.files) else self.files)
+
+
+def train_stage(train, keys, scoring, files=(), scoring_files=(), inputs=()):
+    """The train stage of a head trained with the guided-sampling callback: fingerprinted by `keys`, the training
+    length and the callback's settings, and with discriminator.select=best by the guidance and the `scoring` keys and
+    `scoring_files` too (its pick depends on them; training.selection_keys); it reads the guidance and the scoring keys
+    either way (the callback samples and scores with them)."""
+    return Stage("train", train, keys=lambda cfg: (*keys, *TRAINING_LENGTH, *selection_keys(cfg, scoring)),
+                 uses=("guidance", *scoring), files=lambda cfg: (*files, *selection_files(cfg, scoring_files)),
+                 inputs=inputs)
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,19 @@
 """The toy 2-D experiment (paper §5.1, Figures 6 and 8): a wrong mixture's exact score -> fakes -> MLP discriminator ->
 sampling with no DG, DG and the analytic optimal d*, scored by the sliced Wasserstein distance to fresh data."""
 
+import functools
+
 import torch
 from hydra.utils import instantiate
 
+from dg_lightning.callbacks import SamplingTask
 from dg_lightning.config import ConfigError
 from dg_lightning.data import ArraySource
 from dg_lightning.files import atomic_save, load_weights
-from dg_lightning.held_out import resolve_t_max
-from dg_lightning.metrics import sliced_wasserstein
-from dg_lightning.pipelines.recipe import TRAINING_LENGTH, Pipeline, Stage
-from dg_lightning.plots import toy2d_figure
+from dg_lightning.held_out import resolve_t_max, sampling_window
+from dg_lightning.metrics import SlicedWasserstein, sliced_wasserstein
+from dg_lightning.pipelines.recipe import Pipeline, Stage, train_stage
+from dg_lightning.plots import sampling_points_figure, toy2d_figure
 from dg_lightning.sampling import build_sampler
 from dg_lightning.sde import LinearVP
 from dg_lightning.toy import MixtureDenoiser, OptimalDiscriminator
@@ -58,16 +61,31 @@ def generate(run):
     return load_weights(fakes_file)
 
 
+def sampling_task(cfg):
+    """The guided-sampling callback's task: DG samples of the model's mixture score with the current discriminator
+    (with guidance.dg.t_max=auto, which the trained head decides, over t_max = 1), scored by their SWD to
+    callbacks.sampling.num_samples fresh data samples of their own stream, drawn over them."""
+    cfg, denoiser = sampling_window(cfg), MixtureDenoiser(instantiate(cfg.score.mixture))
+    reference = instantiate(cfg.data.mixture).sample(cfg.callbacks.sampling.num_samples, generator(cfg.seed, 7))
+    return SamplingTask(
+        lambda discriminator, latents, labels, noise: build_sampler(cfg, denoiser, discriminator)(latents, labels, noise),
+        SlicedWasserstein(reference, cfg.metrics.num_projections, seed=cfg.seed), (reference.shape[1],),
+        batch_size=cfg.callbacks.sampling.num_samples, convert=lambda points: points,
+        draw=functools.partial(sampling_points_figure, reference))
+
+
 def train(run):
-    """The MLP discriminator on real vs fake, diffused on the fly; data.num_held_out reals of their own stream and the
-    held-out fakes are its held-out split."""
+    """The MLP discriminator on real vs fake, diffused on the fly, with the guided-sampling callback; data.num_held_out
+    reals of their own stream and the held-out fakes are its held-out split. Returns the discriminator that
+    discriminator.select picks (the last epoch's, or the callback's best by SWD)."""
     cfg = run.cfg
     mixture = instantiate(cfg.data.mixture)
     real = torch.cat([mixture.sample(n, generator=generator(cfg.seed, stream))
                       for n, stream in ((cfg.data.num_real, 0), (cfg.data.num_held_out, 5))])
     net = build_network(cfg, cfg.discriminator.net, cfg.discriminator.seed)
     return train_discriminator(cfg, ArraySource(real.numpy(), name="data.mixture samples"),
-                               ArraySource(run.results["generate"].numpy(), name="fakes"), net, run.loggers, run.folder)
+                               ArraySource(run.results["generate"].numpy(), name="fakes"), net, run.loggers, run.folder,
+                               lambda: sampling_task(cfg), run.metrics)
 
 
 def sample(run):
@@ -93,6 +111,6 @@ def sample(run):
 
 PIPELINE = Pipeline("toy2d", check=check, stages=(
     Stage("generate", generate, keys=("seed", "score", "sampler", "data.num_fake", "data.num_held_out")),
-    Stage("train", train, keys=("seed", "data", "discriminator", *TRAINING_LENGTH), inputs=("generate",)),
+    train_stage(train, ("seed", "data", "discriminator"), ("score", "sampler", "metrics"), inputs=("generate",)),
     Stage("sample", sample, keys=("seed", "data.mixture", "score", "sampler", "guidance", "metrics"), inputs=("train",)),
 ))
