@@ -216,7 +216,8 @@ class NVAE(nn.Module):
         if img_channels != 3:
             raise ValueError(f"NVAE: the mixture-of-logistics decoder is RGB only, got img_channels={img_channels}")
         if min(num_groups, latent_per_group, cells_per_group, pre_cells, post_cells) < 1:
-            raise ValueError("NVAE: num_groups, latent_per_group, cells_per_group, pre_cells and post_cells must be >= 1")
+            raise ValueError("NVAE: num_groups, latent_per_group, cells_per_group, pre_cells and post_cells "
+                             "must be >= 1")
         self.img_resolution, self.img_channels = img_resolution, img_channels
         self.num_groups, self.latent_per_group, self.cells_per_group = num_groups, latent_per_group, cells_per_group
         self.latent_channels, self.latent_resolution = num_groups * latent_per_group, img_resolution >> levels
@@ -248,7 +249,7 @@ class NVAE(nn.Module):
             self.post_process.extend(Cell(width[level], width[level], **cell) for _ in range(post_cells - 1))
         self.image_conditional = nn.Sequential(nn.ELU(), WNConv2d(width[0], 10 * NUM_MIXTURES, 3))
 
-    def check(self, name, x, channels, resolution):
+    def check_shape(self, name, x, channels, resolution):
         """Refuse x unless it is (B, channels, resolution, resolution)."""
         if x.ndim != 4 or tuple(x.shape[1:]) != (channels, resolution, resolution):
             raise ValueError(f"NVAE: {name} must be (B, {channels}, {resolution}, {resolution}), "
@@ -270,11 +271,11 @@ class NVAE(nn.Module):
         """Latents (B, latent_channels, r, r) of images in [-1, 1]: per group g the posterior sample mu_g + sigma_g
         rho_g, rho_g = noise[:, 9g:9g+9] (drawn N(0, I) when noise is None). The encoder is bidirectional: the
         combiner recorded after group G-1-g's cells adds the decoder state that groups < g produce."""
-        self.check("images", images, self.img_channels, self.img_resolution)
+        self.check_shape("images", images, self.img_channels, self.img_resolution)
         shape = (self.latent_channels, self.latent_resolution, self.latent_resolution)
         if noise is None:
             noise = torch.randn(images.shape[:1] + shape, dtype=images.dtype, device=images.device)
-        self.check("noise", noise, *shape[:2])
+        self.check_shape("noise", noise, *shape[:2])
         if noise.shape[0] != images.shape[0]:
             raise ValueError(f"NVAE: noise has batch {noise.shape[0]}, images {images.shape[0]}")
         s = self.stem(images)
@@ -297,7 +298,7 @@ class NVAE(nn.Module):
 
     def decoder_logits(self, latents):
         """The mixture-of-logistics logits (B, 100, R, R) of latents (B, latent_channels, r, r)."""
-        self.check("latents", latents, self.latent_channels, self.latent_resolution)
+        self.check_shape("latents", latents, self.latent_channels, self.latent_resolution)
         d = self.initial_state(latents.shape[0])
         for group, latent in enumerate(latents.chunk(self.num_groups, dim=1)):
             d = self.decoder_step(d, group, latent)
