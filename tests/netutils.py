@@ -1,5 +1,10 @@
-"""Random weights for network tests, so that zero-initialised layers hide nothing."""
+"""Random weights for network tests, so that zero-initialised layers hide nothing, and released checkpoint layouts."""
 
+import argparse
+import pickle
+import types
+
+import numpy as np
 import torch
 
 
@@ -38,3 +43,41 @@ def write_soft_truncation_checkpoint(path, net, seed=0, scale=0.05):
                     model={f"module.{k}": v for k, v in net.state_dict().items()},
                     ema=dict(decay=0.9999, num_updates=3, shadow_params=shadow), step=3), path)
     return shadow
+
+
+NUMPY_SCALAR = np.float64(0).__reduce__()[0]  # numpy's scalar reconstructor (numpy._core.multiarray.scalar)
+
+
+class _Numpy1Pickler(pickle._Pickler):
+    """torch.save's pickler writing numpy's scalar reconstructor under its numpy-1 name numpy.core.multiarray.scalar,
+    as the numpy 1.x that wrote LSGM's released checkpoints did (numpy 2 names it numpy._core.multiarray.scalar)."""
+
+    def save_global(self, obj, name=None):
+        if obj is NUMPY_SCALAR:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\nscalar\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+NUMPY1_PICKLE = types.SimpleNamespace(Pickler=_Numpy1Pickler, __name__="numpy1_pickle")
+
+# The args of LSGM's CIFAR-10 "best FID" run that fix its score model (README's vae2 + lsgm2 commands, train_vada's
+# defaults), with a few of the others it holds.
+LSGM_ARGS = dict(dataset="cifar10", dae_arch="ncsnpp", num_channels_dae=512, num_scales_dae=3,
+                 num_cell_per_scale_dae=8, dropout=0.2, fir=True, progressive="none", progressive_input="none",
+                 progressive_combine="sum", embedding_type="positional", embedding_scale=1000.0, embedding_dim=128,
+                 mixing_logit_init=-3.0, mixed_prediction=True, num_latent_scales=1, num_groups_per_scale=20,
+                 num_latent_per_group=9, sde_type="vpsde", beta_start=0.1, beta_end=20.0, sigma2_0=0.0, time_eps=0.01,
+                 num_channels_enc=128, arch_instance="res_bnswish", use_se=True)
+
+
+def write_lsgm_checkpoint(path, dae_state, vae_state, **args):
+    """Save the state dicts of a score model (an LSGMScore's) and a VAE as LSGM's train_vada writes checkpoint_fid.pt:
+    {epoch, global_step, args: an argparse.Namespace of LSGM_ARGS changed by `args` (None: the field left out),
+    best_score_fid: a numpy.float64 pickled under numpy 1's name, best_score_nll: a tensor, dae_state_dict,
+    vae_state_dict}."""
+    fields = {k: v for k, v in {**LSGM_ARGS, **args}.items() if v is not None}
+    content = dict(epoch=1875, global_step=731_250, args=argparse.Namespace(**fields), best_score_fid=np.float64(2.27),
+                   best_score_nll=torch.tensor(3.43), dae_state_dict=dae_state, vae_state_dict=vae_state)
+    torch.save(content, path, pickle_module=NUMPY1_PICKLE)

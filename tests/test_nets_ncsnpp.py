@@ -233,7 +233,8 @@ def test_load_soft_truncation_refuses_pickled_code_without_running_it(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("option, value", [("resblock_type", "ddpm"), ("fir", True), ("progressive", "output_skip"),
+@pytest.mark.parametrize("option, value", [("resblock_type", "ddpm"), ("skip_rescale", False),
+                                           ("progressive", "output_skip"),
                                            ("embedding_type", "fourier"), ("centered", False)])
 def test_unreleased_options_are_refused(option, value):
     with pytest.raises(ValueError, match=rf"{option}={value!r} is not supported; only the released DDPM\+\+ "
@@ -246,5 +247,7 @@ def test_bad_arguments_are_refused():
         ncsnpp.celeba64(**TINY, fir_kernel=(1, 3, 3, 1))
     with pytest.raises(ValueError, match=r"img_resolution must be divisible by 2\^\(len\(ch_mult\) - 1\) = 2, got 15"):
         ncsnpp.celeba64(**{**TINY, "img_resolution": 15})
-    with pytest.raises(ValueError, match="nf must be even"):
+    with pytest.raises(ValueError, match=r"the time embedding width must be even \(embedding_dim, default nf\), got 15"):
         ncsnpp.celeba64(**{**TINY, "nf": 15})
+    with pytest.raises(ValueError, match=r"the time embedding width must be even .*, got 7"):
+        ncsnpp.celeba64(**TINY, embedding_dim=7)

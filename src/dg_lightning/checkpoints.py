@@ -8,11 +8,15 @@
   `files.load_weights` (weights_only=True) and loaded strictly into `dg_lightning.nets.adm` modules.
 - Soft Truncation's score models are its training checkpoints {optimizer, model, ema, step}, read the same way; their
   EMA (or raw) weights load strictly into `dg_lightning.nets.ncsnpp`.
+- LSGM's checkpoint_fid.pt {epoch, global_step, args, best_score_fid, best_score_nll, dae_state_dict, vae_state_dict}
+  is read the same way with four inert classes allowed besides tensors (its argparse.Namespace and a numpy float); the
+  score model loads strictly into `dg_lightning.nets.ncsnpp.lsgm_cifar10`, the NVAE's weights come back as a dict.
 
 Every loader returns its network on the CPU, in eval mode, with requires_grad False. A state dict that
 does not fit the expected network raises a CheckpointError naming the file and the first differing keys.
 """
 
+import argparse
 import collections
 import io
 import pickle
@@ -25,7 +29,7 @@ import torch
 
 from dg_lightning.files import UnsafeWeightsError, load_weights
 from dg_lightning.nets import adm, dit, edm, ncsnpp, unet
-from dg_lightning.sde import cosine_time_from_tau
+from dg_lightning.sde import LinearVP, cosine_time_from_tau
 
 EDM_SOURCE = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/ (e.g. edm-cifar10-32x32-uncond-vp.pkl)"
 DG_SOURCE = "the Google Drive folders listed in the README of github.com/alsdudrla10/DG"
@@ -33,6 +37,9 @@ DG_IMAGENET_SOURCE = "the Google Drive folders listed in the README of github.co
 ADM_SOURCE = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/64x64_classifier.pt"
 ADM_SOURCE_256 = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ (256x256_diffusion.pt, 256x256_classifier.pt)"
 DIT_SOURCE = "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"
+LSGM_SOURCE = ("https://drive.google.com/drive/folders/16kbwAeDZyCu1YRCXAXeh-KRyq8M09Rb0 (the README of "
+               "github.com/NVlabs/LSGM, \"Checkpoints\"): the CIFAR-10 run \"LSGM (best FID)\", its LSGM checkpoint "
+               "checkpoint_fid.pt (score model and VAE; not the NVAE stage-1 checkpoint beside it)")
 SOFT_TRUNCATION_SOURCE = ("https://drive.google.com/drive/folders/1Wyk0ucFW-QDS_g1EcPm361LWWgWqJ6L_ (the README of "
                           "github.com/Kim-Dongjun/Soft-Truncation): the CelebA 64 checkpoint of "
                           "configs/vp/CELEBA/ddpmpp_fid_st.py, saved by its run_lib as checkpoint_<step>.pth")
@@ -239,11 +246,13 @@ ADM_CLASSIFIERS = {
 }
 
 
-def _read_state_dict(path, source):
-    """The tensors of a torch.save'd state dict, read with weights_only=True onto the CPU."""
+def _read_state_dict(path, source, safe_globals=()):
+    """The tensors of a torch.save'd state dict, read with weights_only=True onto the CPU; safe_globals are the inert
+    classes (torch.serialization.safe_globals entries) the file may hold besides tensors and plain containers."""
     path = _existing(path, source)
     try:
-        state = load_weights(path)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            state = load_weights(path)
     except UnsafeWeightsError as exc:
         raise CheckpointError(f"{exc} (the released file: {source})") from exc
     except Exception as exc:
@@ -356,3 +365,75 @@ def load_soft_truncation(path, key="ema", **overrides) -> ncsnpp.VPScore:
         state = _ema_weights(data["ema"], state, {name for name, _ in net.named_buffers()}, path)
     architecture = "Soft Truncation's CelebA 64 NCSN++ (nets.ncsnpp.celeba64)" + (f" with {overrides}" if overrides else "")
     return ncsnpp.VPScore(_build_and_load(lambda: net, state, path, architecture)).eval().requires_grad_(False)
+
+
+LSGM_ENTRIES = ("epoch", "global_step", "args", "best_score_fid", "best_score_nll", "dae_state_dict", "vae_state_dict")
+
+# What LSGM's checkpoint_fid.pt pickles besides tensors: its args (an argparse.Namespace of plain values) and
+# best_score_fid, a numpy.float64 written by numpy 1.x (its scalar under the numpy-1 module name, its dtype, whose
+# state numpy 2 sets on a Float64DType). None of them runs code when unpickled.
+LSGM_GLOBALS = (argparse.Namespace, (_NUMPY_SCALAR, "numpy.core.multiarray.scalar"), np.dtype, np.dtypes.Float64DType)
+
+
+def _lsgm_expected_args(config):
+    """The values of LSGM's training args that the score model config (a dict of ncsnpp.LSGMScore arguments) fixes:
+    the architecture, the time label 1000 t, the mixed prediction and the SDE the score divides by (linear VP,
+    sigma2_0 = 0); "num_latent_per_group*num_groups_per_scale" is the product of the two args."""
+    vp = config.get("vp", LinearVP())
+    return {"dae_arch": "ncsnpp", "num_channels_dae": config["nf"], "num_scales_dae": len(config["ch_mult"]),
+            "num_cell_per_scale_dae": config["num_res_blocks"], "embedding_dim": config["embedding_dim"],
+            "fir": config["fir"], "embedding_type": "positional", "embedding_scale": ncsnpp.LSGM_TIME_SCALE,
+            "progressive": "none", "progressive_input": "none", "mixed_prediction": True,
+            "num_latent_per_group*num_groups_per_scale": config["in_channels"], "sde_type": "vpsde",
+            "beta_start": vp.beta0, "beta_end": vp.beta1, "sigma2_0": 0.0}
+
+
+def _check_lsgm_args(args, config, path):
+    """CheckpointError naming the file and each field when the checkpoint's args (an argparse.Namespace) lack or differ
+    from the values config fixes (_lsgm_expected_args)."""
+    if not isinstance(args, argparse.Namespace):
+        raise CheckpointError(f"{path}: 'args' holds a {type(args).__name__}, not LSGM's argparse.Namespace")
+    found = vars(args)
+    if "num_latent_per_group" in found and "num_groups_per_scale" in found:
+        found = {**found, "num_latent_per_group*num_groups_per_scale":
+                 found["num_latent_per_group"] * found["num_groups_per_scale"]}
+    problems = []
+    for name, value in _lsgm_expected_args(config).items():
+        if name not in found:
+            problems.append(f"{name}: absent")
+        elif found[name] != value:
+            problems.append(f"{name}: {found[name]!r} in the file, {value!r} here")
+    if problems:
+        raise CheckpointError(f"{path}: the run's args do not fit this LSGM score model "
+                              f"(nets.ncsnpp.lsgm_cifar10 with {config}): " + "; ".join(problems))
+
+
+def load_lsgm(path, **overrides) -> tuple[ncsnpp.LSGMScore, dict]:
+    """LSGM's CIFAR-10 latent score model and its VAE from a checkpoint_fid.pt-style file {epoch, global_step, args,
+    best_score_fid, best_score_nll, dae_state_dict, vae_state_dict}: (the score model, dae_state_dict (EMA weights)
+    strictly loaded into nets.ncsnpp.lsgm_cifar10(**overrides), frozen in eval mode; the NVAE's vae_state_dict as a
+    plain dict of tensors). The run's args must match the configuration (_check_lsgm_args); the periodic checkpoint.pt
+    (raw weights, the EMA inside the optimizer state) and the NVAE stage-1 checkpoint are refused."""
+    data = _read_state_dict(path, LSGM_SOURCE, safe_globals=LSGM_GLOBALS)
+    if "dae_optimizer" in data:
+        raise CheckpointError(f"{path} is LSGM's periodic training checkpoint (checkpoint.pt: raw score-model weights, "
+                              "their EMA inside 'dae_optimizer'); use checkpoint_fid.pt from the same folder, whose "
+                              f"dae_state_dict holds the EMA weights upstream samples with (source: {LSGM_SOURCE})")
+    missing = [k for k in LSGM_ENTRIES if k not in data]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}: an LSGM checkpoint (checkpoint_fid.pt) is a dict with the "
+                              f"entries {list(LSGM_ENTRIES)}, found {sorted(map(str, data))} (the NVAE stage-1 "
+                              f"checkpoint has no score model; the LSGM file: {LSGM_SOURCE})")
+    for key in ("dae_state_dict", "vae_state_dict"):
+        if not isinstance(data[key], dict):
+            raise CheckpointError(f"{path}: {key!r} holds a {type(data[key]).__name__}, not a state dict")
+    vae_not_tensors = [str(k) for k, v in data["vae_state_dict"].items() if not isinstance(v, torch.Tensor)]
+    if vae_not_tensors:
+        raise CheckpointError(f"{path}: vae_state_dict has "
+                              f"{_key_report(vae_not_tensors, 'entries that are not tensors')}")
+    config = {**ncsnpp.LSGM_CIFAR10, **overrides}
+    _check_lsgm_args(data["args"], config, path)
+    architecture = ("LSGM's CIFAR-10 latent score model (nets.ncsnpp.lsgm_cifar10)"
+                    + (f" with {overrides}" if overrides else ""))
+    dae = _build_and_load(lambda: ncsnpp.lsgm_cifar10(**overrides), data["dae_state_dict"], path, architecture)
+    return dae, dict(data["vae_state_dict"])
