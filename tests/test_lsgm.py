@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dg_lightning.checkpoints import CheckpointError, load_lsgm
-from dg_lightning.nets import ncsnpp
+from dg_lightning.nets import ncsnpp, nvae
 from dg_lightning.ode import rk45_vp_sampler
 from dg_lightning.solvers import SCORE_KINDS
 from netutils import randomized, write_lsgm_checkpoint
@@ -20,6 +20,7 @@ from payloads import EXPLOITS, Exploit
 TINY = dict(img_resolution=8, in_channels=6, nf=16, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(8,),
             embedding_dim=8, dropout=0.0)
 # The args of a run that trained TINY (the rest from the released run).
+TINY_VAE = dict(img_resolution=16, channels=8, num_groups=3, latent_per_group=2)  # as tests/test_nets_nvae.py
 TINY_ARGS = dict(num_channels_dae=16, num_scales_dae=2, num_cell_per_scale_dae=1, embedding_dim=8,
                  num_groups_per_scale=2, num_latent_per_group=3)
 
@@ -170,22 +171,26 @@ def test_lsgm_score_refuses_labels():
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    """(path, score model, VAE state) of a tiny score model saved in the released checkpoint_fid.pt layout."""
+    """(path, score model, VAE state) of a tiny score model and a tiny NVAE saved in the released checkpoint_fid.pt
+    layout."""
     dae, path = tiny(seed=2), tmp_path / "checkpoint_fid.pt"
-    vae = {"prior_ftr0": torch.randn(4, 2, 2), "stem.weight": torch.randn(4, 3, 3, 3),
-           "pre_process.0._ops.0.bn_act.num_batches_tracked": torch.tensor(7)}
+    torch.manual_seed(3)
+    vae = nvae.cifar10(**TINY_VAE).state_dict()
+    vae["pre_process.0._ops.0.bn_act.running_mean"] += 0.5  # a buffer that differs from a fresh network's
     write_lsgm_checkpoint(path, dae.state_dict(), vae, **TINY_ARGS)
     return path, dae, vae
 
 
-def test_load_lsgm_loads_the_score_model_and_returns_the_vae_weights(checkpoint):
+def test_load_lsgm_loads_the_score_model_and_the_vae(checkpoint):
     path, dae, vae = checkpoint
-    loaded, vae_state = load_lsgm(path, **TINY)
+    loaded, loaded_vae = load_lsgm(path, TINY_VAE, **TINY)
+    vae_state = loaded_vae.state_dict()
+    assert isinstance(loaded_vae, nvae.NVAE) and not loaded_vae.training
     assert isinstance(loaded, ncsnpp.LSGMScore) and not loaded.training
     assert not any(p.requires_grad for p in loaded.parameters())
     assert list(loaded.state_dict()) == list(dae.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), dae.state_dict().values()))
-    assert type(vae_state) is dict and list(vae_state) == list(vae)
+    assert list(vae_state) == list(vae)
     assert all(torch.equal(vae_state[k], v) for k, v in vae.items())
     z, t = latents(dtype=torch.float32)
     with torch.no_grad():
@@ -257,3 +262,9 @@ def test_load_lsgm_refuses_another_layout(tmp_path, content, match):
     with pytest.raises(CheckpointError, match=match) as info:
         load_lsgm(path, **TINY)
     assert str(path) in str(info.value)
+
+
+def test_load_lsgm_refuses_a_vae_of_another_layout_naming_the_nvae(checkpoint):
+    path, dae, vae = checkpoint
+    with pytest.raises(CheckpointError, match=r"(?s)LSGM's CIFAR-10 NVAE \(nets.nvae.cifar10\).*missing keys \(1564\)"):
+        load_lsgm(path, **TINY)  # the released NVAE's configuration: the tiny file's VAE does not fit it

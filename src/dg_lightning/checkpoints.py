@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from dg_lightning.files import UnsafeWeightsError, load_weights
-from dg_lightning.nets import adm, dit, edm, ncsnpp, unet
+from dg_lightning.nets import adm, dit, edm, ncsnpp, nvae, unet
 from dg_lightning.sde import LinearVP, cosine_time_from_tau
 
 EDM_SOURCE = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/ (e.g. edm-cifar10-32x32-uncond-vp.pkl)"
@@ -408,11 +408,11 @@ def _check_lsgm_args(args, config, path):
                               f"(nets.ncsnpp.lsgm_cifar10 with {config}): " + "; ".join(problems))
 
 
-def load_lsgm(path, **overrides) -> tuple[ncsnpp.LSGMScore, dict]:
+def load_lsgm(path, vae_overrides=None, **overrides) -> tuple[ncsnpp.LSGMScore, nvae.NVAE]:
     """LSGM's CIFAR-10 latent score model and its VAE from a checkpoint_fid.pt-style file {epoch, global_step, args,
     best_score_fid, best_score_nll, dae_state_dict, vae_state_dict}: (the score model, dae_state_dict (EMA weights)
-    strictly loaded into nets.ncsnpp.lsgm_cifar10(**overrides), frozen in eval mode; the NVAE's vae_state_dict as a
-    plain dict of tensors). The run's args must match the configuration (_check_lsgm_args); the periodic checkpoint.pt
+    strictly loaded into nets.ncsnpp.lsgm_cifar10(**overrides); the NVAE, vae_state_dict strictly loaded into
+    nets.nvae.cifar10(**vae_overrides)), both frozen in eval mode. The run's args must match the configuration (_check_lsgm_args); the periodic checkpoint.pt
     (raw weights, the EMA inside the optimizer state) and the NVAE stage-1 checkpoint are refused."""
     data = _read_state_dict(path, LSGM_SOURCE, safe_globals=LSGM_GLOBALS)
     if "dae_optimizer" in data:
@@ -436,4 +436,7 @@ def load_lsgm(path, **overrides) -> tuple[ncsnpp.LSGMScore, dict]:
     architecture = ("LSGM's CIFAR-10 latent score model (nets.ncsnpp.lsgm_cifar10)"
                     + (f" with {overrides}" if overrides else ""))
     dae = _build_and_load(lambda: ncsnpp.lsgm_cifar10(**overrides), data["dae_state_dict"], path, architecture)
-    return dae, dict(data["vae_state_dict"])
+    vae_overrides = vae_overrides or {}
+    vae = _build_and_load(lambda: nvae.cifar10(**vae_overrides), data["vae_state_dict"], path,
+                          "LSGM's CIFAR-10 NVAE (nets.nvae.cifar10)" + (f" with {vae_overrides}" if vae_overrides else ""))
+    return dae, vae
