@@ -36,7 +36,7 @@ with initialize_config_dir(config_dir=sys.argv[2], version_base="1.3"):
                                        "data.batch_size=32", "discriminator.net.width=32", "discriminator.net.depth=2",
                                        "discriminator.net.time_dim=16", "discriminator.lr=3e-3",
                                        "callbacks.sampling.every_n_epochs=1", "callbacks.sampling.num_samples=30",
-                                       "callbacks.sampling.grid_size=4", f"+callbacks.sampling.out_dir={out}/sampling",
+                                       "callbacks.sampling.grid_size=4", "callbacks.sampling.monitor=fid", f"+callbacks.sampling.out_dir={out}/sampling",
                                        f"paths.cache_dir={out}/cache", f"paths.output_dir={out}/out"])
 launch(cfg)
 rank, world_size = dist.get_rank(), dist.get_world_size()
