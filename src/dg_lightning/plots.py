@@ -50,18 +50,23 @@ def key_words(key):
     return f"{KEYS[key]} ({key})" if key in KEYS else key
 
 
+def plane_axes(ax, reference):
+    """Square axes x_1, x_2 of the 2-D plane, 1.3 times the largest coordinate of the reference points."""
+    lim = reference.abs().max().item() * 1.3
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xlabel="$x_1$", ylabel="$x_2$")
+
+
 def toy2d_figure(reference, samples, taus, curves, swd, path):
     """Real data, the named sample sets (no DG, DG, DG with d*) with their SWD to it, and the discriminator's mean log
     ratio over VP time for each named set of `curves`; `swd` also holds the floor (a second data sample)."""
     panels = {"data": reference, **samples}
     fig = Figure(figsize=(3.6 * (len(panels) + 1) + 2, 4.2), layout="constrained")
     axes = fig.subplots(1, len(panels) + 1)
-    lim = reference.abs().max().item() * 1.3
     for ax, (name, x) in zip(axes, panels.items()):
         ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.4)
         score = f"floor ({SETS['floor']}): SWD {swd['floor']:.3f}" if name == "data" else f"SWD {swd[name]:.3f}"
         ax.set_title(f"{SETS[name]}\n{score}", fontsize=10)
-        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xlabel="$x_1$", ylabel="$x_2$")
+        plane_axes(ax, reference)
     ax = axes[-1]
     for name, values in curves.items():
         ax.plot(taus, values, label=SETS[name])
@@ -83,8 +88,7 @@ def sampling_points_figure(reference, points, path, epoch, results):
     ax = fig.subplots()
     ax.scatter(reference[:, 0], reference[:, 1], s=1, alpha=0.3, color="grey", label=SETS["data"])
     ax.scatter(points[:, 0], points[:, 1], s=1, alpha=0.5, label="DG samples with this epoch's head")
-    lim = reference.abs().max().item() * 1.3
-    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xlabel="$x_1$", ylabel="$x_2$")
+    plane_axes(ax, reference)
     ax.legend(loc="upper right", markerscale=8, fontsize=8)
     scores = ", ".join(f"{QUANTITIES.get(name, name)} {value:.3f}" for name, value in results.items())
     ax.set_title(f"DG samples after {epoch + 1} epochs of discriminator training\n{scores}", fontsize=10)
