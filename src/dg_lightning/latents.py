@@ -1,13 +1,13 @@
-"""The SD-VAE latent space of DiT-XL/2-G++: the autoencoder, ADM's centre crop, and the resumable
-stage that encodes an ImageNet-style image folder into labelled latent shards (or, for ADM-G++ in pixel space,
-into shards of the uint8 centre crops themselves).
+"""Latent spaces of the latent G++ rows: DiT-XL/2-G++'s SD-VAE (the autoencoder, ADM's centre crop) and LSGM-G++'s NVAE
+(NVAELatents), and the resumable stage that encodes images into latent shards (shard_images: an ImageNet-style image
+folder, or in-memory real images; for ADM-G++ in pixel space, shards of the uint8 centre crops themselves).
 
-Latents are z = 0.18215 E(x) for images x in [-1, 1] NCHW, images are D(z / 0.18215). The autoencoder is
+SD-VAE latents are z = 0.18215 E(x) for images x in [-1, 1] NCHW, images are D(z / 0.18215). The autoencoder is
 diffusers' AutoencoderKL (sd-vae-ft-mse / sd-vae-ft-ema from a local folder; the optional extra `imagenet`) or
 any module with its interface: encode(x).latent_dist with .mean and .std, decode(z).sample.
 The latent shards are in dg_lightning.shards' format (float32 samples, int64 labels), so load_shards and
-sources.load_source read them; sample i is the image order[i] of the folder, flipped and encoded with the
-noise of its own seed (base_seed, i), so a killed run resumes with identical shards.
+sources.load_source read them; sample i is image i, flipped and encoded with the noise of its own seed
+(base_seed, i), so a killed run resumes with identical shards.
 """
 
 import io
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from dg_lightning.distributed import barrier, rank_and_world_size
 from dg_lightning.files import write_atomic
@@ -131,52 +131,98 @@ def to_signed(images):
     return images.float() / 127.5 - 1.0
 
 
-def shard_image_folder(autoencoder: LatentAutoencoder | None, image_dir, out_dir, *, image_size=256, flip=True,
-                        num_samples=None, base_seed=0, batch_size=64, shard_size=1000, num_workers=0,
-                        fingerprint=None, device="cpu", rank=None, world_size=None, progress=True):
-    """The images of an ImageNet-style folder as shards: centre crops, as uint8 pixels (autoencoder None, ADM-G++) or
-    encoded to latents (DiT-G++). Writes this rank's missing shards (k % world_size == rank), then waits for the other
-    ranks (rank and world_size default to this process's place in torch.distributed's group, as generate's).
-
-    Sample i is image order[i] (all images in sorted order, or with num_samples a seeded random subset), centre
-    cropped to image_size, flipped left-right when flip and a coin from its own seed says so, and encoded with
-    noise from the same seed; its label comes from its class folder. Shards hold float32 latents (C, h, w), or with
-    autoencoder None the uint8 crops themselves (image_size, image_size, 3) (NHWC, ADM-G++'s pixel space), and int64
-    labels in the shard format of dg_lightning.shards; finished shards are kept, a folder of another run raises.
-    """
+def shard_image_folder(autoencoder, image_dir, out_dir, *, image_size=256, num_samples=None, base_seed=0, **options):
+    """The images of an ImageNet-style folder as labelled shards (shard_images): centre crops of image_size, as uint8
+    pixels (autoencoder None, ADM-G++) or encoded to latents (DiT-G++). Sample i is image order[i]: all images in
+    sorted order, or with num_samples a seeded random subset; its label comes from its class folder. Returns the
+    class names."""
     files, labels, classes = image_folder(image_dir)
-    rank, world_size = rank_and_world_size(rank, world_size)
     order = np.arange(len(files))
     if num_samples is not None and num_samples < len(files):
         order = np.sort(np.random.default_rng(base_seed).permutation(len(files))[:num_samples])
+    shard_images(autoencoder, CroppedImages([files[j] for j in order], image_size), out_dir, labels=labels[order],
+                 num_classes=len(classes), base_seed=base_seed, name=Path(image_dir).name, **options)
+    return classes
+
+
+def shard_images(autoencoder, images: Dataset, out_dir, *, labels=None, num_classes=None, flip=True, base_seed=0,
+                 batch_size=64, shard_size=1000, num_workers=0, fingerprint=None, device="cpu", rank=None,
+                 world_size=None, progress=True, name="images"):
+    """A dataset of images (item i: (uint8 CHW image, i)) as shards, as uint8 NHWC pixels (autoencoder None) or encoded
+    to latents by the autoencoder (encode(x in [-1, 1], SampleNoise)). Writes this rank's missing shards
+    (k % world_size == rank), then waits for the other ranks (rank and world_size default to this process's place in
+    torch.distributed's group, as generate's).
+
+    Sample i is image i, flipped left-right when flip and a coin from its own seed (base_seed, i) says so, and encoded
+    with noise from the same seed, so a killed run resumes with identical shards. Shards hold float32 latents or the
+    uint8 pixels, and labels[i] (int64, in [0, num_classes)) when labels are given, in the shard format of
+    dg_lightning.shards; finished shards are kept, a folder of another run raises.
+    """
+    rank, world_size = rank_and_world_size(rank, world_size)
     device = torch.device(device)
+    shape = tuple(images[0][0].shape)
     if autoencoder is None:
-        sample_shape, dtype = (image_size, image_size, 3), "uint8"
+        sample_shape, dtype = (*shape[1:], shape[0]), "uint8"
     else:
-        sample_shape = tuple(autoencoder.encode(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1:])
+        sample_shape = tuple(autoencoder.encode(torch.zeros(1, *shape, device=device)).shape[1:])
         dtype = "float32"
-    manifest = {"format": FORMAT, "num_samples": len(order), "shape": [3, image_size, image_size],
-                "sample_shape": list(sample_shape), "shard_size": shard_size, "base_seed": base_seed,
-                "num_classes": len(classes), "dtype": dtype, "fingerprint": fingerprint}
+    manifest = {"format": FORMAT, "num_samples": len(images), "shape": list(shape), "sample_shape": list(sample_shape),
+                "shard_size": shard_size, "base_seed": base_seed, "num_classes": num_classes, "dtype": dtype,
+                "fingerprint": fingerprint}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _, todo = claim_shards(out_dir, manifest, rank, world_size)
-    for k in track(todo, f"encode {Path(image_dir).name} -> {out_dir.name}", enabled=progress):
+    for k in track(todo, f"encode {name} -> {out_dir.name}", enabled=progress):
         indices = shard_indices(manifest, k)
-        images = CroppedImages([files[j] for j in order[indices.start:indices.stop]], image_size)
         samples = np.empty((len(indices), *sample_shape), dtype)
-        for batch, rows in DataLoader(images, batch_size=batch_size, num_workers=num_workers):
+        for batch, rows in DataLoader(Subset(images, indices), batch_size=batch_size, num_workers=num_workers):
+            rows = rows - indices.start
             noise = SampleNoise([sample_seed(base_seed, indices.start + int(row)) for row in rows], device)
             x = batch.to(device)
             if flip:
                 x = torch.where(noise.randint(2).view(-1, 1, 1, 1).bool(), x.flip(-1), x)
             encoded = x.permute(0, 2, 3, 1) if autoencoder is None else autoencoder.encode(to_signed(x), noise)
             samples[rows.numpy()] = encoded.cpu().numpy()
-        arrays = {"samples": samples, "indices": np.arange(indices.start, indices.stop, dtype=np.int64),
-                  "labels": labels[order[indices.start:indices.stop]]}
+        arrays = {"samples": samples, "indices": np.arange(indices.start, indices.stop, dtype=np.int64)}
+        if labels is not None:
+            arrays["labels"] = np.asarray(labels[indices.start:indices.stop], dtype=np.int64)
         write_atomic(out_dir / shard_name(k), lambda f, arrays=arrays: np.savez(f, **arrays))
     barrier()
-    return classes
+
+
+class ArrayImages(Dataset):
+    """Item i: (uint8 CHW image i of an NHWC array, i): in-memory real images for shard_images."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1), i
+
+
+class NVAELatents(nn.Module):
+    """LSGM's NVAE (nets.nvae.NVAE) with LatentAutoencoder's interface, in the latent score model's own coordinates (no
+    scale), frozen in eval mode."""
+
+    def __init__(self, nvae):
+        super().__init__()
+        self.vae = nvae.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def encode(self, images, noise=None):
+        """Latents (B, C, r, r) of images in [-1, 1] NCHW: the NVAE's posterior sample, its standard normals drawn
+        from noise.randn (per-sample streams, a SampleNoise; None: torch's global generator)."""
+        v = self.vae
+        shape = (images.shape[0], v.latent_channels, v.latent_resolution, v.latent_resolution)
+        return v.encode(images, None if noise is None else noise.randn(shape, dtype=images.dtype, device=images.device))
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """Images in [-1, 1] NCHW: the mean of the NVAE decoder's logistic mixture given the latents."""
+        return self.vae.decode(latents).float()
 
 
 def round_trip(decoder: LatentAutoencoder, encoder: LatentAutoencoder, latents, noise, jpeg_quality=None):
