@@ -351,3 +351,41 @@ def test_adm256_classifier_matches_released_256x256_classifier():
     assert shapes["input_blocks.17.1.qkv.weight"] == (1536, 512, 1)
     assert shapes["out.2.positional_embedding"] == (512, 65)
     assert shapes["out.2.c_proj.weight"] == (1000, 512, 1)
+
+
+# --- EncoderDiscriminator: DG's discriminator trained whole (LSGM-G++) ---
+
+def test_lsgm_discriminator_config_has_table_8s_blocks():
+    """conf/discriminator/lsgm_latent.yaml: 180 x 16 x 16 in, one logit; Table 8's 5 ResBlocks and 3 attention blocks
+    (besides the attention pool), attention at resolutions 16 and 8."""
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "discriminator" / "lsgm_latent.yaml").net
+    with torch.device("meta"):
+        net = adm.EncoderDiscriminator(instantiate(node))
+    blocks = [m for m in net.modules() if isinstance(m, (adm.ResBlock, adm.AttentionBlock))]
+    assert sum(isinstance(m, adm.ResBlock) for m in blocks) == 5
+    attention_widths = [m.norm.num_channels for m in blocks if isinstance(m, adm.AttentionBlock)]
+    assert attention_widths == [128, 256, 256]  # at 16 x 16 (width 128), at 8 x 8 and in the middle block (256)
+    assert (net.net.in_channels, net.net.image_size, net.net.out_channels) == (180, 16, 1)
+
+
+def test_encoder_discriminator_is_its_encoders_logit_at_999_tau():
+    torch.manual_seed(0)
+    encoder = adm.EncoderUNet(image_size=8, in_channels=3, model_channels=32, out_channels=1, num_res_blocks=1,
+                              attention_resolutions=(2,), channel_mult=(1, 2), num_head_channels=32).eval()
+    x, tau = torch.randn(3, 3, 8, 8), torch.tensor([0.01, 0.5, 1.0])
+    with torch.no_grad():
+        assert torch.equal(adm.EncoderDiscriminator(encoder)(x, tau), encoder(x, 999.0 * tau).squeeze(1))
+    with pytest.raises(ValueError, match="tau must have shape"):
+        adm.EncoderDiscriminator(encoder)(x, tau[:2])
+
+
+def test_encoder_discriminator_refuses_more_than_one_logit():
+    encoder = adm.EncoderUNet(image_size=8, in_channels=3, model_channels=32, out_channels=2, num_res_blocks=1,
+                              attention_resolutions=(), channel_mult=(1,), num_head_channels=32)
+    with pytest.raises(ValueError, match="out_channels=1"):
+        adm.EncoderDiscriminator(encoder)

@@ -211,6 +211,11 @@ class NVAELatents(nn.Module):
         super().__init__()
         self.vae = nvae.eval().requires_grad_(False)
 
+    @property
+    def image_shape(self):
+        """The decoded images' (C, H, W)."""
+        return (self.vae.img_channels, self.vae.img_resolution, self.vae.img_resolution)
+
     @torch.no_grad()
     def encode(self, images, noise=None):
         """Latents (B, C, r, r) of images in [-1, 1] NCHW: the NVAE's posterior sample, its standard normals drawn

@@ -289,6 +289,12 @@ def check_config(image_size, widths, attention_resolutions, num_head_channels, p
         )
 
 
+def check_times(x_vp, tau):
+    """Raise ValueError unless tau holds one time per input of x_vp."""
+    if tau.shape != (x_vp.shape[0],):
+        raise ValueError(f"tau must have shape ({x_vp.shape[0]},) to match x_vp, got {tuple(tau.shape)}")
+
+
 class Discriminator(nn.Module):
     """DG's time-dependent discriminator: logit log(d/(1-d)) of a trainable head on a frozen ADM classifier's
     middle-block features. Both networks see timesteps 999 * time_map(tau)."""
@@ -313,11 +319,26 @@ class Discriminator(nn.Module):
 
     def forward(self, x_vp, tau, class_labels=None):
         """Logit (B,) for inputs x_vp in VP coordinates at LVP times tau (B,); class_labels are int64 indices (B,)."""
-        if tau.shape != (x_vp.shape[0],):
-            raise ValueError(f"tau must have shape ({x_vp.shape[0]},) to match x_vp, got {tuple(tau.shape)}")
+        check_times(x_vp, tau)
         timesteps = 999.0 * (tau if self.time_map is None else self.time_map(tau))
         features = self.feature_extractor(x_vp, timesteps, features=True)
         return self.head(features, timesteps, class_labels).squeeze(1)
+
+
+class EncoderDiscriminator(nn.Module):
+    """DG's time-dependent discriminator trained whole, from scratch (LSGM-G++, where no pretrained classifier of the
+    latents exists): the logit log(d/(1-d)) of one EncoderUNet with out_channels=1, at timesteps 999 tau."""
+
+    def __init__(self, net: EncoderUNet):
+        super().__init__()
+        if net.out_channels != 1:
+            raise ValueError(f"the discriminator's EncoderUNet must give one logit (out_channels=1), got {net.out_channels}")
+        self.net = net
+
+    def forward(self, x_vp, tau, class_labels=None):
+        """Logit (B,) for inputs x_vp in VP coordinates at LVP times tau (B,); class_labels are int64 indices (B,)."""
+        check_times(x_vp, tau)
+        return self.net(x_vp, 999.0 * tau, class_labels).squeeze(1)
 
 
 def adm_classifier(image_size, channel_mult, num_res_blocks, **overrides):

@@ -24,7 +24,7 @@ from dg_lightning.config import ConfigError, require_count, require_held_out
 from dg_lightning.held_out import resolve_t_max, sampling_window
 from dg_lightning.metrics import FID_REFERENCE_ARRAYS, GenerativeMetrics, inception_features
 from dg_lightning.nets.edm import IndexLabels
-from dg_lightning.pipelines.images import device_of, sample_images
+from dg_lightning.pipelines.images import device_of, image_sampler, sample_images
 from dg_lightning.pipelines.recipe import Pipeline, Stage, train_stage
 from dg_lightning.released import (
     DISCRIMINATOR_FILES,
@@ -34,7 +34,6 @@ from dg_lightning.released import (
     require_arrays,
     require_released,
 )
-from dg_lightning.sampling import build_sampler
 from dg_lightning.seeds import stream_base_seed
 from dg_lightning.sources import load_source
 from dg_lightning.training import train_discriminator
@@ -129,7 +128,7 @@ def load(run):
     if real is not None and num_classes and real.labels.max() >= num_classes:
         raise ConfigError("data.path", f"{cfg.data.path} has labels up to {real.labels.max().item()} but the score "
                           f"network has {num_classes} classes", "use the real data of the score network's data set")
-    return SimpleNamespace(score_model=score_model, num_classes=num_classes, real=real)
+    return SimpleNamespace(score_model=score_model, num_classes=num_classes, real=real, decoder=None)
 
 
 def generate_fakes(run):
@@ -161,12 +160,13 @@ def edm_metrics(cfg: DictConfig, real):
 
 
 def sampling_task(cfg: DictConfig, loaded):
-    """The guided-sampling callback's task: DG samples of the score network from the current discriminator, scored as
-    the sample stage scores (FID against metrics.fid_reference; precision / recall against as many real images)."""
+    """The guided-sampling callback's task: DG samples of the score network from the current discriminator (decoded
+    by loaded.decoder for a latent score model), scored as the sample stage scores (FID against metrics.fid_reference;
+    precision / recall against as many real images)."""
     c, window = cfg.callbacks.sampling, sampling_window(cfg)
     real = real_reference(loaded.real, c.num_samples, c.seed)
-    return SamplingTask(lambda discriminator, latents, labels, noise: build_sampler(window, loaded.score_model, discriminator)(
-                            latents, labels, noise),
+    return SamplingTask(lambda discriminator, latents, labels, noise: image_sampler(window, loaded.score_model, discriminator,
+                                                                                    loaded.decoder)(latents, labels, noise),
                         edm_metrics(cfg, real), (loaded.score_model.img_channels, loaded.score_model.img_resolution,
                                                  loaded.score_model.img_resolution),
                         real_images=None if real is None else torch.from_numpy(real).permute(0, 3, 1, 2),
@@ -190,7 +190,8 @@ def train(run):
 def sample_unguided(run):
     """The baseline: metrics.num_samples samples without DG at the evaluation's seeds (shared by every DG setting)."""
     cfg, loaded, m = run.cfg, run.results["load"], run.cfg.metrics
-    return sample_images(cfg, loaded.score_model, run.folder, m.num_samples, m.sampling_seed, num_classes=loaded.num_classes)
+    return sample_images(cfg, loaded.score_model, run.folder, m.num_samples, m.sampling_seed, num_classes=loaded.num_classes,
+                         decoder=loaded.decoder)
 
 
 def sample(run):
@@ -199,7 +200,7 @@ def sample(run):
     cfg, loaded, m = resolve_t_max(run.cfg, run.folders["train"], run.metrics), run.results["load"], run.cfg.metrics
     samples = {
         "eval": sample_images(cfg, loaded.score_model, run.out_dir / "samples_dg", m.num_samples, m.sampling_seed,
-                              run.results["train"], loaded.num_classes),
+                              run.results["train"], loaded.num_classes, loaded.decoder),
         "eval_unguided": run.results["sample_unguided"],
     }
     reference = real_reference(loaded.real, m.num_samples, m.sampling_seed)
@@ -216,6 +217,12 @@ SCORING_FILES = ("metrics.fid_reference", "metrics.inception_path")
 SCORING = ("sampler", "metrics.features", "metrics.feature_net", *SCORING_FILES)  # what the sampling callback's scores
                                                                                   # depend on, besides the head
 
+# The last two stages, shared with the latent pipeline (pipelines.lsgm): samples without and with DG, and their scores.
+SAMPLE_UNGUIDED = Stage("sample_unguided", sample_unguided, keys=("sampler", "metrics.num_samples", "metrics.sampling_seed"),
+                        inputs=("load",))
+SAMPLE = Stage("sample", sample, keys=("sampler", "guidance", "metrics"), files=SCORING_FILES,
+               inputs=("load", "train", "sample_unguided"))
+
 PIPELINE = Pipeline("edm", check=check, stages=(
     Stage("load", load, keys=("score", "data.path", "data.crop", "data.num_real", "discriminator.conditional"),
           uses=("discriminator.classifier.config", "discriminator.classifier.overrides", "data.num_held_out"),
@@ -224,8 +231,6 @@ PIPELINE = Pipeline("edm", check=check, stages=(
           when=trains),
     train_stage(train, ("seed", "data", "discriminator"), SCORING, DISCRIMINATOR_FILES, SCORING_FILES,
                 inputs=("load", "generate")),
-    Stage("sample_unguided", sample_unguided, keys=("sampler", "metrics.num_samples", "metrics.sampling_seed"),
-          inputs=("load",)),
-    Stage("sample", sample, keys=("sampler", "guidance", "metrics"),
-          files=("metrics.fid_reference", "metrics.inception_path"), inputs=("load", "train", "sample_unguided")),
+    SAMPLE_UNGUIDED,
+    SAMPLE,
 ))

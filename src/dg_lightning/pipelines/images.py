@@ -1,5 +1,5 @@
-"""Helpers shared by the image pipelines: sharded sampling of an image score model through the sampler builder,
-frozen weights from a stage file and the device a run's networks use."""
+"""Helpers shared by the image pipelines: sharded sampling of an image score model (or of a latent one, decoded)
+through the sampler builder, frozen weights from a stage file and the device a run's networks use."""
 
 import torch
 from omegaconf import DictConfig
@@ -22,14 +22,41 @@ def frozen(net, weights):
     return net.eval().requires_grad_(False)
 
 
-def sample_images(cfg: DictConfig, score_model, folder, num_samples, base_seed, discriminator=None, num_classes=None):
+class Decoded:
+    """generate's sample_fn of a latent sampler whose latents the decoder (decode(latents) -> images in [-1, 1], and
+    its image_shape) maps to images; nfe is the latent sampler's count of score-model evaluations."""
+
+    def __init__(self, sample_fn, decoder):
+        self.sample_fn, self.decoder = sample_fn, decoder
+
+    @property
+    def nfe(self):
+        """The latent sampler's NFE per batch (sampling.SampleFn.nfe)."""
+        return self.sample_fn.nfe
+
+    def __call__(self, latents, class_labels, noise=None):
+        """Images of the latents sampled from `latents`."""
+        return self.decoder.decode(self.sample_fn(latents, class_labels, noise))
+
+
+def image_sampler(cfg: DictConfig, score_model, discriminator=None, decoder=None):
+    """generate's sample_fn of the configured sampler on score_model (with DG when a discriminator is given), its
+    samples decoded to images by the decoder of a latent score model when one is given."""
+    sample_fn = build_sampler(cfg, score_model, discriminator)
+    return sample_fn if decoder is None else Decoded(sample_fn, decoder)
+
+
+def sample_images(cfg: DictConfig, score_model, folder, num_samples, base_seed, discriminator=None, num_classes=None,
+                  decoder=None):
     """uint8 NHWC images of the configured sampler on an image score model (an EDM denoiser or a VP score model with
-    img_channels and img_resolution; with DG when a discriminator is given) through the sharded, resumable generator,
-    on the model's device; with num_classes, sample i gets an int64 class label drawn from its own seed. The shard
-    folder's manifest holds the sampler's (and guidance's) fingerprint."""
+    img_channels and img_resolution; with DG when a discriminator is given), or on a latent one whose samples the
+    decoder maps to images, through the sharded, resumable generator, on the model's device; with num_classes, sample
+    i gets an int64 class label drawn from its own seed. The shard folder's manifest holds the sampler's (and
+    guidance's) fingerprint."""
     shape = (score_model.img_channels, score_model.img_resolution, score_model.img_resolution)
     keys = ["sampler", "guidance"] if discriminator is not None else ["sampler"]
-    generate(build_sampler(cfg, score_model, discriminator), folder, num_samples, shape, base_seed=base_seed,
-             batch_size=cfg.metrics.batch_size, num_classes=num_classes, fingerprint=fingerprint(cfg, keys),
+    generate(image_sampler(cfg, score_model, discriminator, decoder), folder, num_samples, shape, base_seed=base_seed,
+             batch_size=cfg.metrics.batch_size, num_classes=num_classes,
+             out_shape=None if decoder is None else decoder.image_shape, fingerprint=fingerprint(cfg, keys),
              device=next(score_model.parameters()).device)
     return load_shards(folder)[0]
