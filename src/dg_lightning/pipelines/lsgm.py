@@ -14,7 +14,13 @@ from dg_lightning.generate import generate
 from dg_lightning.latents import ArrayImages, NVAELatents, shard_images
 from dg_lightning.metrics import FID_REFERENCE_ARRAYS
 from dg_lightning.nets.adm import EncoderDiscriminator
-from dg_lightning.pipelines.edm import SAMPLE, SAMPLE_UNGUIDED, SCORING, SCORING_FILES, sampling_task
+from dg_lightning.pipelines.edm import (
+    SAMPLE,
+    SAMPLE_UNGUIDED,
+    SCORING,
+    SCORING_FILES,
+    sampling_task,
+)
 from dg_lightning.pipelines.images import device_of
 from dg_lightning.pipelines.recipe import Pipeline, Stage, fingerprint, train_stage
 from dg_lightning.released import FID_REFS_SOURCE, require_arrays, require_released
