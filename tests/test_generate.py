@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from dg_lightning.files import write_atomic
-from dg_lightning.generate import generate, sample_batches
+from dg_lightning.generate import counts_nfe, generate, sample_batches
+from dg_lightning.pipelines.images import Decoded, mean_nfe
 from dg_lightning.seeds import SampleNoise, sample_seed
-from dg_lightning.shards import MANIFEST, ShardError, check_shard_headers, load_shards, shard_name
+from dg_lightning.shards import MANIFEST, ShardError, check_shard_headers, load_nfe, load_shards, shard_name
 
 SHAPE = (3, 4, 5)  # C, H, W: stored as (4, 5, 3)
 N, SHARD = 20, 6  # shards of 6, 6, 6, 2
@@ -42,6 +43,19 @@ class Recorder:
         if self.fail_at is not None and self.calls > self.fail_at:
             raise RuntimeError("simulated crash")
         return toy_fn(latents, labels, noise)
+
+
+class Counting(Recorder):
+    """Recorder that counts NFE as sampling.SampleFn does: batch b (from 0) appends 7 (b + 1) to nfe."""
+
+    def __init__(self, fail_at=None):
+        super().__init__(fail_at)
+        self.nfe = []
+
+    def __call__(self, latents, labels, noise):
+        x = super().__call__(latents, labels, noise)
+        self.nfe.append(7 * (len(self.nfe) + 1))
+        return x
 
 
 def expected_sample(i, base_seed=0, num_classes=None):
@@ -146,6 +160,63 @@ def test_resume_after_a_crash_makes_only_the_missing_samples(tmp_path):
     again = Recorder()
     generate(again, tmp_path / "part", N, SHAPE, shard_size=SHARD, progress=False)
     assert again.calls == 0
+
+
+def test_a_counting_sample_fn_stores_its_batch_nfe_with_each_sample(tmp_path):
+    counting = Counting()
+    assert counts_nfe(counting) and counts_nfe(Decoded(counting, decoder=None)) and not counts_nfe(toy_fn)
+    generate(counting, tmp_path, N, SHAPE, batch_size=4, shard_size=SHARD, num_classes=3, progress=False)
+    # Shards of 6, 6, 6, 2 in batches of 4: batches of 4, 2 | 4, 2 | 4, 2 | 2, the b-th spending 7 (b + 1).
+    expected = np.repeat(7 * np.arange(1, 8), [4, 2, 4, 2, 4, 2, 2])
+    assert counting.nfe == [7, 14, 21, 28, 35, 42, 49]
+    assert json.loads((tmp_path / MANIFEST).read_text())["nfe"] is True
+    with np.load(tmp_path / shard_name(1)) as shard:
+        assert set(shard.files) == {"samples", "indices", "labels", "nfe"}
+        assert shard["nfe"].dtype == np.int64 and shard["nfe"].tolist() == [21] * 4 + [28] * 2
+    nfe = load_nfe(tmp_path)
+    assert nfe.dtype == np.int64 and np.array_equal(nfe, expected)
+    assert mean_nfe(tmp_path) == (4 * (7 + 21 + 35) + 2 * (14 + 28 + 42 + 49)) / N
+    generate(toy_fn, tmp_path / "plain", N, SHAPE, batch_size=4, shard_size=SHARD, num_classes=3, progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(load_shards(tmp_path), load_shards(tmp_path / "plain")))
+
+
+def test_a_sample_fn_that_does_not_count_stores_no_nfe(tmp_path):
+    generate(toy_fn, tmp_path, N, SHAPE, shard_size=SHARD, progress=False)
+    assert json.loads((tmp_path / MANIFEST).read_text())["nfe"] is False
+    assert all(set(np.load(tmp_path / name).files) == {"samples", "indices"} for name in shard_files(tmp_path))
+    assert load_nfe(tmp_path) is None and mean_nfe(tmp_path) is None
+
+
+def test_a_folder_written_before_shards_stored_nfe_loads_and_resumes_storing_none(tmp_path):
+    generate(toy_fn, tmp_path / "full", N, SHAPE, shard_size=SHARD, progress=False)
+    folder = tmp_path / "old"
+    generate(toy_fn, folder, N, SHAPE, shard_size=SHARD, progress=False)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    del manifest["nfe"]  # the manifest as generate wrote it before shards stored NFE
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    assert np.array_equal(load_shards(folder)[0], load_shards(tmp_path / "full")[0]) and load_nfe(folder) is None
+    (folder / shard_name(2)).unlink()
+    kept = {name: (folder / name).stat().st_mtime_ns for name in (shard_name(0), shard_name(1))}
+
+    resumed = Recorder()  # its shards are finished: only the missing one is made
+    generate(resumed, folder, N, SHAPE, shard_size=SHARD, progress=False)
+    assert resumed.calls == SHARD and kept == {name: (folder / name).stat().st_mtime_ns for name in kept}
+
+    (folder / shard_name(3)).unlink()
+    counting = Counting()  # a counting run resumes it too, and stores no NFE in the shard it makes
+    generate(counting, folder, N, SHAPE, shard_size=SHARD, progress=False)
+    assert counting.calls == N - 3 * SHARD and counting.nfe == [7]
+    assert kept == {name: (folder / name).stat().st_mtime_ns for name in kept}
+    assert all(set(np.load(folder / name).files) == {"samples", "indices"} for name in shard_files(folder))
+    assert "nfe" not in json.loads((folder / MANIFEST).read_text())
+    assert np.array_equal(load_shards(folder)[0], load_shards(tmp_path / "full")[0]) and load_nfe(folder) is None
+
+
+def test_a_folder_that_stores_nfe_refuses_a_run_that_does_not_count_it(tmp_path):
+    generate(Counting(), tmp_path, N, SHAPE, shard_size=SHARD, progress=False)
+    with pytest.raises(ValueError, match="nfe: the folder's shards store each sample's NFE, this run's sample_fn does "
+                                         "not count it"):
+        generate(toy_fn, tmp_path, N, SHAPE, shard_size=SHARD, progress=False)
 
 
 KILL_SCRIPT = """

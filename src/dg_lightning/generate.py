@@ -13,7 +13,7 @@ from dg_lightning.files import write_atomic
 from dg_lightning.progress import bar
 from dg_lightning.seeds import SampleNoise, sample_seed
 from dg_lightning.shards import (DTYPES, FORMAT, claim, is_finished, num_shards, remove_stale_temps, shard_indices,
-                                 shard_name, to_uint8)
+                                 shard_name, stores_nfe, to_uint8)
 
 
 def sample_batches(sample_fn, indices, shape, base_seed=0, num_classes=None, batch_size=64, device="cpu", out_shape=None):
@@ -53,15 +53,23 @@ def _describe(indices):
 
 def claim_shards(out_dir, manifest, rank, world_size):
     """Claim out_dir for `manifest` (rank 0 writes it, the others check it once it is there), remove this rank's stale
-    temporary files, and return (this rank's shard indices, those of them not finished yet)."""
+    temporary files, and return (the folder's manifest (shards.claim), this rank's shard indices, those of them not
+    finished yet)."""
     if rank == 0:  # rank 0 writes the manifest; the others check it once it is there
-        claim(out_dir, manifest)
+        manifest = claim(out_dir, manifest)
     barrier()
     if rank != 0:
-        claim(out_dir, manifest)
+        manifest = claim(out_dir, manifest)
     mine = range(rank, num_shards(manifest), world_size)
     remove_stale_temps(out_dir, {shard_name(k) for k in mine})
-    return mine, [k for k in mine if not is_finished(out_dir / shard_name(k), manifest, k)]
+    return manifest, mine, [k for k in mine if not is_finished(out_dir / shard_name(k), manifest, k)]
+
+
+
+def counts_nfe(sample_fn):
+    """Whether sample_fn counts the score model's evaluations: an `nfe` list it appends each batch's NFE to
+    (sampling.SampleFn, images.Decoded)."""
+    return isinstance(getattr(sample_fn, "nfe", None), list)
 
 
 
@@ -96,7 +104,8 @@ def generate(
     (a SampleNoise) so that sample i is the same for any batch size, rank count or resume. Gradients
     stay enabled (guidance needs them). `fingerprint` (e.g. a hash of the config) goes into the
     manifest: a folder made by different settings raises instead of mixing runs. Finished shards are
-    checked and kept; a damaged one is made again.
+    checked and kept; a damaged one is made again. A sample_fn that counts NFE (counts_nfe) gets each sample's NFE
+    (its batch's) stored with it, unless the folder was written storing none (shards.claim).
     """
     out_dir = Path(out_dir)
     out_shape = tuple(int(s) for s in (shape if out_shape is None else out_shape))
@@ -127,9 +136,10 @@ def generate(
         "num_classes": num_classes,
         "dtype": dtype,
         "fingerprint": fingerprint,
+        "nfe": counts_nfe(sample_fn),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    mine, todo = claim_shards(out_dir, manifest, rank, world_size)
+    manifest, mine, todo = claim_shards(out_dir, manifest, rank, world_size)
     with bar(progress) as progress_bar:
         total = sum(len(shard_indices(manifest, k)) for k in mine)
         done = total - sum(len(shard_indices(manifest, k)) for k in todo)
@@ -143,11 +153,13 @@ def generate(
 
 
 def _make_shard(sample_fn, manifest, out_shape, k, batch_size, device, advance):
-    """Run sample_fn over shard k in batches; returns the shard's arrays and calls advance(n) after each batch."""
+    """Run sample_fn over shard k in batches; returns the shard's arrays (with each sample's NFE, the last entry of
+    sample_fn.nfe after its batch, when the manifest stores NFE) and calls advance(n) after each batch."""
     indices = shard_indices(manifest, k)
     classes = manifest["num_classes"]
     samples = np.empty((len(indices), *manifest["sample_shape"]), manifest["dtype"])
     labels = np.empty(len(indices), np.int64) if classes else None
+    nfe = np.empty(len(indices), np.int64) if stores_nfe(manifest) else None
     batches = sample_batches(sample_fn, indices, manifest["shape"], manifest["base_seed"], classes, batch_size, device, out_shape)
     for batch, x, class_labels in batches:
         rows = slice(batch.start - indices.start, batch.stop - indices.start)
@@ -156,6 +168,9 @@ def _make_shard(sample_fn, manifest, out_shape, k, batch_size, device, advance):
         samples[rows] = x.cpu().numpy()
         if classes:
             labels[rows] = class_labels.cpu().numpy()
+        if nfe is not None:
+            nfe[rows] = sample_fn.nfe[-1]
         advance(len(batch))
     arrays = {"samples": samples, "indices": np.arange(indices.start, indices.stop, dtype=np.int64)}
-    return arrays if labels is None else {**arrays, "labels": labels}
+    extras = {"labels": labels, "nfe": nfe}
+    return {**arrays, **{name: array for name, array in extras.items() if array is not None}}

@@ -171,7 +171,7 @@ def shard_images(autoencoder, images: Dataset, out_dir, *, labels=None, num_clas
                 "fingerprint": fingerprint}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _, todo = claim_shards(out_dir, manifest, rank, world_size)
+    _, _, todo = claim_shards(out_dir, manifest, rank, world_size)
     for k in track(todo, f"encode {name} -> {out_dir.name}", enabled=progress):
         indices = shard_indices(manifest, k)
         samples = np.empty((len(indices), *sample_shape), dtype)

@@ -3,7 +3,9 @@
 - `samples`: uint8 NHWC images quantised as clip(x * 127.5 + 128, 0, 255) (EDM's and the DG authors'
   convention), or float32 arrays stored as returned (toy 2-D points, latents);
 - `indices`: int64 sample indices;
-- `labels`: int64 class labels, only when the run is conditional.
+- `labels`: int64 class labels, only when the run is conditional;
+- `nfe`: int64 score-model evaluations spent on each sample (its batch's NFE), only when the manifest's `nfe` is true
+  (the sampler counts them; manifests written before shards stored it have no such key: no NFE).
 Each file is written atomically (files.write_atomic), so a killed run leaves only complete shards.
 """
 
@@ -76,8 +78,17 @@ def read_manifest(path):
 
 
 
+def stores_nfe(manifest):
+    """Whether the run's shards hold each sample's NFE (`nfe`); a manifest without the key (written before shards
+    stored it) means none."""
+    return manifest.get("nfe", False)
+
+
+
 def claim(out_dir, manifest):
-    """Write the manifest if the folder has none, then check that the folder's manifest is this run's."""
+    """Write the manifest if the folder has none, check that the folder's manifest is this run's and return it. Only
+    `nfe` may differ, one way: a run that counts NFE resumes a folder that stores none (written before shards stored
+    it) and then stores none either."""
     path = out_dir / MANIFEST
     if not path.exists():
         write_atomic(path, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
@@ -85,13 +96,16 @@ def claim(out_dir, manifest):
     diffs = [
         f"{key}: folder has {found.get(key)!r}, this run has {value!r}"
         for key, value in manifest.items()
-        if found.get(key) != value
+        if key != "nfe" and found.get(key) != value
     ]
+    if stores_nfe(found) and not stores_nfe(manifest):
+        diffs.append("nfe: the folder's shards store each sample's NFE, this run's sample_fn does not count it")
     if diffs:
         raise ValueError(
             f"{path}: {out_dir} holds another run's samples ({'; '.join(diffs)}). "
             f"Generate into another folder, or delete {out_dir} to start over."
         )
+    return found
 
 
 
@@ -140,6 +154,18 @@ def load_shards(folder, expect_shape=None, expect_labels=None):
         if labels is not None:
             labels[rows] = arrays["labels"]
     return samples, labels
+
+
+
+def load_nfe(folder):
+    """The int64 NFE of every sample of a finished run in index order (N,), or None when its shards store none (the
+    manifest's `nfe`); every shard is checked as check_shard_headers checks it, without reading the samples."""
+    folder = Path(folder)
+    manifest = finished_manifest(folder)
+    if not stores_nfe(manifest):
+        return None
+    return np.concatenate([shard_headers(folder / shard_name(k), manifest, k)[1]["nfe"]
+                           for k in range(num_shards(manifest))])
 
 
 
@@ -192,6 +218,7 @@ def shard_error(path, manifest, k, problem):
     return ShardError(
         f"{path}: {problem}; expected an .npz with 'samples' {manifest['dtype']} {(n, *manifest['sample_shape'])}, "
         f"'indices' int64 {indices.start}..{indices.stop - 1}" + (f", 'labels' int64 ({n},) in [0, {classes})" if classes else "")
+        + (f", 'nfe' int64 ({n},) >= 1" if stores_nfe(manifest) else "")
     )
 
 
@@ -199,11 +226,12 @@ def shard_error(path, manifest, k, problem):
 def check_shard(path, manifest, k, arrays, samples_form=None):
     """ShardError unless shard k's arrays match the manifest: the names, the samples' dtype and shape, indices = the
     shard's rows, labels in range. samples_form = (dtype, shape) stands in for arrays["samples"] when only the
-    samples' .npy header was read (sources.shard_source)."""
+    samples' .npy header was read (sources.shard_source); nfe >= 1 when the manifest says the shards store it."""
     indices, classes = shard_indices(manifest, k), manifest["num_classes"]
     n = len(indices)
     names = set(arrays) | ({"samples"} if samples_form is not None else set())
-    if names != {"samples", "indices"} | ({"labels"} if classes else set()):
+    expected = {"samples", "indices"} | ({"labels"} if classes else set()) | ({"nfe"} if stores_nfe(manifest) else set())
+    if names != expected:
         raise shard_error(path, manifest, k, f"has keys {sorted(names)}")
     dtype, shape = samples_form or (arrays["samples"].dtype, arrays["samples"].shape)
     if dtype != manifest["dtype"] or tuple(shape) != (n, *manifest["sample_shape"]):
@@ -216,6 +244,11 @@ def check_shard(path, manifest, k, arrays, samples_form=None):
         if labels.dtype != np.int64 or labels.shape != (n,) or labels.min() < 0 or labels.max() >= classes:
             raise shard_error(path, manifest, k, f"'labels' is {labels.dtype} {labels.shape} with values out of range "
                               "or of the wrong form")
+    if stores_nfe(manifest):
+        nfe = arrays["nfe"]
+        if nfe.dtype != np.int64 or nfe.shape != (n,) or nfe.min() < 1:
+            raise shard_error(path, manifest, k, f"'nfe' is {nfe.dtype} {nfe.shape} with values below 1 or of the "
+                              "wrong form")
 
 
 
@@ -259,11 +292,18 @@ def npz_arrays(archive, skip):
 
 
 def check_shard_headers(path, manifest, k):
-    """(byte offset of the samples' rows, int64 labels or None) of shard k, checked against the manifest as read_shard
-    checks it but without reading the samples: only their .npy header (stored_npy) and the small members, through one
-    parse of the zip. Reading every sample instead would cost minutes at each start of every rank (78 GB of ImageNet
-    crops); write_atomic's renames leave only whole shards, so a damaged shard is a cut or replaced file, which this
-    check catches."""
+    """(byte offset of the samples' rows, int64 labels or None) of shard k, checked as shard_headers checks it."""
+    offset, small = shard_headers(path, manifest, k)
+    return offset, small.get("labels")
+
+
+
+def shard_headers(path, manifest, k):
+    """(byte offset of the samples' rows, the shard's other arrays by name) of shard k, checked against the manifest as
+    read_shard checks it but without reading the samples: only their .npy header (stored_npy) and the small members,
+    through one parse of the zip. Reading every sample instead would cost minutes at each start of every rank (78 GB
+    of ImageNet crops); write_atomic's renames leave only whole shards, so a damaged shard is a cut or replaced file,
+    which this check catches."""
     member = "samples.npy"
     try:
         with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
@@ -274,4 +314,4 @@ def check_shard_headers(path, manifest, k):
     except (OSError, ValueError, EOFError, KeyError, struct.error, zipfile.BadZipFile) as e:
         raise shard_error(path, manifest, k, f"unreadable, truncated or corrupt ({type(e).__name__}: {e})") from e
     check_shard(path, manifest, k, small, samples_form=(dtype, shape))
-    return offset, small.get("labels")
+    return offset, small
