@@ -26,6 +26,7 @@ from dg_lightning.sources import center_crop_resize
 
 SMOKES = Path(__file__).resolve().parents[1] / "conf" / "smoke"
 SMOKE, SMOKE_ST = OmegaConf.load(SMOKES / "released.yaml"), OmegaConf.load(SMOKES / "st.yaml")
+SMOKE_EDM = OmegaConf.load(SMOKES / "edm.yaml")
 # experiment: (score network file, resolution, label_dim, ADM classifier config, classifier file, real data file, FID
 # reference)
 EXPERIMENTS = {
@@ -101,9 +102,15 @@ def test_smoke_runs_every_stage_and_caches_them(tmp_path, write_edm_pickle, expe
 
     (run_dir,) = (tmp_path / "logs" / experiment / "runs").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics) == {f"{p}/{k}" for p in ("eval", "eval_unguided") for k in ("fid", "precision", "recall")} | {
+    scores = ("fid", "precision", "recall", "nfe")
+    assert set(metrics) == {f"{p}/{k}" for p in ("eval", "eval_unguided") for k in scores} | {
         "sampling/best_epoch", "sampling/best_fid"}
     assert all(np.isfinite(v) for v in metrics.values())
+    for nfe in (metrics["eval/nfe"], metrics["eval_unguided/nfe"]):  # score-model evaluations per sample (DG's
+        if experiment.startswith("celeba"):                            # discriminator is no score-model call)
+            assert nfe >= 2 + 6 + 1 and (nfe - 3) % 6 == 0  # RK45: 2 to start, 6 per tried step, 1 to denoise
+        else:
+            assert nfe == 2 * SMOKE_EDM.sampler.num_steps - 1 == 5  # EDM's Heun with 3 steps
     assert all(0 <= metrics[f"{p}/{k}"] <= 1 for p in ("eval", "eval_unguided") for k in ("precision", "recall"))
     assert metrics["eval/fid"] != metrics["eval_unguided/fid"]  # DG changed the samples
     # The guided-sampling callback (callbacks.sampling, every epoch in the smoke overlay) scored epoch 0 with the
@@ -125,7 +132,7 @@ def test_smoke_runs_every_stage_and_caches_them(tmp_path, write_edm_pickle, expe
     held_out = json.loads((train / "held_out.json").read_text())["epochs"]  # the held-out diagnostics' figures
     assert [e["epoch"] for e in held_out] == [0] and sum(held_out[0]["count"]) == 2 * SMOKE.data.num_held_out
     weights = torch.load(train / "discriminator.pt", weights_only=True)
-    checkpoint = torch.load(train / "checkpoints" / "epoch000.ckpt", weights_only=False)
+    checkpoint = torch.load(train / "checkpoints" / "epoch000.ckpt", weights_only=True)
     head_keys = {f"discriminator.{k}" for k in weights if k.startswith("head.")}
     assert set(checkpoint["state_dict"]) == head_keys
     assert all(torch.equal(checkpoint["state_dict"][f"discriminator.{k}"], v) for k, v in weights.items()
@@ -165,7 +172,8 @@ def test_released_head_guides_as_it_is_without_fakes_or_training(tmp_path, compo
     head = released_head(released, 1000 if "cond" in experiment else None)
     metrics = run(compose_cfg(f"experiment={experiment}", "+smoke=edm", f"paths.released_dir={released}", "logger=csv",
                               f"discriminator.head_path={head}", "trainer.max_epochs=0", "data.path=null"))
-    assert set(metrics) == {"eval/fid", "eval_unguided/fid"}  # no real images: FID against the reference only
+    assert set(metrics) == {"eval/fid", "eval_unguided/fid", "eval/nfe", "eval_unguided/nfe"}  # no real images: FID
+    assert metrics["eval/nfe"] == metrics["eval_unguided/nfe"] == 5  # against the reference only; Heun, 3 steps
     assert np.isfinite(metrics["eval/fid"]) and metrics["eval/fid"] != metrics["eval_unguided/fid"]
     assert not cache(tmp_path, experiment, "generate") and not cache(tmp_path, experiment, "train")
 

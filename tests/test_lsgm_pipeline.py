@@ -60,9 +60,11 @@ def test_smoke_runs_every_stage_on_latents_and_caches_them(tmp_path):
 
     (run_dir,) = (tmp_path / "logs" / EXPERIMENT / "runs").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert {f"{p}/{k}" for p in ("eval", "eval_unguided") for k in ("fid", "precision", "recall")} | {
+    assert {f"{p}/{k}" for p in ("eval", "eval_unguided") for k in ("fid", "precision", "recall", "nfe")} | {
         "sampling/best_epoch", "sampling/best_fid"} <= set(metrics)
     assert all(np.isfinite(v) for v in metrics.values())
+    # RK45 on the latent PF-ODE spends 2 score-model evaluations to start and 6 per tried step (LSGM does not denoise).
+    assert all(metrics[f"{p}/nfe"] >= 8 and (metrics[f"{p}/nfe"] - 2) % 6 == 0 for p in ("eval", "eval_unguided"))
     assert metrics["eval/fid"] != metrics["eval_unguided/fid"]  # DG changed the samples
     (logged,) = [row for row in csv.DictReader((run_dir / "csv" / "metrics.csv").open()) if row.get("sampling/fid")]
     assert int(logged["epoch"]) == metrics["sampling/best_epoch"] == 0

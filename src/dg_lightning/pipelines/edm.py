@@ -24,7 +24,7 @@ from dg_lightning.config import ConfigError, require_count, require_held_out
 from dg_lightning.held_out import resolve_t_max, sampling_window
 from dg_lightning.metrics import FID_REFERENCE_ARRAYS, GenerativeMetrics, inception_features
 from dg_lightning.nets.edm import IndexLabels
-from dg_lightning.pipelines.images import device_of, image_sampler, sample_images
+from dg_lightning.pipelines.images import device_of, image_sampler, mean_nfe, sample_images
 from dg_lightning.pipelines.recipe import Pipeline, Stage, train_stage
 from dg_lightning.released import (
     DISCRIMINATOR_FILES,
@@ -196,10 +196,12 @@ def sample_unguided(run):
 
 def sample(run):
     """DG samples from the same seeds as the baseline; {fid} of both against metrics.fid_reference, plus {precision,
-    recall} against as many real images when data.path is given."""
+    recall} against as many real images when data.path is given, and {nfe} (the mean per sample) when the sample
+    folders store it."""
     cfg, loaded, m = resolve_t_max(run.cfg, run.folders["train"], run.metrics), run.results["load"], run.cfg.metrics
+    folders = {"eval": run.out_dir / "samples_dg", "eval_unguided": run.folders["sample_unguided"]}
     samples = {
-        "eval": sample_images(cfg, loaded.score_model, run.out_dir / "samples_dg", m.num_samples, m.sampling_seed,
+        "eval": sample_images(cfg, loaded.score_model, folders["eval"], m.num_samples, m.sampling_seed,
                               run.results["train"], loaded.num_classes, loaded.decoder),
         "eval_unguided": run.results["sample_unguided"],
     }
@@ -211,6 +213,9 @@ def sample(run):
         metrics.feed(images, False, m.batch_size)
         run.metrics.update({f"{prefix}/{name}": value for name, value in metrics.compute().items()})
         metrics.reset()
+        nfe = mean_nfe(folders[prefix])
+        if nfe is not None:
+            run.metrics[f"{prefix}/nfe"] = nfe
 
 
 SCORING_FILES = ("metrics.fid_reference", "metrics.inception_path")

@@ -1,5 +1,6 @@
 """Helpers shared by the image pipelines: sharded sampling of an image score model (or of a latent one, decoded)
-through the sampler builder, frozen weights from a stage file and the device a run's networks use."""
+through the sampler builder, the mean NFE of a sample folder, frozen weights from a stage file and the device a run's
+networks use."""
 
 import torch
 from omegaconf import DictConfig
@@ -8,7 +9,7 @@ from dg_lightning.files import load_weights
 from dg_lightning.generate import generate
 from dg_lightning.pipelines.recipe import fingerprint
 from dg_lightning.sampling import build_sampler
-from dg_lightning.shards import load_shards
+from dg_lightning.shards import load_nfe, load_shards
 
 
 def device_of(cfg: DictConfig):
@@ -60,3 +61,10 @@ def sample_images(cfg: DictConfig, score_model, folder, num_samples, base_seed, 
              out_shape=None if decoder is None else decoder.image_shape, fingerprint=fingerprint(cfg, keys),
              device=next(score_model.parameters()).device)
     return load_shards(folder)[0]
+
+
+def mean_nfe(folder):
+    """The mean number of score-model evaluations per sample over a finished sample folder (shards.load_nfe), or None
+    when its shards store no NFE."""
+    nfe = load_nfe(folder)
+    return None if nfe is None else float(nfe.mean())
