@@ -18,12 +18,14 @@ from dg_lightning.checkpoints import (
     load_adm_classifier,
     load_dg_discriminator,
     load_edm,
+    load_lsgm,
 )
-from dg_lightning.nets import adm, edm
+from dg_lightning.nets import adm, edm, nvae
 from dg_lightning.score_loss import EDMLoss
 from dg_lightning.sde import cosine_time_from_tau
-from netutils import randomized, randomized_zeros
+from netutils import randomized, randomized_zeros, write_lsgm_checkpoint
 from payloads import EXPLOITS, Exploit
+import test_lsgm
 
 # --- writing EDM-format pickles ---
 
@@ -352,3 +354,15 @@ def test_adm_loader_names_a_missing_file_and_where_to_get_it(tmp_path, config, s
 def test_adm_loader_rejects_an_unknown_config(tmp_path):
     with pytest.raises(ValueError, match=r"must be one of \['adm256', 'adm64', 'cifar10', 'latent'\], got 'imagenet'"):
         load_adm_classifier(tmp_path / "classifier.pt", "imagenet")
+
+
+@pytest.mark.parametrize("entry", ["dae_state_dict", "vae_state_dict"])
+def test_load_lsgm_names_the_state_dict_that_holds_a_non_tensor(tmp_path, entry):
+    path = tmp_path / "checkpoint_fid.pt"
+    states = {"dae_state_dict": test_lsgm.tiny().state_dict(),
+              "vae_state_dict": nvae.cifar10(**test_lsgm.TINY_VAE).state_dict()}
+    states[entry]["step"] = 3  # an int among the tensors: the other state dict is whole
+    write_lsgm_checkpoint(path, states["dae_state_dict"], states["vae_state_dict"], **test_lsgm.TINY_ARGS)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: {entry} has entries that are not tensors "
+                                              r"\(1\): step$"):
+        load_lsgm(path, test_lsgm.TINY_VAE, **test_lsgm.TINY)

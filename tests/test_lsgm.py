@@ -251,8 +251,6 @@ def test_load_lsgm_refuses_a_state_dict_of_another_layout(checkpoint):
       r"'dae_optimizer'\); use checkpoint_fid.pt from the same folder")),
     ({k: {} for k in ("epoch", "global_step", "args", "best_score_fid", "best_score_nll", "vae_state_dict")}
      | {"dae_state_dict": [1.0]}, "'dae_state_dict' holds a list, not a state dict"),
-    ({k: {} for k in ("epoch", "global_step", "args", "best_score_fid", "best_score_nll", "dae_state_dict")}
-     | {"vae_state_dict": {"a": 1.0}}, r"vae_state_dict has entries that are not tensors \(1\): a"),
     ({k: {} for k in ("epoch", "global_step", "args", "best_score_fid", "best_score_nll", "dae_state_dict",
                       "vae_state_dict")}, "'args' holds a dict, not LSGM's argparse.Namespace"),
 ])

@@ -152,15 +152,17 @@ def _key_report(keys, label):
     return f"{label} ({len(keys)}): {', '.join(keys[:MAX_LISTED_KEYS])}{more}"
 
 
-def _build_and_load(build: Callable[[], torch.nn.Module], state, path, architecture):
+def _build_and_load(build: Callable[[], torch.nn.Module], state, path, architecture, entry=None):
     """Build a network, strict-load `state` into it (its tensors replace the fresh ones), return it frozen in eval mode.
 
-    A mismatch raises CheckpointError naming the file, the architecture and the first missing, unexpected and
-    wrongly shaped keys.
+    Entries that are not tensors raise CheckpointError naming the file, the file's `entry` that holds the state (when
+    given) and the first of them; a mismatch raises it naming the file, the architecture and the first missing,
+    unexpected and wrongly shaped keys.
     """
-    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    not_tensors = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise CheckpointError(f"{path}: {_key_report(not_tensors, 'entries that are not tensors')}")
+        holder = f"{entry} has " if entry else ""
+        raise CheckpointError(f"{path}: {holder}{_key_report(not_tensors, 'entries that are not tensors')}")
     net = build()
     expected = net.state_dict()
     missing = [k for k in expected if k not in state]
@@ -427,16 +429,14 @@ def load_lsgm(path, vae_overrides=None, **overrides) -> tuple[ncsnpp.LSGMScore, 
     for key in ("dae_state_dict", "vae_state_dict"):
         if not isinstance(data[key], dict):
             raise CheckpointError(f"{path}: {key!r} holds a {type(data[key]).__name__}, not a state dict")
-    vae_not_tensors = [str(k) for k, v in data["vae_state_dict"].items() if not isinstance(v, torch.Tensor)]
-    if vae_not_tensors:
-        raise CheckpointError(f"{path}: vae_state_dict has "
-                              f"{_key_report(vae_not_tensors, 'entries that are not tensors')}")
     config = {**ncsnpp.LSGM_CIFAR10, **overrides}
     _check_lsgm_args(data["args"], config, path)
     architecture = ("LSGM's CIFAR-10 latent score model (nets.ncsnpp.lsgm_cifar10)"
                     + (f" with {overrides}" if overrides else ""))
-    dae = _build_and_load(lambda: ncsnpp.lsgm_cifar10(**overrides), data["dae_state_dict"], path, architecture)
+    dae = _build_and_load(lambda: ncsnpp.lsgm_cifar10(**overrides), data["dae_state_dict"], path, architecture,
+                          entry="dae_state_dict")
     vae_overrides = vae_overrides or {}
     vae = _build_and_load(lambda: nvae.cifar10(**vae_overrides), data["vae_state_dict"], path,
-                          "LSGM's CIFAR-10 NVAE (nets.nvae.cifar10)" + (f" with {vae_overrides}" if vae_overrides else ""))
+                          "LSGM's CIFAR-10 NVAE (nets.nvae.cifar10)" + (f" with {vae_overrides}" if vae_overrides else ""),
+                          entry="vae_state_dict")
     return dae, vae
