@@ -57,9 +57,9 @@ def test_training_learns_a_separable_pair_and_leaves_the_frozen_part(tmp_path):
     """Real at +2, fake at -2 (in 2-D): after training, diffused reals at small t get positive logits."""
     real = ArraySource(np.full((256, 2), 2.0, dtype=np.float32))
     fake = ArraySource(np.full((256, 2), -2.0, dtype=np.float32))
+    L.seed_everything(0, verbose=False)  # before the network: its frozen features must not depend on earlier tests
     net = FrozenPlusHead()
     frozen_before = net.frozen.weight.clone()
-    L.seed_everything(0, verbose=False)
     trainer = L.Trainer(max_steps=150, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(DiscriminatorModule(net, lr=1e-2), RealFakeDataModule(real, fake, batch_size=64, t_min=1e-3, importance=False))
