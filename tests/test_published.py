@@ -37,7 +37,7 @@ def test_a_published_run_names_its_command_commit_and_machine_and_its_doc_shows_
 @pytest.mark.slow
 def test_the_default_digits_run_gives_the_published_figures(request, tmp_path):
     if not request.config.getoption("--published"):
-        pytest.skip("the default digits run takes about 5 minutes on 2 cores: run with --published")
+        pytest.skip("the default digits run takes about 2 minutes on 2 idle cores: run with --published")
     from test_run import run_py
     run_py(tmp_path, "experiment=digits_edm_g++", one_thread=False)  # as a user runs it: torch's default threads
     (run_dir,) = (tmp_path / "logs" / "digits_edm_g++" / "runs").iterdir()
