@@ -6,6 +6,8 @@ import hashlib
 import inspect
 import json
 import os
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -190,8 +192,13 @@ def test_a_sampler_for_another_kind_of_score_model_is_a_config_error(compose_cfg
     assert not (tmp_path / "logs" / "cache").exists()
 
 
-def test_each_stage_is_announced_as_run_or_cached_and_the_run_ends_with_its_metrics(tmp_path, capsys):
+def test_each_stage_is_announced_as_run_or_cached_and_the_run_ends_with_its_metrics(tmp_path, capsys, monkeypatch):
+    now = [100.0]  # the runner's clock: the made stage takes 2.5 s of it when it runs, the others none
+    monkeypatch.setattr(recipe, "time", types.SimpleNamespace(perf_counter=lambda: now[0], time=time.time))
+
     def write(run):
+        if not (run.folder / "out.txt").exists():
+            now[0] += 2.5
         (run.folder / "out.txt").write_text("x")
         run.metrics["unit/value"] = 0.5
 
@@ -206,6 +213,9 @@ def test_each_stage_is_announced_as_run_or_cached_and_the_run_ends_with_its_metr
     assert "unit/value  0.5" in second
     (folder,) = (tmp_path / "cache" / "unit").iterdir()
     assert json.loads((folder / "stage.json").read_text()) == {"keys": {"seed": 0}, "files": {}, "inputs": []}
+    times = {name: json.loads((tmp_path / name / "stage_times.json").read_text()) for name in ("first", "second")}
+    assert times["first"] == {"made": {"seconds": 2.5, "cached": False}, "plain": {"seconds": 0.0, "cached": False}}
+    assert times["second"] == {"made": {"seconds": 0.0, "cached": True}, "plain": {"seconds": 0.0, "cached": False}}
 
 
 def test_a_released_file_replaced_at_its_path_makes_the_stage_again_and_is_hashed_once_per_size_and_mtime(

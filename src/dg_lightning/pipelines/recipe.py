@@ -14,8 +14,9 @@ The runner gives every pipeline the same machinery:
   a stage sees the results and folders of its declared inputs only;
 - each stage function sees the config through a view that holds only what the stage declares (and RUNTIME): reading
   any other key raises UndeclaredKeyError, so no stage depends on a key its fingerprint misses;
-- resumption (a stage function finds its finished outputs or checkpoints in its folder), the loggers, metrics.json, and
-  the run folder's status marker run.json (running / failed / done, runstatus.py);
+- resumption (a stage function finds its finished outputs or checkpoints in its folder), the loggers, metrics.json,
+  stage_times.json (each stage's wall seconds in this run and whether it came from the cache) and the run folder's
+  status marker run.json (running / failed / done, runstatus.py);
 - a record of each run that uses a stage folder, in the folder's runs/ (what `python -m dg_lightning.cache` lists and
   how it tells a folder in use).
 """
@@ -198,11 +199,15 @@ def config_view(cfg: DictConfig, stage, keys):
     return OmegaConf.create(_restrict(resolved, "", (*keys, *RUNTIME, *trainer), stage))
 
 
+def save_json(obj, path):
+    """Write obj as indented JSON to path, atomically (rank 0)."""
+    atomic_save(obj, path, save=lambda o, f: f.write((json.dumps(o, indent=2, default=str) + "\n").encode()))
+
+
 def write_metrics(out_dir, metrics):
     """Write metrics.json (flat keys, float values) into the run folder (rank 0); returns the path."""
     path = Path(out_dir) / "metrics.json"
-    atomic_save({k: float(v) for k, v in sorted(metrics.items())}, path,
-                save=lambda obj, f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    save_json({k: float(v) for k, v in sorted(metrics.items())}, path)
     return path
 
 
@@ -267,7 +272,7 @@ def run_stages(cfg: DictConfig, pipeline: Pipeline):
     atomic_save(OmegaConf.to_yaml(cfg, resolve=True), out_dir / "resolved_config.yaml",
                 save=lambda text, f: f.write(text.encode()))
     L.seed_everything(cfg.seed, verbose=False)
-    loggers, results, folders, metrics = build_loggers(cfg), {}, {}, {}
+    loggers, results, folders, metrics, times = build_loggers(cfg), {}, {}, {}, {}
     for number, stage in enumerate(pipeline.stages, 1):
         banner = f"stage {number}/{len(pipeline.stages)} {stage.name}:"
         if not stage.when(cfg):
@@ -279,13 +284,16 @@ def run_stages(cfg: DictConfig, pipeline: Pipeline):
             cached = (folder / STAGE_RECORD).is_file()
             announce(f"{banner} {'from the cache' if cached else 'running'} ({folder})")
             view = config_view(cfg, stage.name, (*keys, *stage.uses, *contents))
+            start = time.perf_counter()
             results[stage.name] = stage.run(StageRun(view, folder, out_dir, loggers,
                                                      {name: results[name] for name in ran},
                                                      {name: folders[name] for name in ran}, metrics))
+            times[stage.name] = {"seconds": time.perf_counter() - start, "cached": cached}
             if folder.is_dir() and not cached:
                 record(folder, cfg, keys, [folders[name] for name in ran], contents)
         if stage.name == cfg.stage:
             break
+    save_json(times, out_dir / "stage_times.json")
     write_metrics(out_dir, metrics)
     runs = wandb_lines(loggers)
     finish_loggers(loggers, metrics)
@@ -303,9 +311,8 @@ def record(folder, cfg: DictConfig, keys, inputs, contents):
     """Write the finished stage's record into its folder: the values of its declared keys, its files' content ids and
     its input folders (the runner's sign that the folder is complete, and what a person reads to know what made it)."""
     values = {key: _select(cfg, key) for key in keys}
-    atomic_save({"keys": {k: v for k, v in values.items() if v is not _ABSENT}, "files": contents,
-                 "inputs": [Path(p).name for p in inputs]}, folder / STAGE_RECORD,
-                save=lambda obj, f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
+    save_json({"keys": {k: v for k, v in values.items() if v is not _ABSENT}, "files": contents,
+               "inputs": [Path(p).name for p in inputs]}, folder / STAGE_RECORD)
 
 
 def record_use(folder, out_dir):
