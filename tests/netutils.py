@@ -2,10 +2,14 @@
 
 import argparse
 import pickle
+import sys
 import types
+from unittest import mock
 
 import numpy as np
 import torch
+
+from dg_lightning.score_loss import EDMLoss
 
 
 def randomized(net, seed=0, scale=0.3):
@@ -81,3 +85,68 @@ def write_lsgm_checkpoint(path, dae_state, vae_state, **args):
     content = dict(epoch=1875, global_step=731_250, args=argparse.Namespace(**fields), best_score_fid=np.float64(2.27),
                    best_score_nll=torch.tensor(3.43), dae_state_dict=dae_state, vae_state_dict=vae_state)
     torch.save(content, path, pickle_module=NUMPY1_PICKLE)
+
+
+EDM_PERSISTENCE = "torch_utils.persistence"
+# EDM embeds the defining module's source in every record; a loader that executed it would fail loudly.
+MODULE_SRC = "raise RuntimeError('the module_src embedded in the pickle was executed')\n"
+
+
+class PersistencePickler(pickle.Pickler):
+    """Pickles like EDM's torch_utils.persistence (version 6): every EDM object (network modules, the loss) reduces to
+    reconstruct(meta), meta = {type, version, module_src, class_name, state=its __dict__ plus _init_args and
+    _init_kwargs}; ModuleDict, tensors and parameters are pickled by torch's own reductions."""
+
+    def __init__(self, file, reconstruct, top, init_kwargs, version):
+        super().__init__(file, protocol=4)
+        self.reconstruct, self.top, self.init_kwargs, self.version = reconstruct, top, init_kwargs, version
+
+    def reducer_override(self, obj):
+        if not isinstance(obj, (torch.nn.Module, EDMLoss)) or isinstance(obj, torch.nn.ModuleDict):
+            return NotImplemented
+        # Like EDM's blocks (skip_scale=np.sqrt(0.5), ...), inner records carry numpy floats in their kwargs.
+        kwargs = self.init_kwargs if obj is self.top else {
+            k: np.float64(v) for k, v in vars(obj).items() if isinstance(v, float)}
+        state = dict(vars(obj), _init_args=(), _init_kwargs=kwargs)
+        meta = dict(type="class", version=self.version, module_src=MODULE_SRC, class_name=type(obj).__name__,
+                    state=state)
+        return self.reconstruct, (meta,)
+
+
+def edm_persistence(record):
+    """Stand-ins for EDM's modules torch_utils and torch_utils.persistence, whose _reconstruct_persistent_obj (the
+    global every EDM pickle calls) appends each call's class name to the list `record`."""
+    def reconstruct(meta):
+        record.append(meta["class_name"])
+
+    reconstruct.__module__, reconstruct.__qualname__ = EDM_PERSISTENCE, "_reconstruct_persistent_obj"
+    persistence = types.ModuleType(EDM_PERSISTENCE)
+    persistence._reconstruct_persistent_obj = reconstruct
+    return {"torch_utils": types.ModuleType("torch_utils"), EDM_PERSISTENCE: persistence}
+
+
+def write_edm_pickle(path, net, init_kwargs, version=6, modules=None, **entries):
+    """Write an EDM network pickle {ema, loss_fn, augment_pipe, dataset_kwargs, **entries} whose 'ema' is `net`
+    recorded with constructor kwargs `init_kwargs`, referencing the stand-in modules `modules` (edm_persistence's,
+    fresh by default; in sys.modules only while it pickles). Returns path."""
+    modules = modules or edm_persistence([])
+    data = dict(ema=net, loss_fn=EDMLoss(), augment_pipe=None,
+                dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="cifar10-32x32.zip"))
+    reconstruct = modules[EDM_PERSISTENCE]._reconstruct_persistent_obj
+    with mock.patch.dict(sys.modules, modules), open(path, "wb") as file:
+        PersistencePickler(file, reconstruct, net, init_kwargs, version).dump({**data, **entries})
+    return path
+
+
+def write_random_inception_weights(folder):
+    """(path, net): torch-fidelity's FID Inception with random weights, saved under the released file's name and keys."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    empty = folder / "empty.pth"
+    torch.save({}, empty)
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    empty.unlink()
+    weights = folder / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(net.state_dict(), weights)
+    return weights, net

@@ -5,11 +5,13 @@ import dataclasses
 import pickle
 import re
 import sys
-import types
 
-import numpy as np
+import netutils
 import pytest
+import test_lsgm
 import torch
+from netutils import randomized, randomized_zeros, write_lsgm_checkpoint
+from payloads import EXPLOITS, Exploit
 
 from dg_lightning import checkpoints
 from dg_lightning.checkpoints import (
@@ -21,63 +23,22 @@ from dg_lightning.checkpoints import (
     load_lsgm,
 )
 from dg_lightning.nets import adm, edm, nvae
-from dg_lightning.score_loss import EDMLoss
 from dg_lightning.sde import cosine_time_from_tau
-from netutils import randomized, randomized_zeros, write_lsgm_checkpoint
-from payloads import EXPLOITS, Exploit
-import test_lsgm
 
 # --- writing EDM-format pickles ---
-
-PERSISTENCE = "torch_utils.persistence"
-# EDM embeds the defining module's source in every record; a loader that executed it would fail loudly.
-MODULE_SRC = "raise RuntimeError('the module_src embedded in the pickle was executed')\n"
-
-
-class PersistencePickler(pickle.Pickler):
-    """Pickles like EDM's torch_utils.persistence (version 6): every EDM object (network modules, the loss) reduces to
-    reconstruct(meta), meta = {type, version, module_src, class_name, state=its __dict__ plus _init_args and
-    _init_kwargs}; ModuleDict, tensors and parameters are pickled by torch's own reductions."""
-
-    def __init__(self, file, reconstruct, top, init_kwargs, version):
-        super().__init__(file, protocol=4)
-        self.reconstruct, self.top, self.init_kwargs, self.version = reconstruct, top, init_kwargs, version
-
-    def reducer_override(self, obj):
-        if not isinstance(obj, (torch.nn.Module, EDMLoss)) or isinstance(obj, torch.nn.ModuleDict):
-            return NotImplemented
-        # Like EDM's blocks (skip_scale=np.sqrt(0.5), ...), inner records carry numpy floats in their kwargs.
-        kwargs = self.init_kwargs if obj is self.top else {
-            k: np.float64(v) for k, v in vars(obj).items() if isinstance(v, float)}
-        state = dict(vars(obj), _init_args=(), _init_kwargs=kwargs)
-        meta = dict(type="class", version=self.version, module_src=MODULE_SRC, class_name=type(obj).__name__,
-                    state=state)
-        return self.reconstruct, (meta,)
 
 
 @pytest.fixture
 def write_edm_pickle(monkeypatch):
-    """write(path, net, init_kwargs, **entries): an EDM network pickle {ema, loss_fn, augment_pipe, dataset_kwargs}
-    whose 'ema' is `net` recorded with constructor kwargs `init_kwargs`.
-
-    Its reconstruct global resolves, while the test runs, to a function that records its calls in write.calls."""
+    """write(path, net, init_kwargs, **entries): netutils.write_edm_pickle, whose pickle's reconstruct global resolves,
+    while the test runs, to a function that records its calls in write.calls."""
     calls = []
-
-    def reconstruct(meta):
-        calls.append(meta["class_name"])
-
-    reconstruct.__module__, reconstruct.__qualname__ = PERSISTENCE, "_reconstruct_persistent_obj"
-    module = types.ModuleType(PERSISTENCE)
-    module._reconstruct_persistent_obj = reconstruct
-    monkeypatch.setitem(sys.modules, "torch_utils", types.ModuleType("torch_utils"))
-    monkeypatch.setitem(sys.modules, PERSISTENCE, module)
+    modules = netutils.edm_persistence(calls)
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
 
     def write(path, net, init_kwargs, version=6, **entries):
-        data = dict(ema=net, loss_fn=EDMLoss(), augment_pipe=None,
-                    dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="cifar10-32x32.zip"))
-        with open(path, "wb") as file:
-            PersistencePickler(file, reconstruct, net, init_kwargs, version).dump({**data, **entries})
-        return path
+        return netutils.write_edm_pickle(path, net, init_kwargs, version, modules=modules, **entries)
 
     write.calls = calls
     return write

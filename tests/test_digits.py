@@ -11,15 +11,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import HANG_GUARD_S
 import torch
-from test_metrics import random_inception_weights
+from conftest import HANG_GUARD_S
+from netutils import write_random_inception_weights
 
+from dg_lightning.data import RealFakeDataModule, load_digits_split
+from dg_lightning.nets.adm import Discriminator
 from dg_lightning.pipelines import digits, pipelines, run
 from dg_lightning.pipelines.recipe import stage_dir
-from dg_lightning.data import RealFakeDataModule, load_digits_split
 from dg_lightning.shards import load_shards
-from dg_lightning.nets.adm import Discriminator
 
 ROOT = Path(__file__).resolve().parents[1]
 REDUCED = ["experiment=digits_edm_g++", "score.max_steps=20", "discriminator.classifier.max_steps=20", "data.num_fake=64",
@@ -139,7 +139,7 @@ def test_bad_data_source_names_the_file_and_the_expected_form_before_any_compute
 
 
 def test_inception_feature_network_reads_grey_digits_from_the_local_weights(compose_cfg, tmp_path, monkeypatch):
-    weights, stand_in = random_inception_weights(tmp_path, monkeypatch)
+    weights, stand_in = write_random_inception_weights(tmp_path)
     cfg = compose_cfg("experiment=digits_edm_g++", "metrics.features=inception", f"metrics.inception_path={weights}")
     features = digits.feature_net(SimpleNamespace(cfg=cfg))  # Inception needs no stage folder
     held_out, _ = load_digits_split("held_out", 597)

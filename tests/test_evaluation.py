@@ -4,7 +4,7 @@ Inception's three outputs (pool, NHWC spatial, unbiased logits), and the evaluat
 import numpy as np
 import pytest
 import torch
-from test_metrics import random_inception_weights
+from netutils import write_random_inception_weights
 
 from dg_lightning.evaluation import (
     ADMInception,
@@ -65,7 +65,7 @@ def test_a_bad_reference_batch_names_the_problem(tmp_path, change, message):
 
 
 def test_adm_inception_outputs_pool_nhwc_spatial_and_unbiased_logits(tmp_path, monkeypatch):
-    weights, _ = random_inception_weights(tmp_path, monkeypatch)
+    weights, _ = write_random_inception_weights(tmp_path)
     net = ADMInception(weights)
     seen = []
     net.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.append(o))

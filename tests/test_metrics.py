@@ -8,19 +8,20 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from netutils import write_random_inception_weights
+from payloads import leaves_a_marker
 from torch import nn
 
 from dg_lightning.metrics import (
     ClassifierFeatures,
-    canonical_order,
     GenerativeMetrics,
     GreyAsRGB,
     InceptionScore,
     KernelDistance,
     PrecisionRecall,
+    canonical_order,
     inception_features,
 )
-from payloads import leaves_a_marker
 
 
 def brute_force_precision_recall(real, fake, k):
@@ -275,21 +276,8 @@ def test_inception_features_missing_weights_names_path_and_source(tmp_path):
     assert "github.com/toshas/torch-fidelity/releases" in message
 
 
-def random_inception_weights(folder, monkeypatch):
-    """(path, net): torch-fidelity's FID Inception with random weights, saved under the real file's name and keys."""
-    inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
-    empty = folder / "empty.pth"
-    torch.save({}, empty)
-    monkeypatch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
-    stand_in = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
-    monkeypatch.undo()
-    weights = folder / "weights-inception-2015-12-05-6726825d.pth"
-    torch.save(stand_in.state_dict(), weights)
-    return weights, stand_in
-
-
 def test_inception_features_loads_local_weights_with_tf_resize(tmp_path, monkeypatch):
-    weights, stand_in = random_inception_weights(tmp_path, monkeypatch)
+    weights, stand_in = write_random_inception_weights(tmp_path)
     net = inception_features(weights)
     assert torch.equal(net.fc.weight, stand_in.fc.weight)
     assert net.use_antialias is False and net.num_features == 2048 and not net.train(True).training
@@ -423,7 +411,7 @@ def test_classifier_features_class_logits_are_the_classifiers_logits():
 
 
 def test_grey_digits_reach_inception_as_three_equal_channels(tmp_path, monkeypatch):
-    weights, _ = random_inception_weights(tmp_path, monkeypatch)
+    weights, _ = write_random_inception_weights(tmp_path)
     net = inception_features(weights)
     grey = GreyAsRGB(net)
     digits = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(20))
