@@ -78,12 +78,16 @@ def reset_peak_memory(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
+# The constructor kwargs of edm-cifar10-32x32-uncond-vp.pkl's VPPrecond (EDM's DDPM++ config for CIFAR-10).
+EDM_CIFAR10_KWARGS = dict(img_resolution=32, img_channels=3, model_type="SongUNet", augment_dim=9, dropout=0.13,
+                          embedding_type="positional", encoder_type="standard", decoder_type="standard",
+                          channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2],
+                          num_blocks=4)
+
+
 def edm_cifar10_denoiser(model_channels=128, num_blocks=4):
     """EDM's CIFAR-10 DDPM++ VP denoiser (edm-cifar10-32x32-uncond-vp.pkl's architecture), random weights."""
-    return VPPrecond(img_resolution=32, img_channels=3, model_type="SongUNet", augment_dim=9, dropout=0.13,
-                     embedding_type="positional", encoder_type="standard", decoder_type="standard",
-                     channel_mult_noise=1, resample_filter=(1, 1), model_channels=model_channels,
-                     channel_mult=(2, 2, 2), num_blocks=num_blocks)
+    return VPPrecond(**{**EDM_CIFAR10_KWARGS, "model_channels": model_channels, "num_blocks": num_blocks})
 
 
 def cifar10_discriminator(model_channels=128):

@@ -47,8 +47,9 @@ def smoke(experiment):
     return "+smoke=st" if experiment.startswith("celeba") else "+smoke=edm"
 
 
-def write_released_files(folder, experiment, write_edm_pickle):  # noqa: F811
-    """The experiment's released files, tiny and with random weights, in `folder` under their released names."""
+def write_released_files(folder, experiment, write_edm_pickle, num_real=NUM_REAL):  # noqa: F811
+    """The experiment's released files, tiny and with random weights, in `folder` under their released names, with
+    num_real real images."""
     score_name, resolution, label_dim, classifier, classifier_name, data_name, reference_name = EXPERIMENTS[experiment]
     folder.mkdir(exist_ok=True)
     if score_name.endswith(".pth"):  # Soft Truncation's checkpoint layout, its tiny network of +smoke=st
@@ -61,14 +62,14 @@ def write_released_files(folder, experiment, write_edm_pickle):  # noqa: F811
     overrides = OmegaConf.to_container(SMOKE.discriminator.classifier.overrides)
     torch.save(randomized_zeros(checkpoints.ADM_CLASSIFIERS[classifier].build(**overrides)).state_dict(),
                folder / classifier_name)
-    images = np.random.default_rng(0).integers(0, 256, (NUM_REAL, resolution, resolution, 3), dtype=np.uint8)
-    labels = np.arange(NUM_REAL) % 10
+    images = np.random.default_rng(0).integers(0, 256, (num_real, resolution, resolution, 3), dtype=np.uint8)
+    labels = np.arange(num_real) % 10
     if data_name == "true_data.npz":
         np.savez(folder / data_name, images)
     elif data_name == "true_data_label.npz":
         np.savez(folder / data_name, samples=images, label=labels)
     elif data_name == "img_align_celeba":  # full-size aligned photos (218 x 178), cropped and resized as they are read
-        photos = np.random.default_rng(0).integers(0, 256, (NUM_REAL, 218, 178, 3), dtype=np.uint8)
+        photos = np.random.default_rng(0).integers(0, 256, (num_real, 218, 178, 3), dtype=np.uint8)
         (folder / data_name).mkdir(exist_ok=True)
         for i, photo in enumerate(photos):
             Image.fromarray(photo).save(folder / data_name / f"{i + 1:06d}.png")
