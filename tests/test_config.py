@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (["experiment=digits_edm_g++", "guidance.dg.t_max=auto", "discriminator.select=best"], "guidance.dg.t_max",
      "use discriminator.select=last with auto"),
     (["data.num_held_out=0"], "data.num_held_out", "integer >= 1, got 0"),
+    (["callbacks=none"], "callbacks.sampling", "no _target_ .* Fix: also drop it with ~callbacks.sampling"),
     (["guidance.dg.weight=-1"], "guidance.dg.weight", ">= 0"),
     (["guidance.dg.weight_2nd=-0.5"], "guidance.dg.weight_2nd", ">= 0"),
     (["guidance.dg.weight=inf"], "guidance.dg.weight", "finite number >= 0, got inf"),

@@ -31,7 +31,7 @@ from dg_lightning.training import build_network, train_discriminator
 torch.set_num_threads(1)
 out = sys.argv[1]
 with initialize_config_dir(config_dir=sys.argv[2], version_base="1.3"):
-    cfg = compose("config", overrides=["trainer=ddp_cpu", "trainer.max_epochs=3", "trainer.max_steps=-1", "callbacks={}",
+    cfg = compose("config", overrides=["trainer=ddp_cpu", "trainer.max_epochs=3", "trainer.max_steps=-1",
                                        "data.num_held_out=8",
                                        "data.batch_size=32", "discriminator.net.width=32", "discriminator.net.depth=2",
                                        "discriminator.net.time_dim=16", "discriminator.lr=3e-3",
@@ -121,7 +121,7 @@ from dg_lightning.data import ArraySource
 torch.set_num_threads(1)
 out, conf, cache, tag, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 with initialize_config_dir(config_dir=conf, version_base="1.3"):
-    cfg = compose("config", overrides=["trainer=ddp_cpu", "callbacks={}", f"paths.cache_dir={out}/{cache}"])
+    cfg = compose("config", overrides=["trainer=ddp_cpu", "callbacks=none", "~callbacks.sampling", f"paths.cache_dir={out}/{cache}"])
 recipe.launch(cfg)
 training.PRETRAIN_CHECKPOINT_STEPS = 4  # last.ckpt every 2 epochs of 2 steps
 

@@ -11,7 +11,7 @@ from dg_lightning.config import ConfigError
 from dg_lightning.pipelines import run
 from dg_lightning.released import dg_discriminator
 
-TINY_TOY = ["logger=csv", "callbacks={}", "stage=train", "data.num_real=256", "data.num_fake=256", "data.batch_size=64",
+TINY_TOY = ["logger=csv", "callbacks=none", "~callbacks.sampling", "stage=train", "data.num_real=256", "data.num_fake=256", "data.batch_size=64",
             "sampler.num_steps=4", "trainer.max_steps=10", "discriminator.net.width=16", "discriminator.net.depth=2",
             "discriminator.net.time_dim=8"]
 

@@ -24,7 +24,7 @@ from dg_lightning.solvers import solver
 from dg_lightning.toy import GaussianMixture, MixtureDenoiser
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-TINY_TOY = ["logger=csv", "callbacks={}", "data.num_real=256", "data.num_fake=256", "data.batch_size=64",
+TINY_TOY = ["logger=csv", "callbacks=none", "~callbacks.sampling", "data.num_real=256", "data.num_fake=256", "data.batch_size=64",
             "sampler.num_steps=4", "trainer.max_steps=10", "discriminator.net.width=16", "discriminator.net.depth=2",
             "discriminator.net.time_dim=8", "metrics.num_samples=64", "metrics.num_projections=16"]
 
@@ -136,7 +136,8 @@ def test_an_experiment_on_an_existing_pipeline_is_one_yaml_file(tmp_path):
         "data:\n  num_real: 256\n  num_fake: 256\n  batch_size: 64\nsampler:\n  num_steps: 4\n"
         "trainer:\n  max_steps: 10\ndiscriminator:\n  net: {width: 16, depth: 2, time_dim: 8}\n"
         "metrics:\n  num_samples: 64\n  num_projections: 16\n")
-    from_file = run(compose_with(tmp_path, tmp_path / "conf", "experiment=tiny_toy", "logger=csv", "callbacks={}"))
+    from_file = run(compose_with(tmp_path, tmp_path / "conf", "experiment=tiny_toy", "logger=csv", "callbacks=none",
+                                 "~callbacks.sampling"))
     cache = tmp_path / "logs" / "cache" / "tiny_toy"
     folders = sorted(p.name for p in cache.iterdir())
     # The same settings given on the command line: the same metrics, from the same (reused) stage folders.

@@ -21,7 +21,7 @@ from dg_lightning.training import build_network, train_discriminator
 
 EPOCHS, KILL_AT = 4, 2
 TRAIN = ["logger=csv", "data.batch_size=32", "discriminator.net.width=32", "discriminator.net.depth=2",
-         "discriminator.net.time_dim=16", "callbacks={}", "data.num_held_out=8"]
+         "discriminator.net.time_dim=16", "callbacks=none", "~callbacks.sampling", "data.num_held_out=8"]
 PER_EPOCH = 96 // 16  # 96 pairs (and 8 held-out rows of each source), 16 pairs a batch of 32
 # step-bounded training (the toy's setting) that ends one step before the end of the last epoch
 LENGTHS = {"epochs": [f"trainer.max_epochs={EPOCHS}", "trainer.max_steps=-1"],
@@ -166,7 +166,7 @@ class Steps(L.Callback):
 
 
 MAX_STEPS, PER_EPOCH, CHECKPOINT_EPOCHS = 12, 3, 2  # last.ckpt after steps 6 and 12, the last steps of epochs 1 and 3
-PRETRAIN = ["experiment=digits_edm_g++", "callbacks={}", "data.num_held_out=1597", "trainer.log_every_n_steps=1",  # 200 training digits: 3 batches of 64
+PRETRAIN = ["experiment=digits_edm_g++", "callbacks=none", "data.num_held_out=1597", "trainer.log_every_n_steps=1",  # 200 training digits: 3 batches of 64
             f"score.max_steps={MAX_STEPS}", "score.batch_size=64", "score.warmup_steps=2",
             f"discriminator.classifier.max_steps={MAX_STEPS}", "discriminator.classifier.batch_size=64"]
 PRETRAINED = {"pretrain_score": digits.pretrain_score, "pretrain_classifier": digits.pretrain_classifier}

@@ -37,10 +37,13 @@ def _require(condition, key, problem, fix):
 
 
 def validate(cfg: DictConfig):
-    """Check the seeds, the guidance window and weights, the sampler's steps, the data sizes, the metrics' feature
-    network, every configured input path and the devices (the sampler's solver: sampling.check_sampler)."""
+    """Check the seeds, the guidance window and weights, the sampler's steps, the data sizes, the callbacks' targets,
+    the metrics' feature network, every configured input path and the devices (the sampler's solver: sampling.check_sampler)."""
     missing = sorted(k for k in ("experiment_name", "pipeline") if OmegaConf.is_missing(cfg, k))
     _require(not missing, missing[0] if missing else "", "is not set", "choose an experiment, e.g. experiment=toy2d")
+    for name, node in (cfg.get("callbacks") or {}).items():
+        _require("_target_" in node, f"callbacks.{name}", "has settings but no _target_ (callbacks=none drops the "
+                 "defaults, not the settings an experiment gives)", f"also drop it with ~callbacks.{name}")
     _validate_seeds(cfg)
     dg = cfg.guidance.dg
     _validate_window(cfg)
