@@ -76,8 +76,9 @@ class Smoke:
         (run_dir,) = (tmp_path / "logs" / self.experiment / "runs").iterdir()
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert set(metrics) == {f"{p}/{k}" for p in ("eval", "eval_unguided") for k in METRICS} | {
-            "sampling/best_epoch", "sampling/best_fid"}
+            "sampling/best_epoch", "sampling/best_fid", "eval/nfe", "eval_unguided/nfe"}
         assert all(np.isfinite(v) for v in metrics.values())
+        assert metrics["eval/nfe"] == metrics["eval_unguided/nfe"] == 10  # one call a step, the smoke's respacing 10
         # The guided-sampling callback (every epoch in the smoke overlay) scored epoch 0 with ADM's evaluation.
         (logged,) = [row for row in csv.DictReader((run_dir / "csv" / "metrics.csv").open()) if row.get("sampling/fid")]
         assert int(logged["epoch"]) == metrics["sampling/best_epoch"] == 0

@@ -84,8 +84,9 @@ def test_sampler_wiring_matches_ddpm_sampler_with_the_table_d1_schedules(tmp_pat
     fakes = adm_sample_fn(cfg, model, classifier, fake_cg_scale=1.0)(latents, labels, SampleNoise([5, 6]))
     assert torch.equal(fakes, expected(cg_scale=1.0))
     schedules = {"cg_scale": 0.75, "cg_scale_late": 1.5, "cg_switch_step": 650, "eds": True}
-    baseline = adm_sample_fn(cfg, model, classifier)(latents, labels, SampleNoise([5, 6]))
-    assert torch.equal(baseline, expected(**schedules))
+    baseline_fn = adm_sample_fn(cfg, model, classifier)
+    baseline = baseline_fn(latents, labels, SampleNoise([5, 6]))
+    assert torch.equal(baseline, expected(**schedules)) and baseline_fn.nfe == [4]  # one UNet call per respaced step
     guided = adm_sample_fn(cfg, model, classifier, discriminator)(latents, labels, SampleNoise([5, 6]))
     dg = DiscriminatorGuidance(discriminator, t_min=0.01, t_max=1.0, clip=1e-5)
     reference = expected(**schedules, dg=dg, dg_weight=1.0, dg_switch_step=0, dg_boost=1 / 0.75, dg_norm_ratio=True)

@@ -64,6 +64,7 @@ def test_reduced_digits_run_goes_through_every_stage_and_reuses_them(tmp_path):
             assert math.isfinite(metrics[f"{prefix}/{name}"])
         assert 1.0 <= metrics[f"{prefix}/is"] <= 10.0
     assert metrics["eval_floor/fid"] < metrics["eval_unguided/fid"]  # a 20-step score model is far from the data
+    assert metrics["eval/nfe"] == metrics["eval_unguided/nfe"] == 2 * 4 - 1  # EDM's Heun, sampler.num_steps=4
     assert metrics["sampling/best_epoch"] in (0, 1)
     # The fakes are drawn at base seed seed + 2**32, so unguided evaluation sample i (sampling_seed = seed = 0) is not
     # fake i (with one base seed all 40 were); a few saturated 8x8 images of this 20-step model may coincide by chance.

@@ -186,6 +186,7 @@ def test_guiding_with_a_released_head_needs_no_images_fakes_or_training(tmp_path
     metrics = run(compose_cfg(*PIPELINE.overrides(released, "logger=csv", f"discriminator.head_path={head}",
                                          "trainer.max_epochs=0", "data.image_dir=null", "data.vae.path=null")))
     assert np.isfinite(metrics["eval/fid"]) and metrics["eval/fid"] != metrics["eval_unguided/fid"]
+    assert metrics["eval/nfe"] == metrics["eval_unguided/nfe"] == 10  # one DiT call per step (CFG in one batch), respacing 10
     assert not any(PIPELINE.cache(tmp_path, stage) for stage in ("encode", "generate", "train"))
 
 

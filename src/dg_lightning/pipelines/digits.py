@@ -15,7 +15,7 @@ from dg_lightning.held_out import resolve_t_max, sampling_window
 from dg_lightning.metrics import ClassifierFeatures, GenerativeMetrics, GreyAsRGB, inception_features
 from dg_lightning.nets.adm import Discriminator
 from dg_lightning.nets.edm import IndexLabels
-from dg_lightning.pipelines.images import frozen, sample_images
+from dg_lightning.pipelines.images import frozen, nfe_metrics, sample_images
 from dg_lightning.pipelines.recipe import Pipeline, Stage, train_stage
 from dg_lightning.plots import image_grid
 from dg_lightning.pretrain import NoisyClassifierModule, ScoreModule, train_feature_classifier
@@ -150,7 +150,7 @@ def sample_unguided(run):
 
 def sample(run):
     """DG samples from the same seeds as the baseline; FID / precision / recall / KID / IS of DG, no DG and the floor
-    (training digits) against the held-out digits, and digits_samples.png."""
+    (training digits) against the held-out digits, the NFE per sample of DG and no DG, and digits_samples.png."""
     cfg, m = resolve_t_max(run.cfg, run.folders["train"], run.metrics), run.cfg.metrics
     train_images = digits(cfg, "train")[0]
     samples = {
@@ -166,6 +166,7 @@ def sample(run):
         run.metrics.update({f"{prefix}/{name}": value for name, value in metrics.compute().items()
                             if prefix != "eval_floor" or name in ("fid", "kid", "is")})
         metrics.reset()
+    run.metrics.update(nfe_metrics({"eval": run.out_dir / "samples_dg", "eval_unguided": run.folders["sample_unguided"]}))
     image_grid(samples, {name: run.metrics[f"{name}/fid"] for name in samples}, run.out_dir / "digits_samples.png",
                "8x8 digits: the first 64 of each set (FID to the held-out digits: lower is better)")
 

@@ -24,7 +24,7 @@ from dg_lightning.config import ConfigError, require_count, require_held_out
 from dg_lightning.held_out import resolve_t_max, sampling_window
 from dg_lightning.metrics import FID_REFERENCE_ARRAYS, GenerativeMetrics, inception_features
 from dg_lightning.nets.edm import IndexLabels
-from dg_lightning.pipelines.images import device_of, image_sampler, mean_nfe, sample_images
+from dg_lightning.pipelines.images import device_of, image_sampler, nfe_metrics, sample_images
 from dg_lightning.pipelines.recipe import Pipeline, Stage, train_stage
 from dg_lightning.released import (
     DISCRIMINATOR_FILES,
@@ -213,9 +213,7 @@ def sample(run):
         metrics.feed(images, False, m.batch_size)
         run.metrics.update({f"{prefix}/{name}": value for name, value in metrics.compute().items()})
         metrics.reset()
-        nfe = mean_nfe(folders[prefix])
-        if nfe is not None:
-            run.metrics[f"{prefix}/nfe"] = nfe
+    run.metrics.update(nfe_metrics(folders))
 
 
 SCORING_FILES = ("metrics.fid_reference", "metrics.inception_path")

@@ -12,7 +12,7 @@ from dg_lightning.config import ConfigError, require_count, require_held_out
 from dg_lightning.evaluation import ADMInception, ADMMetrics, evaluate, export_samples, load_reference_batch
 from dg_lightning.generate import generate
 from dg_lightning.latents import shard_image_folder
-from dg_lightning.pipelines.images import device_of
+from dg_lightning.pipelines.images import device_of, nfe_metrics
 from dg_lightning.pipelines.recipe import fingerprint, train_stage
 from dg_lightning.released import DISCRIMINATOR_FILES, check_discriminator_config, dg_discriminator
 from dg_lightning.seeds import stream_base_seed
@@ -139,7 +139,8 @@ def sample_unguided(run):
 
 def evaluate_samples(run):
     """{"<set>/<metric>"} of the G++ samples (eval) and the baseline (eval_unguided) against ADM's reference batch
-    (metrics.features: Inception, or a stand-in feature_net), each set exported as <run folder>/<set>_samples.npz."""
+    (metrics.features: Inception, or a stand-in feature_net), and their NFE per sample, each set exported as
+    <run folder>/<set>_samples.npz."""
     m = run.cfg.metrics
     features, reference = features_and_reference(run.cfg)
     for prefix, stage in (("eval", "sample"), ("eval_unguided", "sample_unguided")):
@@ -148,3 +149,4 @@ def evaluate_samples(run):
         run.metrics.update({f"{prefix}/{k}": v for k, v in scores.items()})
         if m.export:
             export_samples(run.out_dir / f"{prefix}_samples.npz", images, labels)
+    run.metrics.update(nfe_metrics({"eval": run.results["sample"], "eval_unguided": run.results["sample_unguided"]}))

@@ -83,6 +83,7 @@ def adm_sample_fn(cfg: DictConfig, model, classifier, discriminator=None, fake_c
         with torch.no_grad():  # guidance enables the input gradient itself
             return sample(latents, class_labels, noise)
 
+    sample_fn.nfe = sample.nfe  # each batch's NFE, which generate stores in the shards
     return sample_fn
 
 

@@ -83,6 +83,7 @@ def dit_sample_fn(cfg: DictConfig, dit, discriminator=None, fake_cfg_scale=None,
             return round_trip(decoder, encoder, x, noise, cfg.data.fake_jpeg_quality)
         return x if decoder is None else decoder.decode(x)
 
+    sample_fn.nfe = sample.nfe  # each batch's NFE, which generate stores in the shards
     return sample_fn
 
 

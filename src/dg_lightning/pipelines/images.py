@@ -68,3 +68,9 @@ def mean_nfe(folder):
     when its shards store no NFE."""
     nfe = load_nfe(folder)
     return None if nfe is None else float(nfe.mean())
+
+
+def nfe_metrics(folders):
+    """{"<prefix>/nfe": the mean NFE per sample} of the sample folders {prefix: folder} whose shards store NFE."""
+    means = {prefix: mean_nfe(folder) for prefix, folder in folders.items()}
+    return {f"{prefix}/nfe": nfe for prefix, nfe in means.items() if nfe is not None}
