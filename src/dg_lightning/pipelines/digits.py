@@ -152,9 +152,10 @@ def sample(run):
     """DG samples from the same seeds as the baseline; FID / precision / recall / KID / IS of DG, no DG and the floor
     (training digits) against the held-out digits, the NFE per sample of DG and no DG, and digits_samples.png."""
     cfg, m = resolve_t_max(run.cfg, run.folders["train"], run.metrics), run.cfg.metrics
-    train_images = digits(cfg, "train")[0]
+    train_images, folders = digits(cfg, "train")[0], {"eval": run.out_dir / "samples_dg",
+                                                      "eval_unguided": run.folders["sample_unguided"]}
     samples = {
-        "eval": sample_images(cfg, run.results["pretrain_score"], run.out_dir / "samples_dg", m.num_samples,
+        "eval": sample_images(cfg, run.results["pretrain_score"], folders["eval"], m.num_samples,
                               m.sampling_seed, run.results["train"], num_classes=conditional_classes(cfg)),
         "eval_unguided": run.results["sample_unguided"],
         "eval_floor": train_images[np.random.default_rng(m.sampling_seed).permutation(len(train_images))[:m.num_samples]],
@@ -166,7 +167,7 @@ def sample(run):
         run.metrics.update({f"{prefix}/{name}": value for name, value in metrics.compute().items()
                             if prefix != "eval_floor" or name in ("fid", "kid", "is")})
         metrics.reset()
-    run.metrics.update(nfe_metrics({"eval": run.out_dir / "samples_dg", "eval_unguided": run.folders["sample_unguided"]}))
+    run.metrics.update(nfe_metrics(folders))
     image_grid(samples, {name: run.metrics[f"{name}/fid"] for name in samples}, run.out_dir / "digits_samples.png",
                "8x8 digits: the first 64 of each set (FID to the held-out digits: lower is better)")
 
