@@ -8,7 +8,8 @@ iterates), so variants share their training.
 Run: python bench/toy_discriminator.py --out /tmp/toy_robust.json   (--seeds=0,1 --mixtures=default --steps=200
 --schedules=constant: quick; --batch-size=N overrides data.batch_size; --num-data=N sets data.num_real and
 data.num_fake to N; --emas=0.99 reads only that decay, --emas= none;
---threads=1 by default)
+--draws=K scores every sampler on K independent draws of latents, data and projections, draw 0 the pipeline's,
+and adds their mean; --threads=1 by default)
 """
 
 import json
@@ -121,13 +122,15 @@ def train(cfg, fakes, schedule, folder, decays=EMA_DECAYS):
     return {name: n.eval().requires_grad_(False) for name, n in nets.items()}, float(trainer.callback_metrics["train/loss"])
 
 
-def swd_table(cfg, discriminators):
-    """toy2d.sample's figures: SWD of each sampler (None: no DG) to fresh data, and the floor."""
-    n = cfg.metrics.num_samples
+def swd_table(cfg, discriminators, draw=0):
+    """toy2d.sample's figures: SWD of each sampler (None: no DG) to fresh data, and the floor. Draw 0 uses the
+    pipeline's latents, data and projections; draw k > 0 an independent set of all three (streams 2-4 + 10 k)."""
+    n, offset = cfg.metrics.num_samples, 10 * draw
     data, model = instantiate(cfg.data.mixture), instantiate(cfg.score.mixture)
-    latents = torch.randn(n, data.dim, generator=generator(cfg.seed, 2))
-    reference, floor = data.sample(n, generator(cfg.seed, 3)), data.sample(n, generator(cfg.seed, 4))
-    swd = lambda x: sliced_wasserstein(x, reference, cfg.metrics.num_projections, seed=cfg.seed)  # noqa: E731
+    latents = torch.randn(n, data.dim, generator=generator(cfg.seed, 2 + offset))
+    reference, floor = data.sample(n, generator(cfg.seed, 3 + offset)), data.sample(n, generator(cfg.seed, 4 + offset))
+    projection_seed = cfg.seed if draw == 0 else cfg.seed * 1000 + 9 + offset
+    swd = lambda x: sliced_wasserstein(x, reference, cfg.metrics.num_projections, seed=projection_seed)  # noqa: E731
     scores = {"floor": swd(floor)}
     for name, discriminator in discriminators.items():
         scores[name] = swd(build_sampler(cfg, MixtureDenoiser(model), discriminator)(latents, None, None))
@@ -143,10 +146,11 @@ def main():
     steps, out = int(args.get("--steps", 2000)), args.get("--out")
     batch_size = int(args["--batch-size"]) if "--batch-size" in args else None
     num_data = int(args["--num-data"]) if "--num-data" in args else None
+    num_draws = int(args.get("--draws", 1))
     torch.set_num_threads(int(args.get("--threads", 1)))  # measured: 1 thread is 7x faster than 2 on the loaded 2 cores
     first = config(mixtures[0], seeds[0], steps, batch_size, num_data).data
     results = {"machine": machine(), "steps": steps, "batch_size": first.batch_size, "num_real": first.num_real,
-               "num_fake": first.num_fake,
+               "num_fake": first.num_fake, "draws": num_draws,
                "mixtures": {m: MIXTURES[m] for m in mixtures}, "runs": []}
     for mixture in mixtures:
         for seed in seeds:
@@ -159,8 +163,12 @@ def main():
                     trained, losses[schedule] = train(cfg, fakes, schedule, Path(folder) / schedule, decays)
                     nets.update(trained)
             optimal = OptimalDiscriminator(instantiate(cfg.data.mixture), instantiate(cfg.score.mixture))
-            scores = swd_table(cfg, {"no_dg": None, "dg_optimal": optimal, **nets})
-            run = {"mixture": mixture, "seed": seed, "swd": scores, "final_train_loss": losses,
+            samplers = {"no_dg": None, "dg_optimal": optimal, **nets}
+            draws = [swd_table(cfg, samplers, k) for k in range(num_draws)]
+            run = {"mixture": mixture, "seed": seed, "swd": draws[0], "final_train_loss": losses,
+                   **({"swd_draws": {name: [d[name] for d in draws] for name in draws[0]},
+                       "swd_mean": {name: sum(d[name] for d in draws) / num_draws for name in draws[0]}}
+                      if num_draws > 1 else {}),
                    "seconds": round(time.time() - start, 1)}
             results["runs"].append(run)
             print(json.dumps(run), flush=True)
