@@ -8,8 +8,8 @@ iterates), so variants share their training.
 Run: python bench/toy_discriminator.py --out /tmp/toy_robust.json   (--seeds=0,1 --mixtures=default --steps=200
 --schedules=constant: quick; --batch-size=N overrides data.batch_size; --num-data=N sets data.num_real and
 data.num_fake to N; --emas=0.99 reads only that decay, --emas= none;
---draws=K scores every sampler on K independent draws of latents, data and projections, draw 0 the pipeline's,
-and adds their mean; --threads=1 by default)
+--draws=K scores every sampler on K independent draws of latents, data and projections, draw 0 the pipeline's, and
+each trained head's ratio of mean SWD to d*'s with the paired margin trained - 2 d*; --threads=1 by default)
 """
 
 import json
@@ -33,6 +33,7 @@ from dg_lightning.data import ArraySource, RealFakeDataModule, split_held_out  #
 from dg_lightning.metrics import sliced_wasserstein  # noqa: E402
 from dg_lightning.module import EMA, DiscriminatorModule  # noqa: E402
 from dg_lightning.pipelines.toy2d import generate, generator  # noqa: E402
+from dg_lightning.report import bootstrap_interval  # noqa: E402
 from dg_lightning.sampling import build_sampler  # noqa: E402
 from dg_lightning.toy import MixtureDenoiser, OptimalDiscriminator  # noqa: E402
 from dg_lightning.training import build_network, configured_callbacks, fit  # noqa: E402
@@ -137,6 +138,14 @@ def swd_table(cfg, discriminators, draw=0):
     return scores
 
 
+def against_optimal(trained, optimal):
+    """Issue 19's criterion over paired draws: the ratio of the trained DG's mean SWD to d*'s, and the mean paired
+    margin trained - 2 d* with its bootstrap 95 % interval (below 0: within 2x of d*)."""
+    margin = [t - 2 * o for t, o in zip(trained, optimal)]
+    return {"ratio": sum(trained) / sum(optimal), "margin": sum(margin) / len(margin),
+            "margin_interval": bootstrap_interval(margin)}
+
+
 def main():
     args = {k: v for k, v in (a.split("=", 1) for a in sys.argv[1:])}
     seeds = [int(s) for s in args.get("--seeds", "0,1,2,3,4").split(",")]
@@ -163,13 +172,11 @@ def main():
                     trained, losses[schedule] = train(cfg, fakes, schedule, Path(folder) / schedule, decays)
                     nets.update(trained)
             optimal = OptimalDiscriminator(instantiate(cfg.data.mixture), instantiate(cfg.score.mixture))
-            samplers = {"no_dg": None, "dg_optimal": optimal, **nets}
-            draws = [swd_table(cfg, samplers, k) for k in range(num_draws)]
-            run = {"mixture": mixture, "seed": seed, "swd": draws[0], "final_train_loss": losses,
-                   **({"swd_draws": {name: [d[name] for d in draws] for name in draws[0]},
-                       "swd_mean": {name: sum(d[name] for d in draws) / num_draws for name in draws[0]}}
-                      if num_draws > 1 else {}),
-                   "seconds": round(time.time() - start, 1)}
+            draws = [swd_table(cfg, {"no_dg": None, "dg_optimal": optimal, **nets}, k) for k in range(num_draws)]
+            swd_draws = {name: [d[name] for d in draws] for name in draws[0]}
+            run = {"mixture": mixture, "seed": seed, "swd": draws[0], "swd_draws": swd_draws,
+                   "against_optimal": {name: against_optimal(swd_draws[name], swd_draws["dg_optimal"]) for name in nets},
+                   "final_train_loss": losses, "seconds": round(time.time() - start, 1)}
             results["runs"].append(run)
             print(json.dumps(run), flush=True)
             if out:
